@@ -1,0 +1,194 @@
+"""The `ultramem` command line (DESIGN §7.1).
+
+This module only builds the argument tree and dispatches; each command is one function in the
+module named beside it (imported lazily, so `ultramem table inspect` never pays for torch or Ray).
+Exit status: 0 on success, 2 on a usage or input error (one line, no traceback), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from orchestration.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# command path -> "module:function"; the function takes the parsed argparse.Namespace, returns an int
+_HANDLERS: dict[str, str] = {
+    "table create": "orchestration.cmd_table:create",
+    "table inspect": "orchestration.cmd_table:inspect",
+    "shard serve": "orchestration.cmd_shard:serve",
+    "train": "orchestration.cmd_train:train",
+    "generate": "orchestration.cmd_train:generate",
+    "demo": "orchestration.cmd_demo:demo",
+    "serve": "orchestration.cmd_serve:serve",
+    "cluster up": "orchestration.cmd_cluster:up",
+    "cluster status": "orchestration.cmd_cluster:status",
+    "cluster down": "orchestration.cmd_cluster:down",
+    "shards scale": "orchestration.cmd_cluster:scale",
+    "plan": "orchestration.cmd_plan:plan",
+    "bench": "orchestration.cmd_bench:bench",
+    "experiment quality": "orchestration.cmd_experiment:quality",
+    "report": "orchestration.cmd_report:report",
+}
+
+
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    table = sub.add_parser("table", help="create or inspect a memory table (Zarr v3)")
+    tsub = table.add_subparsers(dest="subcommand", required=True)
+    create = tsub.add_parser("create", help="create a table, initialised partition by partition")
+    create.add_argument("path")
+    create.add_argument("--rows", type=int, required=True, help="physical rows P")
+    create.add_argument("--dim", type=int, required=True, help="value dim d_v")
+    create.add_argument("--partitions", type=int, default=256, help="partitions NP (>= shard count)")
+    create.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    create.add_argument("--optimizer", choices=["adamw", "adagrad", "sgd"], default="adamw")
+    create.add_argument("--init-std", type=float, default=0.02)
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--name", default=None, help="table name (default: the directory name)")
+    inspect = tsub.add_parser("inspect", help="spec, partitions, bytes, optimizer state")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    shard = sub.add_parser("shard", help="run a standalone parameter-server shard")
+    ssub = shard.add_subparsers(dest="subcommand", required=True)
+    serve = ssub.add_parser("serve", help="serve table partitions over gRPC until SIGTERM")
+    serve.add_argument("--table", action="append", required=True, help="table path (repeatable)")
+    serve.add_argument("--partitions", default=None, help="e.g. 0-127 or 0,2,4 (default: all)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0)
+    serve.add_argument("--token-file", default=None, help="file holding the shared-secret token")
+    serve.add_argument("--read-only", action="store_true")
+    serve.add_argument("--shard-id", type=int, default=0)
+    serve.add_argument("--num-shards", type=int, default=1)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model (embedded local Ray unless --local)")
+    train.add_argument("--local", action="store_true", help="one process, in-process memory")
+    train.add_argument("--preset", default=None, help="tiny | small | ...")
+    train.add_argument("--config", default=None, help="TOML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. model.d_model=512 (repeatable)")
+    train.add_argument("--out", default=None, help="run directory")
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--resume", default=None, help="run or checkpoint directory to resume from")
+    train.add_argument("--address", default=None, help="Ray address: auto | HOST:PORT")
+    train.add_argument("--shards", type=int, default=None)
+    train.add_argument("--workers", type=int, default=None)
+    train.add_argument("--consistency", choices=["sync", "async"], default=None)
+    train.add_argument("--no-progress", action="store_true")
+
+    gen = sub.add_parser("generate", help="sample a continuation from a checkpoint")
+    gen.add_argument("--checkpoint", required=True)
+    gen.add_argument("--local", action="store_true")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("prompt")
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
+    demo.add_argument("--out", default=None)
+
+
+def _add_rest(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a checkpoint over HTTP with remote lookups")
+    serve.add_argument("--checkpoint", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--shards", default=None, help="ADDR,ADDR,... of running shards")
+    serve.add_argument("--address", default=None)
+    serve.add_argument("--replicas", type=int, default=1)
+
+    cluster = sub.add_parser("cluster", help="wrap Ray's own CLI for a real cluster")
+    csub = cluster.add_subparsers(dest="subcommand", required=True)
+    up = csub.add_parser("up")
+    up.add_argument("--port", type=int, default=6379)
+    up.add_argument("--memory-shards", type=int, default=0, help="memory_shard resource on this node")
+    up.add_argument("--address", default=None, help="join this head instead of starting one")
+    csub.add_parser("status")
+    csub.add_parser("down")
+
+    shards = sub.add_parser("shards", help="operate on the running shards")
+    shsub = shards.add_subparsers(dest="subcommand", required=True)
+    scale = shsub.add_parser("scale")
+    scale.add_argument("--to", type=int, required=True)
+    scale.add_argument("--address", default="auto")
+
+    plan = sub.add_parser("plan", help="bytes per shard before anything is allocated")
+    group = plan.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config")
+    group.add_argument("--preset")
+    plan.add_argument("--shards", type=int, default=None)
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side, JSON results")
+    bench.add_argument("which", nargs="?", default="all",
+                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "all"])
+    bench.add_argument("--out", default="bench/results")
+    bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+
+    exp = sub.add_parser("experiment", help="research experiments")
+    esub = exp.add_subparsers(dest="subcommand", required=True)
+    quality = esub.add_parser("quality")
+    quality.add_argument("--quick", action="store_true")
+    quality.add_argument("--seeds", default="1,2,3")
+    quality.add_argument("--config", default=None)
+    quality.add_argument("--out", default=None)
+
+    report = sub.add_parser("report", help="PNG plots and a summary table for a run")
+    report.add_argument("run_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole argument tree of DESIGN §7.1."""
+    parser = argparse.ArgumentParser(prog="ultramem", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_table(sub)
+    _add_shard(sub)
+    _add_train(sub)
+    _add_rest(sub)
+    return parser
+
+
+def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    key = args.command if getattr(args, "subcommand", None) is None else f"{args.command} {args.subcommand}"
+    target = _HANDLERS.get(key)
+    if target is None:
+        raise UsageError(f"unknown command: {key}")
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise UsageError(f"`ultramem {key}` is not available in this build yet") from None
+        raise
+    return getattr(module, func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ultramem` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_handler(args)(args) or 0)
+    except UsageError as err:
+        print(f"ultramem: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ultramem: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
