@@ -1,0 +1,278 @@
+"""Checkpoint directories, their manifest, and atomic file writes (DESIGN §5 "Checkpoint").
+
+A checkpoint is `<root>/step-<N>/` holding the table groups at `tables/<name>/` (written by the
+shards, each only its own partitions), the dense state written by the workers with
+`atomic_write_bytes`, and `manifest.json`, written **last** and atomically (tmp file in the same
+directory, fsync, rename, fsync of the directory). A directory without a valid manifest is an
+unfinished checkpoint: it is never listed and never loaded.
+
+The manifest is a JSON object; `write_manifest` adds `format`, `format_version`, `step`,
+`created` and, unless the caller gives its own, `files`: every file under the step directory with
+its size and, for files up to `checksum_max_bytes`, its sha256, so `verify_checkpoint` can prove
+that the directory still holds what was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from storage.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "ultramem.checkpoint"
+FORMAT_VERSION = 1  # the newest manifest format this code reads and writes
+TABLES = "tables"  # tables of a checkpoint live at step_dir / TABLES / <name>
+DEFAULT_CHECKSUM_MAX_BYTES = 1 << 20  # files up to 1 MiB get a sha256 in the manifest
+_STEP_RE = re.compile(r"^step-(0|[1-9][0-9]*)$")
+_TMP_SUFFIX = ".tmp"  # atomic writes use ".<name>.<random>.tmp" beside the target
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    """root / f"step-{step}" (not created)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint step must be an int >= 0, got {step!r}")
+    return Path(root) / f"step-{step}"
+
+
+def step_of(path: str | Path) -> int:
+    """The step N of a directory named step-N; CheckpointError for any other name."""
+    match = _STEP_RE.match(Path(path).name)
+    if not match:
+        raise CheckpointError(f"{path} is not a checkpoint directory name (step-<N>)")
+    return int(match.group(1))
+
+
+def table_path(step_path: str | Path, name: str) -> Path:
+    """Where table `name` of a checkpoint lives: step_dir / "tables" / name."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise CheckpointError(f"bad table name {name!r}")
+    return Path(step_path) / TABLES / name
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Write a file atomically: yields a binary file; on a clean exit it is fsynced and renamed onto
+    path (then the directory is fsynced); on an exception the temporary file is removed and path
+    keeps its old content (or stays absent). Parent directories are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; checkpoints are meant to be read by others
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data to path atomically (tmp in the same directory, fsync, rename, fsync directory)."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write obj as JSON atomically; CheckpointError (nothing written) if obj is not strict JSON."""
+    try:
+        data = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot write {path}: not JSON-serialisable: {err}") from err
+    atomic_write_bytes(path, data)
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
+
+
+def list_files(
+    step_path: str | Path, checksum_max_bytes: int = DEFAULT_CHECKSUM_MAX_BYTES
+) -> list[dict[str, Any]]:
+    """Every file under a step directory except the manifest and unfinished atomic writes:
+    [{"path": relative posix path, "bytes": size, "sha256": hex (files <= checksum_max_bytes)}]."""
+    root = Path(step_path)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if rel == MANIFEST or _is_tmp(name):
+                continue
+            size = full.stat().st_size
+            entry: dict[str, Any] = {"path": rel, "bytes": size}
+            if size <= checksum_max_bytes:
+                entry["sha256"] = _sha256(full)
+            out.append(entry)
+    return out
+
+
+def write_manifest(
+    step_path: str | Path,
+    manifest: dict[str, Any],
+    *,
+    record_files: bool = True,
+    checksum_max_bytes: int = DEFAULT_CHECKSUM_MAX_BYTES,
+) -> None:
+    """Write step_dir/manifest.json last and atomically, marking the checkpoint complete.
+
+    Adds "format", "format_version", "step" (from the directory name), "created" (UTC ISO 8601)
+    and, when record_files and the caller gave none, "files" (see `list_files`).
+    Raises CheckpointError if the directory is missing or misnamed, or the manifest's own "step"
+    disagrees with it, or the manifest is not JSON-serialisable.
+    """
+    step_path = Path(step_path)
+    step = step_of(step_path)
+    if not step_path.is_dir():
+        raise CheckpointError(f"checkpoint directory {step_path} does not exist")
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"manifest must be a dict, got {type(manifest).__name__}")
+    if manifest.get("step", step) != step:
+        raise CheckpointError(f"manifest step {manifest['step']!r} disagrees with directory {step_path.name}")
+    body = dict(manifest)
+    body.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        step=step,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if record_files and "files" not in manifest:
+        body["files"] = list_files(step_path, checksum_max_bytes)
+    _check_files(body.get("files", []), step_path)
+    atomic_write_json(step_path / MANIFEST, body)
+    logger.info("wrote manifest of checkpoint %s (%d files)", step_path, len(body.get("files", [])))
+
+
+def _check_files(files: object, step_path: Path) -> None:
+    if not isinstance(files, list):
+        raise CheckpointError(f"{step_path}: manifest 'files' must be a list")
+    for entry in files:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("bytes"), int)
+            and not isinstance(entry.get("bytes"), bool)
+            and entry["bytes"] >= 0
+            and isinstance(entry.get("sha256", ""), str)
+        )
+        if not ok:
+            raise CheckpointError(f"{step_path}: bad manifest file entry {entry!r}")
+        parts = Path(entry["path"]).parts
+        if not parts or Path(entry["path"]).is_absolute() or ".." in parts:
+            raise CheckpointError(f"{step_path}: manifest file path {entry['path']!r} leaves the checkpoint")
+
+
+def read_manifest(step_path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError if missing, unreadable or invalid."""
+    step_path = Path(step_path)
+    step = step_of(step_path)
+    path = step_path / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{step_path} has no {MANIFEST}: an unfinished checkpoint") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"corrupt manifest {path}: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} not in 1..{FORMAT_VERSION}")
+    if manifest.get("step") != step or isinstance(manifest.get("step"), bool):
+        raise CheckpointError(f"{path}: step {manifest.get('step')!r} disagrees with the directory name")
+    if not isinstance(manifest.get("created"), str):
+        raise CheckpointError(f"{path}: missing 'created'")
+    _check_files(manifest.get("files", []), step_path)
+    return manifest
+
+
+def verify_checkpoint(step_path: str | Path) -> dict[str, Any]:
+    """read_manifest, then check every listed file exists with its size and sha256 (if recorded).
+
+    Returns the manifest; raises CheckpointError naming the first few mismatches.
+    """
+    step_path = Path(step_path)
+    manifest = read_manifest(step_path)
+    problems = []
+    for entry in manifest.get("files", []):
+        full = step_path / entry["path"]
+        if not full.is_file():
+            problems.append(f"{entry['path']}: missing")
+        elif full.stat().st_size != entry["bytes"]:
+            problems.append(f"{entry['path']}: {full.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif "sha256" in entry and _sha256(full) != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 mismatch")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {step_path} does not match its manifest: " + "; ".join(problems[:5])
+        )
+    return manifest
+
+
+# --- listing -----------------------------------------------------------------------------------
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root (valid manifest only), as (step, path) sorted by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for child in root.iterdir():
+        if not child.is_dir() or not _STEP_RE.match(child.name):
+            continue
+        try:
+            read_manifest(child)
+        except CheckpointError as err:
+            logger.debug("skipping incomplete checkpoint %s: %s", child, err)
+            continue
+        out.append((step_of(child), child))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under root, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
