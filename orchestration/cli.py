@@ -29,7 +29,7 @@ _HANDLERS: dict[str, str] = {
     "cluster up": "orchestration.cmd_cluster:up",
     "cluster status": "orchestration.cmd_cluster:status",
     "cluster down": "orchestration.cmd_cluster:down",
-    "shards scale": "orchestration.cmd_cluster:scale",
+    "shards scale": "orchestration.cmd_scale:scale",
     "plan": "orchestration.cmd_plan:plan",
     "bench": "orchestration.cmd_bench:bench",
     "experiment quality": "orchestration.cmd_experiment:quality",
@@ -109,12 +109,15 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
 
     cluster = sub.add_parser("cluster", help="wrap Ray's own CLI for a real cluster")
     csub = cluster.add_subparsers(dest="subcommand", required=True)
-    up = csub.add_parser("up")
+    up = csub.add_parser("up", help="ray start: a head node, or join one with --address")
+    up.add_argument("--host", default="127.0.0.1", help="this node's IP (127.0.0.1 = this machine only)")
     up.add_argument("--port", type=int, default=6379)
-    up.add_argument("--memory-shards", type=int, default=0, help="memory_shard resource on this node")
+    up.add_argument("--memory-shards", type=int, default=0, help="memory_shard units on this node")
+    up.add_argument("--model-workers", type=int, default=0, help="model_worker units on this node")
     up.add_argument("--address", default=None, help="join this head instead of starting one")
-    csub.add_parser("status")
-    csub.add_parser("down")
+    st = csub.add_parser("status", help="ray status")
+    st.add_argument("--address", default=None)
+    csub.add_parser("down", help="ray stop: ends EVERY Ray process on this machine")
 
     shards = sub.add_parser("shards", help="operate on the running shards")
     shsub = shards.add_subparsers(dest="subcommand", required=True)

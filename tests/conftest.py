@@ -1,0 +1,29 @@
+"""Shared fixtures: one local Ray for the whole test session, started only if a test asks for it.
+
+DESIGN §8: Ray binds 0.0.0.0 and writes ~/.ray/auth_token unless told otherwise, and `ray stop`
+kills every Ray process on the machine. The fixture keeps Ray on 127.0.0.1 with a token held in
+the environment, a small object store and no dashboard, and stops only what it started.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local Ray (4 logical CPUs, 128 MB object store, loopback only) shared by every test that needs one."""
+    from orchestration.cluster import Cluster, ClusterConfig
+
+    cluster = Cluster(ClusterConfig(num_cpus=4, object_store_mb=128))
+    cluster.connect()
+    try:
+        yield None
+    finally:
+        cluster.close()
