@@ -1,0 +1,211 @@
+"""Lookup benchmark (`ultramem bench lookup`, DESIGN §4.2, §8): remote Gather vs its limits.
+
+Side by side, in one run, on this machine:
+  * numpy   - an in-process gather of the same rows from a numpy table (np.take into a reused buffer);
+  * socket  - the same bytes over a plain TCP socket on loopback (recv_into a reused buffer): the
+              transport limit;
+  * grpc    - `Client.gather` over loopback gRPC to 1 and 2 shard processes (`ultramem shard serve`),
+              fp32 and bf16 wire, d_v = 256, 65,536 unique rows per request.
+Each figure is the median of several runs; ratios to the socket limit (bytes/s) and to numpy
+(rows/s) are printed, and everything is written to <out>/lookup.json. The shard processes get
+the glibc malloc settings of DESIGN §8 through their environment; this process sets the same
+with mallopt. A breakdown says where a gRPC lookup's time goes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from param_server.client import Client, ClientConfig
+from param_server.server import DEFAULT_MAX_MESSAGE_BYTES
+from storage.layout import TableSpec
+from storage.table_store import create_table
+
+REPO = Path(__file__).resolve().parent.parent
+# DESIGN §8: fixed thresholds stop glibc from mmap/munmap-ing every ~1 MB message buffer.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Apply MALLOC_ENV to this already-running process via mallopt (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+
+
+def _median_rate(fn, amount: float, repeats: int) -> tuple[float, list[float]]:
+    """Run fn() `repeats` times after one warm-up; median of amount / seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return amount / statistics.median(times), times
+
+
+# -- the raw socket limit -------------------------------------------------------------------------
+def _socket_server(listener: socket.socket, payload: memoryview) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            head = conn.recv(8)
+            if len(head) < 8:
+                return
+            conn.sendall(payload[: int.from_bytes(head, "little")])
+
+
+def socket_rate(nbytes: int, repeats: int) -> float:
+    """Bytes/s of request-response transfers of `nbytes` over loopback TCP, into a reused buffer."""
+    payload = memoryview(np.random.default_rng(0).bytes(nbytes))
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=_socket_server, args=(listener, payload), daemon=True)
+    thread.start()
+    sink = bytearray(nbytes)
+    view = memoryview(sink)
+    with socket.create_connection(listener.getsockname()) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def once() -> None:
+            conn.sendall(nbytes.to_bytes(8, "little"))
+            got = 0
+            while got < nbytes:
+                got += conn.recv_into(view[got:])
+
+        rate, _ = _median_rate(once, nbytes, repeats)
+    thread.join(timeout=5)
+    listener.close()
+    return rate
+
+
+# -- shard processes -------------------------------------------------------------------------------
+def _start_shards(table: Path, num_shards: int) -> tuple[list[subprocess.Popen], list[str]]:
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
+    procs, addresses = [], []
+    for s in range(num_shards):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestration.cli", "shard", "serve", "--table", str(table),
+             "--shard-id", str(s), "--num-shards", str(num_shards)],
+            stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        procs.append(proc)
+    for proc in procs:
+        line = proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            _stop(procs)
+            raise RuntimeError(f"shard did not start: {line!r}")
+        addresses.append(line.removeprefix("listening on "))
+    return procs, addresses
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _breakdown(client: Client, rows: np.ndarray, out: np.ndarray, d_v: int) -> dict[str, float]:
+    """Seconds per lookup spent in dedupe/route (client CPU), in one ~1 MB RPC, and in total."""
+    t0 = time.perf_counter()
+    uniq = np.unique(rows, return_index=True, return_inverse=True)[0]
+    client.partition_map.route(uniq)
+    t_route = time.perf_counter() - t0
+    one = rows[: max(1, (1 << 20) // (d_v * 4))]
+    client.gather("bench", one)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        client.gather("bench", one)
+    t_rpc = (time.perf_counter() - t0) / 10
+    t0 = time.perf_counter()
+    client.gather("bench", rows, out=out)
+    t_total = time.perf_counter() - t0
+    n_chunks = -(-rows.size // one.size)
+    return {"route_s": t_route, "one_1mb_rpc_s": t_rpc, "chunks": n_chunks,
+            "sequential_chunks_s": t_rpc * n_chunks, "total_s": t_total}
+
+
+def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
+    """Measure everything, print a table, write <out_dir>/lookup.json; returns the results dict."""
+    tuned = tune_malloc()
+    d_v = 256
+    n_rows = 16_384 if quick else 65_536
+    table_rows = 4 * n_rows
+    repeats = 3 if quick else 5
+    rows = np.random.default_rng(1).choice(table_rows, size=n_rows, replace=False).astype(np.int64)
+    results: dict[str, Any] = {"d_v": d_v, "rows_per_request": n_rows, "table_rows": table_rows,
+                               "repeats": repeats, "malloc_tuned": tuned, "malloc_env_for_shards": MALLOC_ENV,
+                               "cpus": os.cpu_count(), "grpc": {}}
+
+    local = np.random.default_rng(2).standard_normal((table_rows, d_v)).astype(np.float32)
+    buf = np.empty((n_rows, d_v), np.float32)
+    results["numpy_rows_per_s"], _ = _median_rate(lambda: np.take(local, rows, axis=0, out=buf), n_rows, repeats)
+    local = None  # free the in-process copy before the shards load theirs
+    fp32_bytes = n_rows * d_v * 4
+    results["socket_bytes_per_s"] = socket_rate(fp32_bytes, repeats)
+
+    with tempfile.TemporaryDirectory(prefix="ultramem-bench-") as tmp:
+        spec = TableSpec(name="bench", rows=table_rows, dim=d_v, num_partitions=16, optimizer="sgd")
+        create_table(Path(tmp) / "bench", spec)
+        config = ClientConfig(chunk_bytes=1 << 20, max_in_flight=8, channels_per_shard=4,
+                              max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+        for num_shards in (1, 2):
+            procs, addresses = _start_shards(Path(tmp) / "bench", num_shards)
+            try:
+                with Client(addresses, config=config) as client:
+                    for wire_dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+                        rate, times = _median_rate(
+                            lambda w=wire_dtype: client.gather("bench", rows, wire_dtype=w, out=buf), n_rows, repeats)
+                        results["grpc"][f"{wire_dtype}/{num_shards}"] = {
+                            "rows_per_s": rate, "wire_bytes_per_s": rate * d_v * itemsize, "times_s": times}
+                    results["grpc"][f"breakdown/{num_shards}"] = _breakdown(client, rows, buf, d_v)
+            finally:
+                _stop(procs)
+
+    sock = results["socket_bytes_per_s"]
+    print(f"lookup bench: {n_rows} unique rows x d_v={d_v} per request, median of {repeats}")
+    print(f"  numpy in-process gather    {results['numpy_rows_per_s'] / 1e6:8.2f} M rows/s")
+    print(f"  raw TCP socket (loopback)  {sock / 1e9:8.2f} GB/s  = {sock / (d_v * 4) / 1e6:.2f} M fp32 rows/s")
+    for key, r in results["grpc"].items():
+        if key.startswith("breakdown"):
+            continue
+        r["ratio_to_socket_bytes"] = r["wire_bytes_per_s"] / sock
+        r["ratio_to_numpy_rows"] = r["rows_per_s"] / results["numpy_rows_per_s"]
+        wire_dtype, shards = key.split("/")
+        print(f"  gRPC {wire_dtype:8s} {shards} shard(s)  {r['rows_per_s'] / 1e6:8.2f} M rows/s  "
+              f"{r['wire_bytes_per_s'] / 1e9:6.2f} GB/s wire  = {r['ratio_to_socket_bytes']:.2f}x socket, "
+              f"{r['ratio_to_numpy_rows']:.3f}x numpy")
+    for shards in (1, 2):
+        b = results["grpc"][f"breakdown/{shards}"]
+        print(f"  where the time goes ({shards} shard(s), fp32): total {b['total_s'] * 1e3:.1f} ms = "
+              f"{b['chunks']} chunks; one 1 MB RPC alone {b['one_1mb_rpc_s'] * 1e3:.2f} ms "
+              f"(sequential would be {b['sequential_chunks_s'] * 1e3:.1f} ms); dedupe+route {b['route_s'] * 1e3:.1f} ms")
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "lookup.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(f"  wrote {out_path / 'lookup.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    run(quick="--quick" in sys.argv)

@@ -1,0 +1,237 @@
+"""The MemoryShard gRPC servicer: decode, call one `Shard` method, encode (DESIGN §4.2, STYLE §12).
+
+Each RPC validates the wire form at the edge (dtype, rank, trailing dims, byte length via
+`param_server.wire`), checks the partition-map epoch the client routed with, calls exactly one
+`Shard` method (which validates row range, finiteness, ownership before mutating anything) and
+encodes the answer. Typed errors leave as status codes through the one table in
+`param_server.errors`; a FAILED_PRECONDITION also carries the current epoch in the trailing
+metadata key `ultramem-epoch`, so a client knows whether refreshing its map helps.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import numpy as np
+
+from param_server import wire
+from param_server.errors import (
+    InvalidRequestError,
+    ShardError,
+    StaleEpochError,
+    status_code_name,
+)
+from param_server.partition_map import PartitionMap
+from protos.ultramem.v1 import memory_pb2 as pb
+from protos.ultramem.v1 import memory_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from param_server.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+EPOCH_METADATA_KEY = "ultramem-epoch"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rpc(method: F) -> F:
+    """Turn typed errors of one RPC into status codes (the one table in param_server.errors)."""
+
+    @functools.wraps(method)
+    def wrapper(self: MemoryShardServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except ShardError as err:
+            code = grpc.StatusCode[status_code_name(err)]
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                epoch = err.epoch if isinstance(err, StaleEpochError) else self.partition_map().epoch
+                context.set_trailing_metadata(((EPOCH_METADATA_KEY, str(epoch)),))
+            logger.debug("%s -> %s: %s", method.__name__, code.name, err)
+            context.abort(code, f"{type(err).__name__}: {err}")
+        except Exception as err:  # a bug of ours: say so, keep serving
+            logger.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _min_step(header: pb.LookupHeader) -> int | None:
+    return header.min_step if header.HasField("min_step") else None
+
+
+def _require(request: Any, *fields: str) -> None:
+    """An empty (or half-filled) request is INVALID_ARGUMENT, named field by field."""
+    missing = [f for f in fields if not request.HasField(f)]
+    if missing:
+        raise InvalidRequestError(f"empty request: missing {', '.join(missing)}")
+
+
+class MemoryShardServicer(pb_grpc.MemoryShardServicer):
+    """Serves one `Shard`; holds the partition map this shard answers with and checks epochs against."""
+
+    def __init__(self, shard: Shard, partition_map: PartitionMap | None = None, address: str = "") -> None:
+        self._shard = shard
+        self._map = partition_map
+        self._address = address
+        self._lock = threading.Lock()
+
+    # -- partition map -------------------------------------------------------------------------
+    def set_address(self, address: str) -> None:
+        """The host:port this shard is reachable at (used by the default map)."""
+        self._address = address
+
+    def set_partition_map(self, partition_map: PartitionMap) -> None:
+        """Install a new map (the coordinator does this on rescale); older epochs become stale."""
+        with self._lock:
+            self._map = partition_map
+
+    def partition_map(self) -> PartitionMap:
+        """The installed map, or (standalone shard) one built from what this shard owns, epoch 0."""
+        with self._lock:
+            if self._map is not None:
+                return self._map
+        names = self._shard.table_names()
+        nps = {self._shard.spec(t).num_partitions for t in names}
+        if len(nps) != 1:
+            raise InvalidRequestError(f"no single partition count to map: tables {names} have {sorted(nps)}")
+        owned = set()
+        for t in names:
+            owned.update(self._shard.owned_partitions(t))
+        return PartitionMap.from_owned([self._address], [sorted(owned)], nps.pop(), epoch=0)
+
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch == 0:  # a client that does not route by a map (a single-shard tool, grpcurl)
+            return
+        current = self.partition_map().epoch
+        if epoch < current:
+            raise StaleEpochError(f"request routed with partition-map epoch {epoch}, current is {current}", current)
+
+    def _dim(self, table: str) -> int:
+        if not table:
+            raise InvalidRequestError("empty request: no table name")
+        return self._shard.spec(table).dim
+
+    # -- lookups -------------------------------------------------------------------------------
+    @_rpc
+    def Gather(self, request: pb.GatherRequest, context: grpc.ServicerContext) -> bytes:
+        """Answers a serialized GatherResponse (the server passes bytes through; wire.py fast path)."""
+        _require(request, "header", "rows")
+        header = request.header
+        self._dim(header.table)
+        self._check_epoch(header.epoch)
+        rows = wire.decode_ids(request.rows, "rows")
+        out_dtype = self._value_dtype(request.wire_dtype)
+        values = self._shard.gather(header.table, rows, worker_id=header.worker_id, min_step=_min_step(header))
+        return wire.tensor_message_bytes(1, values, out_dtype)  # == GatherResponse(values=...) serialized
+
+    @_rpc
+    def PooledGather(self, request: pb.PooledGatherRequest, context: grpc.ServicerContext) -> pb.PooledGatherResponse:
+        _require(request, "header", "rows", "projector", "token", "scores")
+        header = request.header
+        self._dim(header.table)
+        self._check_epoch(header.epoch)
+        rows, projector, token, scores = self._pooled_inputs(request)
+        out_dtype = self._value_dtype(request.wire_dtype)
+        tokens, sums = self._shard.pooled_gather(
+            header.table, rows, projector, token, scores, int(request.num_projectors),
+            worker_id=header.worker_id, min_step=_min_step(header),
+        )
+        return pb.PooledGatherResponse(tokens=wire.encode(tokens, "int64"), sums=wire.encode(sums, out_dtype))
+
+    # -- pushes --------------------------------------------------------------------------------
+    @_rpc
+    def PushGradients(
+        self, request: pb.PushGradientsRequest, context: grpc.ServicerContext
+    ) -> pb.PushGradientsResponse:
+        _require(request, "header", "rows", "grads")
+        h = request.header
+        dim = self._dim(h.table)
+        self._check_epoch(h.epoch)
+        rows = wire.decode_ids(request.rows, "rows")
+        grads = wire.decode_values(request.grads, "grads", ndim=2, trailing=(dim,))
+        if grads.shape[0] != rows.shape[0]:
+            raise InvalidRequestError(f"grads has {grads.shape[0]} rows, rows has {rows.shape[0]}")
+        accepted = self._shard.push(h.table, h.worker_id, h.seq, h.step, h.lr, rows, grads)
+        return pb.PushGradientsResponse(accepted=accepted, last_seq=self._shard.last_seq(h.worker_id))
+
+    @_rpc
+    def PooledBackward(
+        self, request: pb.PooledBackwardRequest, context: grpc.ServicerContext
+    ) -> pb.PooledBackwardResponse:
+        _require(request, "header", "rows", "projector", "token", "scores", "grad_out", "tokens_touched")
+        h = request.header
+        dim = self._dim(h.table)
+        self._check_epoch(h.epoch)
+        rows, projector, token, scores = self._pooled_inputs(request)
+        num_projectors = int(request.num_projectors)
+        grad_out = wire.decode_values(request.grad_out, "grad_out", ndim=3, trailing=(num_projectors, dim))
+        touched = wire.decode_ids(request.tokens_touched, "tokens_touched")
+        grad_scores, accepted = self._shard.pooled_backward_with_ack(
+            h.table, h.worker_id, h.seq, h.step, h.lr, rows, projector, token, scores,
+            grad_out, touched, num_projectors,
+        )
+        return pb.PooledBackwardResponse(grad_scores=wire.encode(grad_scores, "float32"), accepted=accepted)
+
+    # -- control -------------------------------------------------------------------------------
+    @_rpc
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        tables = []
+        for name in self._shard.table_names():
+            spec = self._shard.spec(name)
+            tables.append(pb.TableInfo(
+                name=name, rows=spec.rows, dim=spec.dim, dtype=spec.dtype, num_partitions=spec.num_partitions,
+                optimizer=spec.optimizer, partitions=self._shard.owned_partitions(name),
+            ))
+        metrics = {k: float(v) for k, v in self._shard.metrics().items()}
+        return pb.InfoResponse(
+            shard_id=self._shard.shard_id, epoch=self.partition_map().epoch if tables else 0,
+            read_only=self._shard.config.read_only, tables=tables, metrics=metrics,
+        )
+
+    @_rpc
+    def GetPartitionMap(self, request: pb.GetPartitionMapRequest, context: grpc.ServicerContext) -> pb.PartitionMap:
+        pmap = self.partition_map()
+        return pb.PartitionMap(
+            epoch=pmap.epoch, num_partitions=pmap.num_partitions, owner=pmap.owner.tolist(), addresses=pmap.addresses
+        )
+
+    @_rpc
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
+        if not request.tables_dir:
+            raise InvalidRequestError("empty request: no tables_dir")
+        root = Path(request.tables_dir)
+        if not root.is_dir():
+            raise InvalidRequestError(f"tables_dir {root} is not an existing directory")
+        self._shard.drain()
+        self._shard.save(root)
+        names = self._shard.table_names()
+        parts = sorted({p for t in names for p in self._shard.owned_partitions(t)})
+        return pb.CheckpointResponse(tables=names, partitions=parts)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _value_dtype(enum: int) -> str:
+        name = wire.dtype_name(enum, default="float32")
+        if name not in wire.VALUE_DTYPES:
+            raise InvalidRequestError(f"wire_dtype {name} is not a value dtype; expected one of {wire.VALUE_DTYPES}")
+        return name
+
+    @staticmethod
+    def _pooled_inputs(request: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rows = wire.decode_ids(request.rows, "rows")
+        projector = wire.decode_ids(request.projector, "projector")
+        token = wire.decode_ids(request.token, "token")
+        scores = wire.decode_values(request.scores, "scores", ndim=2)
+        n = rows.shape[0]
+        if projector.shape[0] != n or token.shape[0] != n or scores.shape[0] != n:
+            raise InvalidRequestError(
+                f"rows, projector, token, scores must have one entry each: got {n}, {projector.shape[0]}, "
+                f"{token.shape[0]}, {scores.shape[0]}"
+            )
+        return rows, projector, token, scores
