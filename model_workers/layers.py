@@ -1,0 +1,118 @@
+"""Dense transformer parts (DESIGN §3): RMSNorm, rotary positions, causal attention with a KV cache,
+SwiGLU FFN. Pre-norm blocks are assembled in model.py.
+
+Legend: B batch, T new tokens, S cached positions, D model width, nh heads, hs head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # half: reduce in fp32
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position tables cos/sin [max_seq_len, hs/2] (rotate-half convention)."""
+
+    def __init__(self, head_size: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (L, hs/2)
+        # derived from the config: not saved in checkpoints
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, start: int) -> Tensor:
+        """x [B, nh, T, hs] at positions start..start+T-1 -> rotated x, same shape."""
+        t = x.shape[2]
+        cos = self.cos[start : start + t].to(x.dtype)  # (T, hs/2)
+        sin = self.sin[start : start + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for decoding: keys[l], values[l] [B, nh, max_len, hs]."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    pos: int = 0  # positions already filled
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_size = d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, rotary: Rotary, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x [B, T, D] -> [B, T, D]; with a cache, x holds positions cache.pos.. and is appended to it."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q = q.view(b, t, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(b, t, self.n_heads, self.head_size).transpose(1, 2)
+        v = v.view(b, t, self.n_heads, self.head_size).transpose(1, 2)
+        start = cache.pos if cache is not None else 0
+        q, k = rotary(q, start), rotary(k, start)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cache.keys[layer][:, :, start : start + t] = k.to(cache.keys[layer].dtype)
+            cache.values[layer][:, :, start : start + t] = v.to(cache.values[layer].dtype)
+            k_all = cache.keys[layer][:, :, : start + t].to(q.dtype)  # (B, nh, S+T, hs)
+            v_all = cache.values[layer][:, :, : start + t].to(q.dtype)
+            mask = None
+            if t > 1:  # query i (position start+i) sees keys at positions <= start+i
+                pos_q = torch.arange(start, start + t, device=x.device).unsqueeze(1)
+                mask = pos_q >= torch.arange(start + t, device=x.device).unsqueeze(0)  # (T, S+T)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(b, t, d)  # (B, T, D)
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2 (silu(W1 x) * W3 x), hidden width ``hidden``."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def swiglu_hidden(d_model: int, mult: float, multiple_of: int = 8) -> int:
+    """SwiGLU hidden width: mult * D rounded up to a multiple of ``multiple_of``."""
+    hidden = int(mult * d_model)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

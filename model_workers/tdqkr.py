@@ -1,0 +1,116 @@
+"""Tucker-decomposed query-key retrieval, TDQKR (DESIGN §3.1 steps 2-3, paper §3.2).
+
+The score of virtual slot (i, j) for head h is the bilinear form
+    G[i, j] = sum_c  S_row[i, :] · C_c · S_col[j, :]^T
+with per-rank key scores S_row [T, H, n_row, r], S_col [T, H, n_col, r] and h Tucker cores C_c [H, r, r]
+(multi-core scoring keeps the per-core parts s_c apart). Searching all n_row * n_col slots is too
+expensive, so candidates come from the rank-1 shortcut: u, v = leading singular vectors of sum_c C_c
+(fp32 SVD, detached buffers refreshed once per optimizer step, sign aligned with the previous step),
+top-m of S_row·u and of S_col·v, then the exact m x m grid is rescored and its top-m kept. The filter
+is exact for rank-1 cores with non-negative filter scores; otherwise `recall` measures how close it is.
+
+Legend: T tokens, H heads, n_row/n_col virtual sub-keys per side, r Tucker rank, h cores, m top-m.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def rank_scores(query: Tensor, keys: Tensor) -> Tensor:
+    """Per-rank key scores: query [T, H, d_k] (or [T, 1, d_k] shared) , keys [H, n, d_k, r] -> [T, H, n, r]."""
+    heads, n, d_k, r = keys.shape
+    if query.shape[1] == 1:  # shared query: one matmul against every head's keys
+        flat = keys.permute(2, 0, 1, 3).reshape(d_k, heads * n * r)  # (d_k, H*n*r)
+        return (query[:, 0] @ flat).view(-1, heads, n, r)
+    return torch.einsum("thd,hndr->thnr", query, keys)
+
+
+class TuckerCores(nn.Module):
+    """The h Tucker cores [h, H, r, r] (init U(0, 1)) and the rank-1 filter buffers u, v [H, r]."""
+
+    def __init__(
+        self, heads: int, rank: int, num_cores: int, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.cores = nn.Parameter(torch.rand(num_cores, heads, rank, rank, generator=generator))
+        # persistent: a reloaded model filters exactly as the saved one did (sign history included)
+        self.register_buffer("filter_u", torch.zeros(heads, rank))
+        self.register_buffer("filter_v", torch.zeros(heads, rank))
+        self.refresh_filter()
+
+    @torch.no_grad()
+    def refresh_filter(self) -> None:
+        """Recompute u, v = leading singular vectors of sum_c C_c (fp32), sign-aligned with the old u."""
+        summed = self.cores.detach().float().sum(0)  # (H, r, r)
+        left, _, right_t = torch.linalg.svd(summed)
+        u, v = left[..., :, 0], right_t[..., 0, :]  # (H, r) each; summed ≈ σ u v^T
+        prev = self.filter_u.float()
+        # flipping both u and v leaves σ u v^T unchanged; keep the direction of the previous step,
+        # or (first call) the one with a non-negative sum (the Perron direction of a positive core)
+        ref = torch.where(prev.abs().sum(-1, keepdim=True) > 0, prev, torch.ones_like(u))
+        sign = torch.where((u * ref).sum(-1, keepdim=True) < 0, -1.0, 1.0)
+        self.filter_u.copy_(u * sign)
+        self.filter_v.copy_(v * sign)
+
+    def aux_loss(self, alpha: float, threshold: float = 0.15) -> Tensor:
+        """alpha/(r-1) * sum_{i>=2} relu(λ_i - threshold)^2 over the summed core's singular values, mean over H."""
+        rank = self.cores.shape[-1]
+        if alpha == 0.0 or rank < 2:
+            return self.cores.new_zeros(())
+        sv = torch.linalg.svdvals(self.cores.float().sum(0))  # (H, r), descending
+        return alpha / (rank - 1) * torch.relu(sv[:, 1:] - threshold).pow(2).sum(-1).mean()
+
+
+def _gather_side(scores: Tensor, index: Tensor) -> Tensor:
+    """scores [T, H, n, r], index [T, H, m] -> [T, H, m, r]."""
+    return scores.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, scores.shape[-1]))
+
+
+def core_scores(a: Tensor, b: Tensor, cores: Tensor) -> Tensor:
+    """Per-core bilinear scores of paired rows: a, b [T, H, m, r], cores [h, H, r, r] -> s_c [T, H, m, h]."""
+    return torch.einsum("thjr,chrs,thjs->thjc", a, cores, b)
+
+
+def tdqkr_topk(
+    s_row: Tensor, s_col: Tensor, cores: Tensor, u: Tensor, v: Tensor, m: int
+) -> tuple[Tensor, Tensor]:
+    """TDQKR top-m: rank-1 filter, exact m x m rescoring, final top-m.
+
+    Args:
+        s_row, s_col: per-rank scores [T, H, n_row, r], [T, H, n_col, r].
+        cores: [h, H, r, r]; u, v: filter vectors [H, r] (detached buffers).
+        m: top-m per head (<= n_row, n_col).
+    Returns:
+        virtual_index int64 [T, H, m] (= i_row * n_col + i_col, best first) and per-core scores
+        s_c [T, H, m, h], differentiable w.r.t. s_row, s_col and cores; sum over c is the exact G.
+    """
+    n_col = s_col.shape[2]
+    with torch.no_grad():  # selection only: gradients flow through the winners' scores below
+        sr, sc = s_row.detach(), s_col.detach()
+        f_row = torch.einsum("thnr,hr->thn", sr, u.to(sr.dtype))  # (T, H, n_row)
+        f_col = torch.einsum("thnr,hr->thn", sc, v.to(sc.dtype))
+        i_row = f_row.topk(m, dim=-1).indices  # (T, H, m)
+        i_col = f_col.topk(m, dim=-1).indices
+        a, b = _gather_side(sr, i_row), _gather_side(sc, i_col)  # (T, H, m, r)
+        summed = cores.detach().to(sr.dtype).sum(0)  # (H, r, r)
+        grid = torch.einsum("thir,hrs,thjs->thij", a, summed, b)  # (T, H, m, m)
+        best = grid.flatten(2).topk(m, dim=-1).indices  # (T, H, m) into the m*m grid
+        win_row = i_row.gather(2, best // m)  # (T, H, m) virtual row sub-key
+        win_col = i_col.gather(2, best % m)
+    scores = core_scores(_gather_side(s_row, win_row), _gather_side(s_col, win_col), cores.to(s_row.dtype))
+    return win_row * n_col + win_col, scores
+
+
+def brute_force_topk(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Exact top-m over all n_row * n_col slots: -> virtual_index [T, H, m], total score [T, H, m]."""
+    grid = torch.einsum("thir,hrs,thjs->thij", s_row, cores.to(s_row.dtype).sum(0), s_col)
+    top = grid.flatten(2).topk(m, dim=-1)
+    return top.indices, top.values
+
+
+def recall(found: Tensor, reference: Tensor) -> float:
+    """Mean fraction of the reference top-m ([T, H, m]) present in the found set ([T, H, m])."""
+    hit = (reference.unsqueeze(-1) == found.unsqueeze(-2)).any(-1)  # (T, H, m)
+    return float(hit.float().mean()) if hit.numel() else 1.0

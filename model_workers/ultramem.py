@@ -1,0 +1,349 @@
+"""The memory layer: PKM and UltraMem behind one config (DESIGN §3.1, paper arXiv 2411.12364).
+
+Forward, in the paper's order (steps of DESIGN §3.1):
+  1. query   q_row, q_col = split(x · W_q) (shared by the heads or one per head), optional RMSNorm
+  2. keys    per-rank scores S_row, S_col [T, H, n, r] against (optionally normed) sub-keys
+  3. TDQKR   rank-1 filter + exact m x m rescoring (tdqkr.py), or additive product keys (pkm.py)
+  4. IVE     physical row = π(g) mod P, projector = π(g) div P (ive.py)
+  5-6. MCS + pooling, then one W_out (E·d_v -> D); the model adds y after block j (skip-layer)
+  9. utilization metrics (coverage, KL to uniform, top-1 score, output std, TDQKR recall)
+Value rows are not parameters: they are fetched through a ValueBackend as leaf tensors; after
+backward their gradients are pushed back (`push_value_grads`), so a remote table plugs in unchanged.
+Every ablation row of the paper (DESIGN §3.2) is a switch of MemoryConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model_workers.ive import make_permutation, pooled_sum, split_virtual
+from model_workers.layers import RMSNorm
+from model_workers.pkm import brute_force_product_keys, product_key_topk
+from model_workers.tdqkr import TuckerCores, brute_force_topk, rank_scores, recall, tdqkr_topk
+
+if TYPE_CHECKING:  # pragma: no cover
+    from model_workers.values import ValueBackend
+
+
+class ModelConfigError(ValueError):
+    """A model/memory/MoE config field is out of range; the message names the field."""
+
+
+def parse_placement(text: str) -> tuple[tuple[int, int], ...]:
+    """'i:j/i:j' -> ((i, j), ...): memory read at block i (0-based), added after block j >= i.
+
+    A lone 'i' means 'i:i' (read and add at the same block, beside its FFN).
+    """
+    pairs = []
+    for part in text.split("/"):
+        bits = part.strip().split(":")
+        try:
+            read, add = (int(bits[0]), int(bits[-1])) if len(bits) in (1, 2) else (None, None)
+        except ValueError:
+            read, add = None, None
+        if read is None or add is None or read < 0 or add < read:
+            raise ModelConfigError(
+                f"memory.placement: bad entry {part!r} in {text!r}; want 'i:j' with 0 <= i <= j"
+            )
+        pairs.append((read, add))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """One memory layer design; every UltraMem component is a switch (DESIGN §3.2 ablation rows)."""
+
+    kind: Literal["pkm", "ultramem"] = (
+        "ultramem"  # label; "pkm" requires additive keys (tucker_rank 0, cores 1)
+    )
+    num_keys: int = 64  # K sub-keys per side of the physical table: P = K*K rows per memory layer
+    d_k: int = 64  # query / sub-key width
+    d_v: int = 128  # value width when half_dv_proj (paper: D/2); otherwise values are D wide
+    heads: int = 2  # H key heads, each picks top-m
+    topk: int = 16  # m slots per head
+    softmax: bool = False  # PKM normalizes the m scores; UltraMem uses raw scores ("rm softmax")
+    half_dv_proj: bool = True  # values d_v wide + a linear projection W_out to D ("half d_v + proj")
+    share_query: bool = True  # one query for all heads ("share query")
+    qk_norm: bool = True  # RMSNorm on q_row/q_col (gain 1/d_k^0.33) and normed sub-keys ("q/k norm")
+    expansion: int = 4  # E virtual values per physical row (IVE); 1 = off
+    tucker_rank: int = 2  # r of TDQKR; 0 = additive product keys (PKM), 1 = rank-1 Tucker
+    cores: int = 2  # h cores of MCS; 1 = off; needs tucker_rank >= 1 when > 1
+    improved_init: bool = True  # values σ² = E/(2·m·H·L) (paper) instead of std d_v^-0.5
+    aux_loss_alpha: float = 0.0  # Tucker aux loss weight (paper 0.001); 0 = off
+    value_lr_mult: float = 4.0  # value LR multiplier at step 0 (paper range 4-10)
+    value_lr_mult_final: float = 1.0  # ... decayed linearly to this; equal to value_lr_mult = constant
+    value_lr_decay_steps: int | None = None  # length of the decay; None = the run's max steps
+    placement: str = "1:2"  # "i:j/i:j": one memory layer per entry, read at block i, added after j
+    value_optimizer: Literal["adamw", "adagrad", "sgd"] = "adamw"  # sparse optimizer of the tables
+    value_weight_decay: float = 0.0  # decoupled weight decay on touched value rows
+    value_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # table storage dtype
+    num_partitions: int = 256  # NP of each table (>= the largest shard count expected)
+    recall_sample_tokens: int = 32  # tokens per forward kept to measure TDQKR recall vs brute force
+
+    def __post_init__(self) -> None:
+        positive = ("num_keys", "d_k", "d_v", "heads", "topk", "expansion", "cores", "num_partitions")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ModelConfigError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kind not in ("pkm", "ultramem"):
+            raise ModelConfigError(f"memory.kind must be 'pkm' or 'ultramem', got {self.kind!r}")
+        if self.tucker_rank < 0:
+            raise ModelConfigError(f"memory.tucker_rank must be >= 0, got {self.tucker_rank}")
+        if self.topk > self.num_keys:
+            raise ModelConfigError(f"memory.topk ({self.topk}) must be <= memory.num_keys ({self.num_keys})")
+        if self.tucker_rank == 0 and self.cores != 1:
+            raise ModelConfigError(
+                "memory.cores > 1 (MCS) needs memory.tucker_rank >= 1 (additive keys have one score)"
+            )
+        if self.kind == "pkm" and (self.tucker_rank != 0 or self.cores != 1):
+            raise ModelConfigError(
+                "memory.kind='pkm' uses additive product keys: set tucker_rank=0 and cores=1"
+            )
+        if self.d_v % self.cores:
+            raise ModelConfigError(
+                f"memory.d_v ({self.d_v}) must be divisible by memory.cores ({self.cores})"
+            )
+        if self.aux_loss_alpha < 0:
+            raise ModelConfigError(f"memory.aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
+        if self.value_lr_mult <= 0 or self.value_lr_mult_final <= 0:
+            raise ModelConfigError("memory.value_lr_mult and memory.value_lr_mult_final must be > 0")
+        if self.value_lr_decay_steps is not None and self.value_lr_decay_steps < 0:
+            raise ModelConfigError(
+                f"memory.value_lr_decay_steps must be >= 0, got {self.value_lr_decay_steps}"
+            )
+        if self.value_weight_decay < 0 or self.recall_sample_tokens < 0:
+            raise ModelConfigError("memory.value_weight_decay and memory.recall_sample_tokens must be >= 0")
+        parse_placement(self.placement)
+
+    @classmethod
+    def pkm(cls, **overrides: Any) -> MemoryConfig:
+        """The paper's first ablation row: product-key memory with softmax, D-wide values, no extras."""
+        base: dict[str, Any] = {
+            "kind": "pkm",
+            "softmax": True,
+            "half_dv_proj": False,
+            "share_query": False,
+            "qk_norm": False,
+            "expansion": 1,
+            "tucker_rank": 0,
+            "cores": 1,
+            "improved_init": False,
+            "value_lr_mult": 1.0,
+            "value_lr_mult_final": 1.0,
+        }
+        return cls(**{**base, **overrides})
+
+    @property
+    def placements(self) -> tuple[tuple[int, int], ...]:
+        """The (read block, add block) pairs, one per memory layer."""
+        return parse_placement(self.placement)
+
+    @property
+    def physical_rows(self) -> int:
+        """P = K * K rows of each memory layer's table."""
+        return self.num_keys * self.num_keys
+
+    @property
+    def side_keys(self) -> tuple[int, int]:
+        """(n_row, n_col) virtual sub-keys per side, n_row * n_col = E * K * K (n = √E·K for square E)."""
+        a = max(d for d in range(1, math.isqrt(self.expansion) + 1) if self.expansion % d == 0)
+        return a * self.num_keys, (self.expansion // a) * self.num_keys
+
+    def value_dim(self, d_model: int) -> int:
+        """Width of a value row: d_v with the projection, else d_model (PKM values live in model space)."""
+        return self.d_v if self.half_dv_proj else d_model
+
+    def uses_projection(self) -> bool:
+        """W_out exists when values are narrower than D or several projectors are needed (IVE)."""
+        return self.half_dv_proj or self.expansion > 1
+
+    def value_init_std(self, num_memory_layers: int, d_model: int) -> float:
+        """σ of the value table: paper σ² = E/(2·m·H·L) (improved init), else d_v^-0.5 (PKM)."""
+        if self.improved_init:
+            return math.sqrt(self.expansion / (2 * self.topk * self.heads * num_memory_layers))
+        return self.value_dim(d_model) ** -0.5
+
+
+class MemoryLayer(nn.Module):
+    """One PKM/UltraMem layer: x [B, T, D] (normalized FFN input of its read block) -> y [B, T, D]."""
+
+    def __init__(
+        self, cfg: MemoryConfig, d_model: int, index: int, num_memory_layers: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.cfg, self.d_model, self.index = cfg, d_model, index
+        self.table = f"mem{index}.values"
+        self.num_memory_layers = num_memory_layers
+        self.seed = seed
+        self.n_row, self.n_col = cfg.side_keys
+        self.d_v = cfg.value_dim(d_model)
+        self.rank = max(cfg.tucker_rank, 1)  # additive keys are stored as rank 1
+        q_heads = 1 if cfg.share_query else cfg.heads
+        self.w_q = nn.Linear(d_model, q_heads * 2 * cfg.d_k, bias=False)  # W_q: D -> 2·d_k (per head)
+        self.q_norm_row = RMSNorm(cfg.d_k) if cfg.qk_norm else None
+        self.q_norm_col = RMSNorm(cfg.d_k) if cfg.qk_norm else None
+        self.keys_row = nn.Parameter(torch.empty(cfg.heads, self.n_row, cfg.d_k, self.rank))
+        self.keys_col = nn.Parameter(torch.empty(cfg.heads, self.n_col, cfg.d_k, self.rank))
+        gen = torch.Generator().manual_seed(seed)
+        self.tucker = (
+            TuckerCores(cfg.heads, cfg.tucker_rank, cfg.cores, gen) if cfg.tucker_rank >= 1 else None
+        )
+        # π: persistent so every checkpoint carries it (DESIGN §3.1 step 4)
+        num_virtual = cfg.expansion * cfg.physical_rows
+        self.register_buffer("permutation", make_permutation(num_virtual, seed, identity=cfg.expansion == 1))
+        self.w_out = (
+            nn.Linear(cfg.expansion * self.d_v, d_model, bias=False) if cfg.uses_projection() else None
+        )
+        self.register_buffer("hits", torch.zeros(num_virtual, dtype=torch.int64), persistent=False)
+        self.backend: ValueBackend | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []  # (unique rows [U], fetched leaf [U, d_v])
+        self._stats = torch.zeros(4, dtype=torch.float64)  # top-1 sum, count, out sum, out sum sq
+        self._out_count = 0
+        self._sample: tuple[Tensor, Tensor, Tensor] | None = None  # s_row, s_col, found (for recall)
+        self.reset_parameters(gen)
+
+    @torch.no_grad()
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        """DESIGN §3.1 step 7: keys N(0, 1/d_k), W_q N(0, 1/D), W_out N(0, 1/(E·d_v)), q-norm gain d_k^-0.33."""
+        cfg = self.cfg
+        nn.init.normal_(self.w_q.weight, 0.0, self.d_model**-0.5, generator=gen)
+        nn.init.normal_(self.keys_row, 0.0, cfg.d_k**-0.5, generator=gen)
+        nn.init.normal_(self.keys_col, 0.0, cfg.d_k**-0.5, generator=gen)
+        for norm in (self.q_norm_row, self.q_norm_col):
+            if norm is not None:
+                norm.weight.fill_(cfg.d_k**-0.33)
+        if self.w_out is not None:
+            nn.init.normal_(self.w_out.weight, 0.0, (cfg.expansion * self.d_v) ** -0.5, generator=gen)
+
+    # ----------------------------------------------------------------------------- retrieval
+    def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 1: x [N, D] -> q_row, q_col [N, H or 1, d_k]."""
+        q = self.w_q(x).view(x.shape[0], -1, 2, self.cfg.d_k)  # (N, Hq, 2, d_k)
+        q_row, q_col = q[:, :, 0], q[:, :, 1]
+        if self.q_norm_row is not None and self.q_norm_col is not None:
+            q_row, q_col = self.q_norm_row(q_row), self.q_norm_col(q_col)
+        return q_row, q_col
+
+    def key_scores(self, q_row: Tensor, q_col: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 2: per-rank scores S_row [N, H, n_row, r], S_col [N, H, n_col, r]."""
+        k_row, k_col = self.keys_row, self.keys_col  # (H, n, d_k, r)
+        if self.cfg.qk_norm:  # each key vector L2-normed over d_k: scores stay O(1) at init
+            k_row = F.normalize(k_row, dim=2, eps=1e-6)
+            k_col = F.normalize(k_col, dim=2, eps=1e-6)
+        return rank_scores(q_row, k_row.to(q_row.dtype)), rank_scores(q_col, k_col.to(q_col.dtype))
+
+    def retrieve(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 3: -> virtual_index [N, H, m], scores [N, H, m, h] (softmax over m if configured)."""
+        m = self.cfg.topk
+        if self.tucker is None:
+            virtual, scores = product_key_topk(s_row[..., 0], s_col[..., 0], m)
+            scores = scores.unsqueeze(-1)  # (N, H, m, 1)
+        else:
+            t = self.tucker
+            virtual, scores = tdqkr_topk(s_row, s_col, t.cores, t.filter_u, t.filter_v, m)
+        if self.cfg.softmax:
+            scores = torch.softmax(scores.float(), dim=2).to(scores.dtype)
+        return virtual, scores
+
+    # ----------------------------------------------------------------------------- values
+    def fetch(self, rows: Tensor) -> Tensor:
+        """Fetch the rows [N, J] through the backend -> values [N, J, d_v] (grad lands on a leaf)."""
+        if self.backend is None:
+            raise RuntimeError(f"{self.table}: no ValueBackend attached (LanguageModel.set_backend)")
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        leaf = self.backend.fetch_rows(self.table, unique.cpu()).to(rows.device)  # (U, d_v)
+        if torch.is_grad_enabled():
+            leaf.requires_grad_(True)
+            self._pending.append((unique.cpu(), leaf))
+        return F.embedding(inverse, leaf)  # (N, J, d_v)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, T, D] -> y [B, T, D] (to be added to the residual after the add block)."""
+        b, t, d = x.shape
+        xf = x.reshape(b * t, d)
+        q_row, q_col = self.query(xf)  # step 1
+        s_row, s_col = self.key_scores(q_row, q_col)  # step 2
+        virtual, scores = self.retrieve(s_row, s_col)  # step 3
+        n, h = b * t, scores.shape[-1]
+        virtual = virtual.reshape(n, -1)  # (N, H*m)
+        scores = scores.reshape(n, -1, h)  # (N, H*m, h)
+        rows, projector = split_virtual(virtual, self.permutation, self.cfg.physical_rows)  # step 4
+        values = self.fetch(rows)  # (N, H*m, d_v)
+        o = pooled_sum(values, projector, scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
+        o = o.reshape(n, -1).to(x.dtype)  # (N, E*d_v)
+        y = self.w_out(o) if self.w_out is not None else o
+        if self.training:
+            self._record(virtual, scores, y, s_row, s_col)
+        return y.view(b, t, d)
+
+    def aux_loss(self) -> Tensor:
+        """Tucker aux loss (0 unless tucker_rank >= 2 and aux_loss_alpha > 0)."""
+        if self.tucker is None:
+            return self.keys_row.new_zeros(())
+        return self.tucker.aux_loss(self.cfg.aux_loss_alpha)
+
+    # ----------------------------------------------------------------------------- training hooks
+    def pending_grads(self) -> tuple[Tensor, Tensor] | None:
+        """Rows [N] and their grads [N, d_v] from every forward since the last call (then forgotten)."""
+        parts = [(rows, leaf.grad) for rows, leaf in self._pending if leaf.grad is not None]
+        self._pending.clear()
+        if not parts:
+            return None
+        return torch.cat([r for r, _ in parts]), torch.cat([g.detach().float().cpu() for _, g in parts])
+
+    @torch.no_grad()
+    def _record(self, virtual: Tensor, scores: Tensor, y: Tensor, s_row: Tensor, s_col: Tensor) -> None:
+        self.hits += torch.bincount(virtual.reshape(-1), minlength=self.hits.numel()).to(self.hits.device)
+        total = scores.float().sum(-1).view(virtual.shape[0], self.cfg.heads, -1)  # (N, H, m)
+        yf = y.float()
+        self._stats += torch.tensor(
+            [
+                float(total.max(-1).values.sum()),
+                total.shape[0] * total.shape[1],
+                float(yf.sum()),
+                float(yf.pow(2).sum()),
+            ],
+            dtype=torch.float64,
+        )
+        self._out_count += yf.numel()
+        k = min(self.cfg.recall_sample_tokens, virtual.shape[0])
+        if k:
+            found = virtual[:k].view(k, self.cfg.heads, -1)
+            self._sample = (s_row[:k].detach().float(), s_col[:k].detach().float(), found)
+
+    @torch.no_grad()
+    def metrics(self, reset: bool = True) -> dict[str, float]:
+        """Step 9: coverage, KL(hits || uniform), top-1 score, output std, TDQKR recall (sampled)."""
+        out: dict[str, float] = {}
+        total = int(self.hits.sum())
+        if total:
+            p = self.hits.double() / total
+            nz = p[p > 0]
+            out["coverage"] = float((self.hits > 0).double().mean())
+            out["kl_uniform"] = float((nz * torch.log(nz * self.hits.numel())).sum())
+        top1_sum, count, s1, s2 = self._stats.tolist()
+        if count:
+            out["top1_score"] = top1_sum / count
+        if self._out_count:
+            mean = s1 / self._out_count
+            out["output_std"] = math.sqrt(max(s2 / self._out_count - mean * mean, 0.0))
+        if self._sample is not None:
+            s_row, s_col, found = self._sample
+            m = self.cfg.topk
+            if self.tucker is None:
+                ref, _ = brute_force_product_keys(s_row[..., 0], s_col[..., 0], m)
+            else:
+                ref, _ = brute_force_topk(s_row, s_col, self.tucker.cores.detach().float(), m)
+            out["tdqkr_recall"] = recall(found, ref)
+        if reset:
+            self.hits.zero_()
+            self._stats.zero_()
+            self._out_count = 0
+            self._sample = None
+        return out
