@@ -65,6 +65,9 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--token-file", default=None, help="file holding the shared-secret token")
     serve.add_argument("--read-only", action="store_true")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS only (with --tls-key)")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
     serve.add_argument("--shard-id", type=int, default=0)
     serve.add_argument("--num-shards", type=int, default=1)
 
@@ -105,7 +108,14 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--shards", default=None, help="ADDR,ADDR,... of running shards")
     serve.add_argument("--address", default=None)
-    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (needs ray[serve])")
+    serve.add_argument("--token-file", default=None, help="shared-secret token: HTTP bearer and shard auth")
+    serve.add_argument("--local-shards", type=int, default=1, help="read-only shards to start (no --shards)")
+    serve.add_argument("--in-process", action="store_true", help="start the shards in this process")
+    serve.add_argument("--wire-dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                       help="dtype of looked-up values on the wire")
+    serve.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="idle wait to gather a batch")
 
     cluster = sub.add_parser("cluster", help="wrap Ray's own CLI for a real cluster")
     csub = cluster.add_subparsers(dest="subcommand", required=True)
@@ -129,8 +139,14 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     group = plan.add_mutually_exclusive_group(required=True)
     group.add_argument("--config")
     group.add_argument("--preset")
-    plan.add_argument("--shards", type=int, default=None)
+    plan.add_argument("--shards", type=int, default=None, help="shard count (default: cluster.shards)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes the shards are spread over")
+    plan.add_argument("--node-ram-gb", type=float, default=None,
+                      help="RAM per node in GiB (default: this machine's RAM)")
+    plan.add_argument("--cache-gb", type=float, default=None,
+                      help="data budget per shard in GiB: larger partitions go through a chunk cache")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side, JSON results")
     bench.add_argument("which", nargs="?", default="all",

@@ -1,0 +1,317 @@
+"""A bounded chunk cache with write-back over a `TableStore` (DESIGN §5 "chunk cache", §8).
+
+A shard whose partitions do not fit its RAM budget serves them through `CachedPartitions`: rows
+are read and written in RAM, but only the Zarr chunks recently touched are held, at most
+`budget_bytes` of chunk data in all, least recently used first out. A chunk that was written is
+*dirty*: it goes back to the store when it is evicted or on `flush()`, always as one whole chunk
+written by this cache, the single owner of its partitions (DESIGN §5: one writer per chunk; the
+only partial write is the last chunk of a partition that ends in a padding row, which is never
+served and stays 0, and that write still has this one writer).
+
+Values and optimizer state go through the same cache; each array has its own chunk grid
+(`TableStore.chunk_shape`), so a cache entry is one (array, partition, chunk) and the budget
+covers them all. Requests are vectorised: rows are grouped by chunk with `np.unique`, chunks
+already resident are served first (so loading a miss never evicts a chunk this request still
+needs), then each missing chunk is read with one whole-chunk slice (one Zarr chunk op, ~1 ms,
+DESIGN §8) and gathered or scattered with numpy fancy indexing. Measured on the 2-core machine,
+zarr-python and TensorStore read a whole 2 MiB chunk in about the same time (0.6-0.9 ms vs
+0.5 ms), so the miss path uses the store's own reader and needs no second copy of the layout.
+
+Rows are global rows (row r of the table lives in partition r % NP at local row r // NP,
+DESIGN §4.1), the same numbering the shard receives on the wire. One lock makes every public
+method safe to call from several threads (gRPC handlers and the apply loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+import numpy as np
+
+from storage.errors import LayoutError, ReadOnlyTableError
+from storage.layout import check_partition, table_arrays
+from storage.table_store import TableStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Chunk:
+    """One resident chunk: rows [start, start + len(data)) of one array of one partition."""
+
+    data: np.ndarray  # [chunk rows, *trailing] in the array's logical dtype (padding rows included)
+    dirty: bool = False  # written since it was loaded: must be written back before it is dropped
+
+
+class CachedPartitions:
+    """Owned partitions of one table, served through a bounded LRU chunk cache with write-back.
+
+    Same contract as resident partitions (a numpy oracle holding the whole table): `read_rows`
+    returns what was last written, `write_rows` is visible to every later read, and after
+    `flush()` the Zarr store holds exactly what the oracle holds.
+    """
+
+    def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int) -> None:
+        """Cache the given partitions of `store` in at most `budget_bytes` of chunk data.
+
+        Args:
+            store: the table's durable home; must be open "r+" for writes to be accepted.
+            partitions: partition ids owned here (the cache refuses rows of any other).
+            budget_bytes: most bytes of chunk data held at once; at least one chunk of the largest
+                array (a request touching more chunks than fit is served chunk by chunk).
+
+        Raises: LayoutError for a bad partition id or a budget smaller than one chunk.
+        """
+        self.store = store
+        self.spec = store.spec
+        owned = sorted({check_partition(self.spec, p) for p in partitions})
+        self.partitions: tuple[int, ...] = tuple(owned)
+        self._owned = np.zeros(self.spec.num_partitions, dtype=bool)
+        self._owned[owned] = True
+        self._names: tuple[str, ...] = store.array_names
+        self._chunk_rows = {name: store.chunk_shape(name)[1] for name in self._names}
+        # [0, *trailing] arrays of each logical dtype: shape and dtype templates for checks and outputs
+        layouts = table_arrays(self.spec)
+        self._templates = {n: np.empty((0, *layouts[n].trailing), layouts[n].dtype) for n in self._names}
+        self._row_bytes = {n: math.prod(t.shape[1:]) * t.dtype.itemsize for n, t in self._templates.items()}
+        largest = max(self._chunk_rows[n] * self._row_bytes[n] for n in self._names)
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
+            raise LayoutError(f"budget_bytes must be an int, got {budget_bytes!r}")
+        if budget_bytes < largest:
+            raise LayoutError(
+                f"table {self.spec.name}: cache budget {budget_bytes} B is smaller than one chunk "
+                f"({largest} B); give at least one chunk of the largest array"
+            )
+        self.budget_bytes = int(budget_bytes)
+        # chunks per partition of each array: chunk c of partition p has key (name, p * n + c)
+        R = self.spec.rows_per_partition
+        self._chunks_per_partition = {n: -(-R // self._chunk_rows[n]) for n in self._names}
+        self._chunks: OrderedDict[tuple[str, int], _Chunk] = OrderedDict()  # LRU first
+        self._lock = threading.RLock()
+        self._bytes = 0
+        self._counters = dict.fromkeys(
+            ("hits", "misses", "evictions", "writebacks", "rows_read", "rows_written",
+             "bytes_loaded", "bytes_written_back"), 0,
+        )
+
+    def __repr__(self) -> str:
+        return (f"CachedPartitions({self.spec.name!r}, {len(self.partitions)} partitions, "
+                f"budget={self.budget_bytes} B)")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+    # --- public API --------------------------------------------------------------------------
+
+    def read_rows(self, rows: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows of the table: rows int [N] global (may repeat, any order) -> {name: [N, ...]}.
+
+        names limits which arrays are read (default: all, "values" first). Returns fresh arrays in
+        the logical dtypes (bfloat16 values as ml_dtypes.bfloat16).
+        Raises: LayoutError (nothing read) for a row out of [0, P) or in a partition not cached here.
+        """
+        names = self._check_names(names)
+        part, local = self._check_rows(rows)
+        with self._lock:
+            out = {}
+            for name in names:
+                template = self._templates[name]
+                buf = np.empty((len(part), *template.shape[1:]), dtype=template.dtype)
+                self._visit(name, part, local, buf, write=False)
+                out[name] = buf
+            self._counters["rows_read"] += len(part)
+            return out
+
+    def write_rows(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
+        """Overwrite rows: rows int [N] global and unique, arrays {name: [N, ...]} in exact dtypes.
+
+        Any subset of the table's arrays may be given. The chunks touched become dirty; they reach
+        the store on eviction or `flush()`.
+        Raises (nothing written): LayoutError for duplicate, out-of-range or foreign rows, an unknown
+        name, a wrong dtype or shape; ReadOnlyTableError when the store is open read-only.
+        """
+        if self.store.read_only:
+            raise ReadOnlyTableError(f"table {self.spec.name} at {self.store.path} is open read-only")
+        part, local = self._check_rows(rows)
+        if len(np.unique(part * self.spec.rows_per_partition + local)) != len(part):
+            raise LayoutError(f"table {self.spec.name}: write_rows got duplicate rows")
+        checked = self._check_arrays(arrays, len(part))
+        with self._lock:
+            for name, data in checked:
+                self._visit(name, part, local, data, write=True)
+            self._counters["rows_written"] += len(part)
+
+    def flush(self) -> None:
+        """Write every dirty chunk back to the store (whole chunks); they stay cached, now clean."""
+        with self._lock:
+            n = 0
+            for key, chunk in self._chunks.items():
+                if chunk.dirty:
+                    self._write_back(key, chunk)
+                    n += 1
+            if n:
+                logger.debug("table %s: flushed %d dirty chunks", self.spec.name, n)
+
+    def copy_to(self, target: TableStore) -> None:
+        """Flush, then copy the owned partitions into `target` (same spec), one chunk at a time.
+
+        For checkpoints: `target` is a table group created with `initialize=False`; only this
+        cache's partitions are written there (each by its single owner). Bypasses the cache, so it
+        neither evicts hot chunks nor holds more than one chunk of extra memory.
+        Raises: LayoutError if target's spec differs; ReadOnlyTableError if target is read-only.
+        """
+        if target.spec != self.spec:
+            raise LayoutError(f"copy_to: target spec {target.spec} differs from {self.spec}")
+        with self._lock:
+            self.flush()
+            for p in self.partitions:
+                valid = self.spec.valid_rows(p)
+                for name in self._names:
+                    step = self._chunk_rows[name]
+                    for start in range(0, valid, step):
+                        rows = np.arange(start, min(start + step, valid))
+                        target.write_rows(p, rows, self.store.read_rows(p, rows, names=[name]))
+
+    def metrics(self) -> dict[str, float]:
+        """Counters: cache_bytes (chunk data held), budget_bytes, chunks, dirty_chunks, hits, misses
+        (one per (array, chunk) a request touches), hit_rate, evictions, writebacks, rows_read,
+        rows_written, bytes_loaded, bytes_written_back."""
+        with self._lock:
+            c = dict(self._counters)
+            accesses = c["hits"] + c["misses"]
+            return {
+                "cache_bytes": self._bytes,
+                "budget_bytes": self.budget_bytes,
+                "chunks": len(self._chunks),
+                "dirty_chunks": sum(1 for ch in self._chunks.values() if ch.dirty),
+                **c,
+                "hit_rate": c["hits"] / accesses if accesses else 0.0,
+            }
+
+    # --- the request path ----------------------------------------------------------------------
+
+    def _visit(self, name: str, part: np.ndarray, local: np.ndarray, data: np.ndarray, *, write: bool) -> None:
+        """Gather (write=False: data[i] = row i) or scatter (write=True: row i = data[i]), chunk by chunk."""
+        if len(part) == 0:
+            return
+        chunk_rows = self._chunk_rows[name]
+        within = local // chunk_rows
+        codes = part * self._chunks_per_partition[name] + within  # one int per (partition, chunk)
+        unique, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+        order = np.argsort(inverse, kind="stable")  # request positions grouped by chunk
+        bounds = np.concatenate(([0], np.cumsum(counts)))
+        offset = local - within * chunk_rows  # row inside its chunk
+        resident = [(name, int(code)) in self._chunks for code in unique]
+        # hits first: loading a miss may evict, and must never evict a chunk still to be served
+        for i in sorted(range(len(unique)), key=lambda i: not resident[i]):
+            key = (name, int(unique[i]))
+            sel = order[bounds[i] : bounds[i + 1]]
+            if resident[i]:
+                chunk = self._chunks[key]
+                self._chunks.move_to_end(key)
+                self._counters["hits"] += 1
+            else:
+                chunk = self._load(key)
+                self._counters["misses"] += 1
+            if write:
+                chunk.data[offset[sel]] = data[sel]
+                chunk.dirty = True
+            else:
+                data[sel] = chunk.data[offset[sel]]
+
+    def _load(self, key: tuple[str, int]) -> _Chunk:
+        """Read one whole chunk from the store and insert it (most recently used), evicting to fit."""
+        name, code = key
+        p, c = divmod(code, self._chunks_per_partition[name])
+        start, stop = self._chunk_span(name, p, c)
+        nbytes = (stop - start) * self._row_bytes[name]
+        self._make_room(nbytes)
+        valid_stop = min(stop, self.spec.valid_rows(p))
+        rows = np.arange(start, valid_stop)
+        read = self.store.read_rows(p, rows, names=[name])[name]  # one slice: one chunk op
+        if valid_stop < stop:  # the padding row is never served; keep it 0 as on disk
+            data = np.zeros((stop - start, *read.shape[1:]), dtype=read.dtype)
+            data[: len(read)] = read
+        else:
+            data = read
+        chunk = _Chunk(np.ascontiguousarray(data))
+        self._chunks[key] = chunk
+        self._bytes += nbytes
+        self._counters["bytes_loaded"] += nbytes
+        assert self._bytes <= self.budget_bytes, (self._bytes, self.budget_bytes)
+        return chunk
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict least recently used chunks (writing dirty ones back) until nbytes more fit."""
+        while self._bytes + nbytes > self.budget_bytes:
+            key, chunk = next(iter(self._chunks.items()))
+            if chunk.dirty:
+                self._write_back(key, chunk)  # before dropping it: a failed write loses nothing
+            del self._chunks[key]
+            self._bytes -= chunk.data.nbytes
+            self._counters["evictions"] += 1
+
+    def _write_back(self, key: tuple[str, int], chunk: _Chunk) -> None:
+        name, code = key
+        p, c = divmod(code, self._chunks_per_partition[name])
+        start, _ = self._chunk_span(name, p, c)
+        n = min(len(chunk.data), self.spec.valid_rows(p) - start)  # never the padding row
+        self.store.write_rows(p, np.arange(start, start + n), {name: chunk.data[:n]})
+        chunk.dirty = False
+        self._counters["writebacks"] += 1
+        self._counters["bytes_written_back"] += n * self._row_bytes[name]
+
+    def _chunk_span(self, name: str, p: int, c: int) -> tuple[int, int]:
+        """Local rows [start, stop) of chunk c of partition p (the last chunk may be shorter)."""
+        start = c * self._chunk_rows[name]
+        return start, min(start + self._chunk_rows[name], self.spec.rows_per_partition)
+
+    # --- validation (no state touched) ---------------------------------------------------------
+
+    def _check_names(self, names: Sequence[str] | None) -> tuple[str, ...]:
+        if names is None:
+            return self._names
+        if isinstance(names, str):
+            raise LayoutError(f"names must be a sequence of array names, got the string {names!r}")
+        for n in names:
+            if n not in self._names:
+                raise LayoutError(f"table {self.spec.name}: unknown array {n!r}; arrays: {self._names}")
+        return tuple(names)
+
+    def _check_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows int [N] -> (partition int64 [N], local row int64 [N]); LayoutError if invalid."""
+        r = np.asarray(rows)
+        if r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
+            raise LayoutError(f"rows must be a 1-D integer array, got {r.dtype} {r.shape}")
+        r = r.astype(np.int64, copy=False)
+        if r.size and (r.min() < 0 or r.max() >= self.spec.rows):
+            raise LayoutError(f"table {self.spec.name}: rows must be in [0, {self.spec.rows})")
+        local, part = np.divmod(r, self.spec.num_partitions)
+        if r.size and not self._owned[part].all():
+            foreign = sorted(set(part[~self._owned[part]].tolist()))[:8]
+            raise LayoutError(f"table {self.spec.name}: partitions {foreign} are not cached here")
+        return part, local
+
+    def _check_arrays(self, arrays: Mapping[str, np.ndarray], n: int) -> list[tuple[str, np.ndarray]]:
+        if not isinstance(arrays, Mapping) or not arrays:
+            raise LayoutError(f"table {self.spec.name}: expected a non-empty dict of arrays")
+        checked = []
+        for name, data in arrays.items():
+            template = self._templates[self._check_names([name])[0]]
+            expected = (n, *template.shape[1:])
+            if not isinstance(data, np.ndarray) or data.dtype != template.dtype or data.shape != expected:
+                got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+                raise LayoutError(
+                    f"table {self.spec.name}: array {name!r} must be {template.dtype} {expected}, got {got}"
+                )
+            checked.append((name, data))
+        return checked
