@@ -3,7 +3,7 @@
 Loads the chosen partitions of one or more tables into a `Shard`, serves them with
 `param_server.server.create_server`, prints exactly `listening on HOST:PORT` as the first stdout
 line (flushed, so a parent process can read the port), and on SIGTERM or SIGINT drains the apply
-queue, stops the server and exits 0.
+queue, stops the server and exits 0. TLS with --tls-cert/--tls-key, mTLS with --tls-client-ca.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         try:
             token = read_token_file(args.token_file) if args.token_file else None
-            config = ServerConfig(host=args.host, port=args.port, token=token)
+            config = ServerConfig(host=args.host, port=args.port, token=token, tls_cert=args.tls_cert,
+                                  tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
             shard = Shard(ShardConfig(read_only=args.read_only), shard_id=args.shard_id)
             for path in args.table:
                 store = open_table(path, "r")

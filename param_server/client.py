@@ -10,74 +10,34 @@ Pushes are numbered per (worker, shard): seq 1, 2, 3, ... assigned when sent; a 
 reuses its seq, so the shard applies it once. Every step sends one push to every shard (empty if
 none of the rows live there), so a shard can answer `min_step` lookups. Pushes to one shard go
 through one ordered sender thread (a shard drops a seq <= the last it accepted, so order matters).
-A push split into chunks marks all but its last chunk with `step - 1`: a shard only counts the step
-as applied once the whole push is. FAILED_PRECONDITION with a newer epoch refreshes the map and
-re-routes.
+A push split into chunks marks all but its last chunk with `step - 1` (-1 at step 0): a shard only
+counts the step as applied once the whole push is. FAILED_PRECONDITION with a newer epoch
+refreshes the map and re-routes. Channels, deadlines, retries, TLS and the grouping of work per
+shard live in `param_server.fanout`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
-from param_server import wire
-from param_server.auth import bearer_metadata
-from param_server.errors import (
-    ConfigError,
-    InvalidRequestError,
-    ShardError,
-    StaleEpochError,
-    UnknownTableError,
-    error_for_code,
-)
+from param_server import fanout, wire
+from param_server.errors import InvalidRequestError, StaleEpochError, UnknownTableError
+from param_server.fanout import ClientConfig
 from param_server.optimizers import sum_duplicates
 from param_server.partition_map import PartitionMap
-from param_server.servicer import EPOCH_METADATA_KEY
 from protos.ultramem.v1 import memory_pb2 as pb
-from protos.ultramem.v1 import memory_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "ClientConfig", "TableMeta"]
 
 logger = logging.getLogger(__name__)
-
-_LOOKUP_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                           grpc.StatusCode.RESOURCE_EXHAUSTED})
-_PUSH_RETRY = _LOOKUP_RETRY  # safe: a retried push reuses its seq and is applied once
-_GATHER_PATH = "/ultramem.v1.MemoryShard/Gather"
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How the client splits, parallelises and retries."""
-
-    chunk_bytes: int = 1 << 20  # target payload per request (DESIGN §8: ~1 MB is gRPC's sweet spot)
-    max_in_flight: int = 8  # requests in flight per shard
-    channels_per_shard: int = 2  # TCP connections per shard (one HTTP/2 connection serialises)
-    timeout_s: float = 60.0  # deadline per call, a min_step wait included
-    max_attempts: int = 6  # tries per call for retryable codes
-    backoff_s: float = 0.02  # first retry delay; doubles up to max_backoff_s, with jitter
-    max_backoff_s: float = 1.0
-    max_message_bytes: int = 64 << 20  # must match the server's limit
-    max_map_refreshes: int = 3  # re-routes after FAILED_PRECONDITION before giving up
-    token: str | None = None  # shared secret sent as `authorization: Bearer <token>`
-
-    def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "max_in_flight", "channels_per_shard", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"client.{name} must be >= 1, got {getattr(self, name)}")
-        if self.chunk_bytes > self.max_message_bytes // 2:
-            raise ConfigError("client.chunk_bytes must be at most half of max_message_bytes")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"client.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -89,35 +49,10 @@ class TableMeta:
     num_partitions: int
 
 
-@dataclass
-class _Call:
-    address: str
-    method: str  # stub attribute: "Gather", "PooledGather", ...
-    request: Any
-    on_done: Callable[[Any], None]
-    attempt: int = 0
-
-
-def _typed(err: grpc.RpcError) -> ShardError:
-    """grpc.RpcError -> the matching typed error (StaleEpochError when the shard sent its epoch)."""
-    epoch = None
-    for key, value in err.trailing_metadata() or ():
-        if key == EPOCH_METADATA_KEY:
-            epoch = int(value)
-    return error_for_code(err.code().name, err.details() or "", epoch=epoch)
-
-
-def _split(n: int, size: int) -> list[tuple[int, int]]:
-    """[0, n) in pieces of at most `size`; one empty piece when n == 0."""
-    return [(a, min(a + size, n)) for a in range(0, n, size)] or [(0, 0)]
-
-
-def _group_chunks(keys: np.ndarray, max_groups: int) -> list[tuple[int, int]]:
-    """Split sorted `keys` [n] into pieces spanning at most `max_groups` distinct keys each (never
-    cutting a run of equal keys); one empty piece when n == 0."""
-    starts = np.flatnonzero(np.diff(keys, prepend=keys[:1] - 1)) if keys.size else np.zeros(0, np.int64)
-    cuts = starts[::max_groups].tolist() + [keys.size]
-    return list(itertools.pairwise(cuts)) or [(0, 0)]
+def _chunk_step(step: int, index: int, count: int) -> int:
+    """Step of chunk `index` of `count`: `step` for the last, `step - 1` before (-1 at step 0, which
+    the shard accepts for this), so a min_step lookup waits for the whole push (DESIGN §4.3)."""
+    return step if index == count - 1 else step - 1
 
 
 class Client:
@@ -127,33 +62,26 @@ class Client:
                  worker_id: int = 0, config: ClientConfig | None = None) -> None:
         self.config = config or ClientConfig()
         self.worker_id = worker_id
-        self._metadata = bearer_metadata(self.config.token)
+        self._net = fanout.ShardChannels(self.config)
         self._lock = threading.Lock()
-        self._channels: dict[str, list[grpc.Channel]] = {}
-        self._stubs: dict[str, list[pb_grpc.MemoryShardStub]] = {}
-        self._raw_gather: dict[str, list[grpc.UnaryUnaryMultiCallable]] = {}
-        self._rr = itertools.count()
         self._seq: dict[str, int] = {}
-        self._senders: dict[str, ThreadPoolExecutor] = {}
         self._outstanding: list[tuple[Future, str, float, int]] = []
         self._tables: dict[str, TableMeta] = {}
         for address in addresses:
-            self._open(address)
+            self._net.open(address)
         self._map = partition_map or self._map_from_info(list(addresses))
         for address in self._map.addresses:
-            self._open(address)
+            self._net.open(address)
 
     @classmethod
     def connect(cls, address: str, **kw: Any) -> Client:
         """Bootstrap from one shard: ask it for the partition map, then dial every shard in it."""
-        config = kw.get("config") or ClientConfig()
-        with grpc.insecure_channel(address, options=cls._options(config)) as channel:
-            try:
-                msg = pb_grpc.MemoryShardStub(channel).GetPartitionMap(
-                    pb.GetPartitionMapRequest(), timeout=config.timeout_s, metadata=bearer_metadata(config.token))
-            except grpc.RpcError as err:
-                raise _typed(err) from None
-        return cls(list(msg.addresses), partition_map=cls._map_from_proto(msg), **kw)
+        net = fanout.ShardChannels(kw.get("config") or ClientConfig())
+        try:
+            pmap = fanout.map_from_proto(net.unary(address, "GetPartitionMap", pb.GetPartitionMapRequest()))
+        finally:
+            net.close()
+        return cls(list(pmap.addresses), partition_map=pmap, **kw)
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -238,8 +166,8 @@ class Client:
     def info(self) -> list[dict]:
         """One dict per shard: shard_id, address, epoch, read_only, tables (with partitions), metrics."""
         out = []
-        for address in self._map.addresses if hasattr(self, "_map") else list(self._stubs):
-            msg = self._unary(address, "Info", pb.InfoRequest())
+        for address in self._map.addresses:
+            msg = self._net.unary(address, "Info", pb.InfoRequest())
             tables = {}
             for t in msg.tables:
                 self._tables[t.name] = TableMeta(int(t.rows), int(t.dim), int(t.num_partitions))
@@ -252,23 +180,16 @@ class Client:
     def checkpoint(self, tables_dir: str) -> None:
         """Ask every shard to drain and write its partitions into `tables_dir` (table groups exist)."""
         self.flush()
-        calls = [_Call(a, "Checkpoint", pb.CheckpointRequest(tables_dir=str(tables_dir)), lambda r: None)
+        calls = [fanout.Call(a, "Checkpoint", pb.CheckpointRequest(tables_dir=str(tables_dir)), lambda r: None)
                  for a in self._map.addresses]
-        self._run(calls, frozenset({grpc.StatusCode.UNAVAILABLE}))
+        self._net.run(calls, frozenset({grpc.StatusCode.UNAVAILABLE}))
 
     def close(self) -> None:
         """Flush pushes, stop sender threads, close channels."""
         try:
             self.flush()
         finally:
-            for sender in self._senders.values():
-                sender.shutdown(wait=True)
-            for channels in self._channels.values():
-                for channel in channels:
-                    channel.close()
-            self._channels.clear()
-            self._stubs.clear()
-            self._raw_gather.clear()
+            self._net.close()
 
     def __enter__(self) -> Client:  # noqa: PYI034
         return self
@@ -296,13 +217,13 @@ class Client:
             return done
 
         calls = []
-        for address, sel in self._by_shard(pmap, uniq):
-            for a, b in _split(sel.size, per_chunk):
+        for address, sel in fanout.by_shard(pmap, uniq):
+            for a, b in fanout.split(sel.size, per_chunk):
                 if b > a:
                     part = sel[a:b]
                     req = pb.GatherRequest(header=header, rows=wire.encode(uniq[part], "int64"), wire_dtype=enum)
-                    calls.append(_Call(address, "Gather", req, make(part)))
-        self._run(self._interleave(calls), _LOOKUP_RETRY)
+                    calls.append(fanout.Call(address, "Gather", req, make(part)))
+        self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
         if not direct:
             np.take(target, inverse.reshape(-1), axis=0, out=out)
         return out
@@ -323,8 +244,8 @@ class Client:
             out[tokens] += sums  # tokens are unique within one answer
 
         calls = []
-        for address, sel in self._by_shard(pmap, rows, sort_by=token):
-            for a, b in _group_chunks(token[sel], max_tokens):
+        for address, sel in fanout.by_shard(pmap, rows, sort_by=token):
+            for a, b in fanout.group_chunks(token[sel], max_tokens):
                 if b > a:
                     part = sel[a:b]
                     req = pb.PooledGatherRequest(
@@ -332,8 +253,8 @@ class Client:
                         projector=wire.encode(projector[part], "int64"), token=wire.encode(token[part], "int64"),
                         scores=wire.encode(scores[part], "float32"), num_projectors=num_projectors,
                         wire_dtype=wire.dtype_enum(wire_dtype))
-                    calls.append(_Call(address, "PooledGather", req, done))
-        self._run(self._interleave(calls), _LOOKUP_RETRY)
+                    calls.append(fanout.Call(address, "PooledGather", req, done))
+        self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
         return out
 
     # -- pushes --------------------------------------------------------------------------------
@@ -343,9 +264,9 @@ class Client:
         pmap = self._map
         per_chunk = max(1, self.config.chunk_bytes // (meta.dim * 4))
         futures = []
-        for address, sel in self._by_shard(pmap, rows, every_shard=True):
-            chunks = [(rows[sel[a:b]], grads[sel[a:b]]) for a, b in _split(sel.size, per_chunk)]
-            futures.append(self._sender(address).submit(
+        for address, sel in fanout.by_shard(pmap, rows, every_shard=True):
+            chunks = [(rows[sel[a:b]], grads[sel[a:b]]) for a, b in fanout.split(sel.size, per_chunk)]
+            futures.append(self._net.sender(address).submit(
                 self._send_push_chunks, address, table, pmap.epoch, chunks, lr, step))
         return futures
 
@@ -357,11 +278,11 @@ class Client:
             seq = self._seq.get(address, 0) + 1
             self._seq[address] = seq
             header = pb.PushHeader(table=table, epoch=epoch, worker_id=self.worker_id, seq=seq,
-                                   step=step if i == len(chunks) - 1 else max(step - 1, 0), lr=lr)
+                                   step=_chunk_step(step, i, len(chunks)), lr=lr)
             req = pb.PushGradientsRequest(header=header, rows=wire.encode(rows, "int64"),
                                           grads=wire.encode(grads, "float32"))
             try:
-                self._unary(address, "PushGradients", req, retry=_PUSH_RETRY)
+                self._net.unary(address, "PushGradients", req, retry=fanout.PUSH_RETRY)
             except StaleEpochError:
                 rest = chunks[i:]
                 return np.concatenate([r for r, _ in rest]), np.concatenate([g for _, g in rest])
@@ -389,10 +310,10 @@ class Client:
             pmap = self._map
             futures = []
             # chunks never split a row's entries: each row gets one optimizer step per call
-            for address, sel in self._by_shard(pmap, rows[todo], sort_by=rows[todo], every_shard=True):
+            for address, sel in fanout.by_shard(pmap, rows[todo], sort_by=rows[todo], every_shard=True):
                 sel = todo[sel]
-                chunks = [sel[a:b] for a, b in _group_chunks(rows[sel], max_rows)]
-                futures.append(self._sender(address).submit(
+                chunks = [sel[a:b] for a, b in fanout.group_chunks(rows[sel], max_rows)]
+                futures.append(self._net.sender(address).submit(
                     self._send_backward_chunks, address, table, pmap.epoch, chunks, rows, projector, token,
                     scores, grad_out, grad_scores, lr, step))
             left = [r for r in (f.result() for f in futures) if r is not None]
@@ -413,97 +334,20 @@ class Client:
             self._seq[address] = seq
             touched = np.unique(token[part])
             header = pb.PushHeader(table=table, epoch=epoch, worker_id=self.worker_id, seq=seq,
-                                   step=step if i == len(chunks) - 1 else max(step - 1, 0), lr=lr)
+                                   step=_chunk_step(step, i, len(chunks)), lr=lr)
             req = pb.PooledBackwardRequest(
                 header=header, rows=wire.encode(rows[part], "int64"), projector=wire.encode(projector[part], "int64"),
                 token=wire.encode(token[part], "int64"), scores=wire.encode(scores[part], "float32"),
                 grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=wire.encode(touched, "int64"),
                 num_projectors=num_projectors)
             try:
-                resp = self._unary(address, "PooledBackward", req, retry=_PUSH_RETRY)
+                resp = self._net.unary(address, "PooledBackward", req, retry=fanout.PUSH_RETRY)
             except StaleEpochError:
                 return np.concatenate(chunks[i:])
             grad_scores[part] = wire.decode_values(resp.grad_scores, "grad_scores", trailing=(scores.shape[1],))
         return None
 
     # -- plumbing ------------------------------------------------------------------------------
-    @staticmethod
-    def _options(config: ClientConfig) -> list[tuple[str, Any]]:
-        return [("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.use_local_subchannel_pool", 1)]  # each channel gets its own TCP connection
-
-    def _open(self, address: str) -> None:
-        if address in self._stubs:
-            return
-        channels = [grpc.insecure_channel(address, options=self._options(self.config))
-                    for _ in range(self.config.channels_per_shard)]
-        self._channels[address] = channels
-        self._stubs[address] = [pb_grpc.MemoryShardStub(c) for c in channels]
-        # Gather answers stay bytes: wire.parse_tensor_field views the values without copying
-        self._raw_gather[address] = [c.unary_unary(_GATHER_PATH, request_serializer=pb.GatherRequest.SerializeToString,
-                                                   response_deserializer=None) for c in channels]
-
-    def _stub(self, address: str) -> pb_grpc.MemoryShardStub:
-        stubs = self._stubs[address]
-        return stubs[next(self._rr) % len(stubs)]
-
-    def _callable(self, address: str, method: str) -> Any:
-        if method == "Gather":
-            raw = self._raw_gather[address]
-            return raw[next(self._rr) % len(raw)]
-        return getattr(self._stub(address), method)
-
-    def _sender(self, address: str) -> ThreadPoolExecutor:
-        with self._lock:
-            if address not in self._senders:
-                self._senders[address] = ThreadPoolExecutor(1, thread_name_prefix=f"push-{address}")
-            return self._senders[address]
-
-    def _backoff(self, attempt: int) -> None:
-        delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** attempt)
-        time.sleep(delay * (0.5 + random.random() / 2))
-
-    def _unary(self, address: str, method: str, request: Any, retry: frozenset = _LOOKUP_RETRY) -> Any:
-        """One blocking call with retries on `retry` codes; typed errors out."""
-        for attempt in range(self.config.max_attempts):
-            try:
-                return getattr(self._stub(address), method)(
-                    request, timeout=self.config.timeout_s, metadata=self._metadata)
-            except grpc.RpcError as err:
-                if err.code() not in retry or attempt + 1 == self.config.max_attempts:
-                    raise _typed(err) from None
-                logger.debug("%s to %s: %s, retry %d", method, address, err.code().name, attempt + 1)
-                self._backoff(attempt)
-        raise AssertionError("unreachable")
-
-    def _run(self, calls: list[_Call], retry: frozenset) -> None:
-        """Run calls concurrently (a window of max_in_flight per shard); handlers run here, in order done."""
-        pending = deque(calls)
-        in_flight: deque[tuple[_Call, grpc.Future]] = deque()
-        window = self.config.max_in_flight * max(1, len({c.address for c in calls}))
-        try:
-            while pending or in_flight:
-                while pending and len(in_flight) < window:
-                    call = pending.popleft()
-                    future = self._callable(call.address, call.method).future(
-                        call.request, timeout=self.config.timeout_s, metadata=self._metadata)
-                    in_flight.append((call, future))
-                call, future = in_flight.popleft()
-                try:
-                    resp = future.result()
-                except grpc.RpcError as err:
-                    if err.code() in retry and call.attempt + 1 < self.config.max_attempts:
-                        self._backoff(call.attempt)
-                        call.attempt += 1
-                        pending.appendleft(call)
-                        continue
-                    raise _typed(err) from None
-                call.on_done(resp)
-        finally:
-            for _, future in in_flight:
-                future.cancel()
-
     def _rerouting(self, attempt: Callable[[], np.ndarray]) -> np.ndarray:
         """Run an idempotent lookup; on a stale-epoch answer refresh the map and run it again."""
         for _ in range(self.config.max_map_refreshes):
@@ -516,30 +360,18 @@ class Client:
 
     def _refresh_map(self) -> None:
         """Ask the known shards for their map; install the newest."""
-        best = None
-        for address in list(self._map.addresses):
-            try:
-                msg = self._unary(address, "GetPartitionMap", pb.GetPartitionMapRequest())
-            except ShardError:
-                continue
-            if best is None or msg.epoch > best.epoch:
-                best = msg
-        if best is None:
+        new = self._net.newest_map(self._map.addresses)
+        if new is None:
             raise StaleEpochError("no shard answered GetPartitionMap", self._map.epoch)
-        new = self._map_from_proto(best)
         for address in new.addresses:
-            self._open(address)
+            self._net.open(address)
         self._map = new
-
-    @staticmethod
-    def _map_from_proto(msg: pb.PartitionMap) -> PartitionMap:
-        return PartitionMap(epoch=msg.epoch, addresses=tuple(msg.addresses), owner=np.asarray(msg.owner, np.int32))
 
     def _map_from_info(self, addresses: list[str]) -> PartitionMap:
         """Merge the owned partitions each shard reports into one map (standalone shards)."""
         owned, nps, epoch = [], set(), 0
         for address in addresses:
-            msg = self._unary(address, "Info", pb.InfoRequest())
+            msg = self._net.unary(address, "Info", pb.InfoRequest())
             epoch = max(epoch, msg.epoch)
             parts: set[int] = set()
             for t in msg.tables:
@@ -556,28 +388,6 @@ class Client:
         if min_step is not None:
             header.min_step = min_step
         return header
-
-    def _by_shard(self, pmap: PartitionMap, rows: np.ndarray, *, sort_by: np.ndarray | None = None,
-                  every_shard: bool = False) -> list[tuple[str, np.ndarray]]:
-        """Group positions of `rows` by owning shard (stable; within a shard sorted by `sort_by`)."""
-        shards = pmap.route(rows)
-        order = np.lexsort((sort_by, shards)) if sort_by is not None else np.argsort(shards, kind="stable")
-        bounds = np.searchsorted(shards[order], np.arange(len(pmap.addresses) + 1))
-        groups = []
-        for s, address in enumerate(pmap.addresses):
-            sel = order[bounds[s]:bounds[s + 1]]
-            if sel.size or every_shard:
-                groups.append((address, sel))
-        return groups
-
-    @staticmethod
-    def _interleave(calls: list[_Call]) -> list[_Call]:
-        """Round-robin over shards so every shard is busy from the first request on."""
-        by_address: dict[str, list[_Call]] = {}
-        for call in calls:
-            by_address.setdefault(call.address, []).append(call)
-        mixed = itertools.zip_longest(*by_address.values())
-        return [c for group in mixed for c in group if c is not None]
 
     @staticmethod
     def _rows(rows: np.ndarray, meta: TableMeta) -> np.ndarray:

@@ -464,8 +464,11 @@ class Shard:
             raise InvalidRequestError(f"lr must be a float, got {lr!r}")
         if not (math.isfinite(lr) and lr >= 0):
             raise InvalidRequestError(f"lr must be finite and >= 0, got {lr}")
+        # step >= -1, not >= 0: a client marks all but the last chunk of a split push with step - 1,
+        # so a min_step lookup waits for the whole push (DESIGN §4.3). At step 0 that is -1, which
+        # is also the clock's "nothing applied" value, so such a chunk advances no clock.
         return (_int_scalar("worker_id", worker_id, 0), _int_scalar("seq", seq, 1),
-                _int_scalar("step", step, 0), float(lr))
+                _int_scalar("step", step, -1), float(lr))
 
     @staticmethod
     def _check_wait_args(worker_id: Any, min_step: Any) -> None:

@@ -9,6 +9,7 @@ Decoded arrays are zero-copy `np.frombuffer` views (read-only) of the message by
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -121,7 +122,7 @@ def _view(enum: int, shape_in: Sequence[int], data: bytes | memoryview, field: s
         if want is not None and want != got:
             raise InvalidRequestError(f"{field}: expected trailing dims {list(trailing)}, got shape {list(shape)}")
     np_dtype = _BY_NAME[name][1]
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: np.prod would wrap at 2**63
     if len(data) != expected:
         raise InvalidRequestError(
             f"{field}: {len(data)} bytes do not match shape {list(shape)} of {name} ({expected} bytes)"
