@@ -38,22 +38,36 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
-        """x [B, nh, T, hs] at positions start..start+T-1 -> rotated x, same shape."""
+    def forward(self, x: Tensor, start: int | Tensor) -> Tensor:
+        """x [B, nh, T, hs] at positions start..start+T-1 -> rotated x, same shape.
+
+        ``start`` is one int for the whole batch, or int64 [B] per sequence (batched decoding).
+        """
         t = x.shape[2]
-        cos = self.cos[start : start + t].to(x.dtype)  # (T, hs/2)
-        sin = self.sin[start : start + t].to(x.dtype)
+        if isinstance(start, Tensor):
+            pos = start.view(-1, 1) + torch.arange(t, device=start.device)  # (B, T)
+            cos = self.cos[pos].unsqueeze(1).to(x.dtype)  # (B, 1, T, hs/2)
+            sin = self.sin[pos].unsqueeze(1).to(x.dtype)
+        else:
+            cos = self.cos[start : start + t].to(x.dtype)  # (T, hs/2)
+            sin = self.sin[start : start + t].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for decoding: keys[l], values[l] [B, nh, max_len, hs]."""
+    """Keys and values of every layer for decoding: keys[l], values[l] [B, nh, max_len, hs].
+
+    ``pos`` counts the positions filled, the same for every row. Batched decoding of sequences of
+    different lengths sets ``positions`` instead: int64 [B], the positions filled per row (rows
+    are independent; decoding then takes one new token per row).
+    """
 
     keys: list[Tensor]
     values: list[Tensor]
-    pos: int = 0  # positions already filled
+    pos: int = 0  # positions already filled (all rows)
+    positions: Tensor | None = None  # int64 [B]: per-row positions filled; overrides pos when set
 
     @property
     def max_len(self) -> int:
@@ -81,6 +95,9 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(b, t, self.n_heads, self.head_size).transpose(1, 2)
         v = v.view(b, t, self.n_heads, self.head_size).transpose(1, 2)
+        if cache is not None and cache.positions is not None:
+            y = self._attend_per_row(q, k, v, rotary, cache, layer)
+            return self.proj(y.transpose(1, 2).contiguous().view(b, t, d))
         start = cache.pos if cache is not None else 0
         q, k = rotary(q, start), rotary(k, start)
         if cache is None:
@@ -97,6 +114,23 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(b, t, d)  # (B, T, D)
         return self.proj(y)
+
+    def _attend_per_row(
+        self, q: Tensor, k: Tensor, v: Tensor, rotary: Rotary, cache: KVCache, layer: int
+    ) -> Tensor:
+        """One new token per row at its own position cache.positions[b]: q, k, v [B, nh, 1, hs] -> y."""
+        assert cache.positions is not None and q.shape[2] == 1  # engine invariant: decode steps only
+        pos = cache.positions  # (B,)
+        q, k = rotary(q, pos), rotary(k, pos)
+        rows = torch.arange(q.shape[0], device=q.device)
+        cache.keys[layer][rows, :, pos] = k[:, :, 0].to(cache.keys[layer].dtype)  # (B, nh, hs)
+        cache.values[layer][rows, :, pos] = v[:, :, 0].to(cache.values[layer].dtype)
+        s = int(pos.max()) + 1
+        k_all = cache.keys[layer][:, :, :s].to(q.dtype)  # (B, nh, S, hs)
+        v_all = cache.values[layer][:, :, :s].to(q.dtype)
+        # row b sees its own positions 0..pos[b]; later slots hold another sequence's leftovers
+        mask = (torch.arange(s, device=q.device).unsqueeze(0) <= pos.unsqueeze(1)).view(-1, 1, 1, s)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, nh, 1, hs)
 
 
 class SwiGLU(nn.Module):

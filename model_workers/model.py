@@ -194,9 +194,14 @@ class LanguageModel(nn.Module):
     def forward(
         self, tokens: Tensor, targets: Tensor | None = None, *, cache: KVCache | None = None
     ) -> ModelOutput:
-        """tokens int64 [B, T] (positions cache.pos.. with a cache) -> ModelOutput (logits [B, T, V])."""
+        """tokens int64 [B, T] (positions cache.pos.. with a cache) -> ModelOutput (logits [B, T, V]).
+
+        With ``cache.positions`` set (batched decoding), T must be 1 and row b is at its own position.
+        """
         b, t = tokens.shape
         start = cache.pos if cache is not None else 0
+        if cache is not None and cache.positions is not None:  # batched decoding: per-row positions
+            start = int(cache.positions.max()) if cache.positions.numel() else 0
         if start + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + t} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         h = self.tok_emb(tokens)  # (B, T, D)
@@ -212,7 +217,10 @@ class LanguageModel(nn.Module):
             for y in due.pop(i, []):  # ... and is added after block j (skip-layer)
                 h = h + y
         if cache is not None:
-            cache.pos += t
+            if cache.positions is not None:
+                cache.positions += t
+            else:
+                cache.pos += t
         for layer in self.memories:
             aux = aux + layer.aux_loss()
         logits = F.linear(self.norm(h), self.tok_emb.weight)  # tied embeddings, (B, T, V)

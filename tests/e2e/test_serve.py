@@ -1,0 +1,320 @@
+"""`ultramem serve` over real HTTP (DESIGN §6): completions, SSE streams, errors, metrics, shards.
+
+A tiny checkpoint is built once (the `tiny` preset, two training steps, bf16 tables so bf16 on the
+wire is lossless); read-only shards serve its table and the engine looks values up through them.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model_workers import checkpoint_io
+from model_workers.model import LanguageModel
+from model_workers.tokenizer import Tokenizer
+from model_workers.trainer import TrainConfig, make_optimizer, train_step
+from orchestration import cli
+from orchestration.cmd_serve import build_engine, start_local_shards, table_paths
+from orchestration.config import load_config, to_dict
+from orchestration.serve_http import CompletionService, HttpServer
+from param_server.client import Client
+from param_server.errors import PermissionDeniedError
+from storage.table_store import open_table
+
+REPO = Path(__file__).resolve().parents[2]
+TEXTS = ["the quick brown fox jumps over the lazy dog. " * 3, "memory layers look values up in tables. " * 3,
+         "a sharded parameter server answers lookups over grpc. " * 3] * 4
+PROMPT = "the quick brown"
+
+
+def make_checkpoint(root: Path, value_dtype: str = "bfloat16") -> Path:
+    """A tiny UltraMem checkpoint (2 training steps) with a tokenizer, as `ultramem train` writes."""
+    cfg = load_config(preset="tiny", overrides=[f"model.memory.value_dtype={value_dtype}"])
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model)
+    train = TrainConfig(max_steps=2, warmup_steps=1, autocast="off")
+    opt = make_optimizer(model, train)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(2):
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=gen)
+        train_step(model, opt, tokens[:, :-1], tokens[:, 1:], step=step, cfg=train, max_steps=2)
+    tokenizer = Tokenizer.train(TEXTS, vocab_size=cfg.data.vocab_size)
+    return checkpoint_io.save_checkpoint(root / "checkpoints", 2, model=model, backend=model.backend,
+                                         optimizer=None, train_state={"step": 2}, config=to_dict(cfg),
+                                         tokenizer_json=tokenizer.to_json())
+
+
+class Served:
+    """A checkpoint served over HTTP with two in-process read-only shards."""
+
+    def __init__(self, checkpoint: Path, *, token: str | None = None, batch_wait_ms: float = 5.0) -> None:
+        from model_workers.engine import EngineConfig
+
+        self.checkpoint = checkpoint
+        self.shards = start_local_shards(table_paths(checkpoint), 2, token=token, in_process=True)
+        self.engine, tokenizer, self.client = build_engine(
+            checkpoint, self.shards.addresses, token=token,
+            engine_config=EngineConfig(max_batch=16, batch_wait_ms=batch_wait_ms))
+        self.service = CompletionService(self.engine.start(), tokenizer, token=token)
+        self.http = HttpServer(self.service, "127.0.0.1", 0).start()
+        self.url = self.http.url
+
+    def stop(self) -> None:
+        self.http.stop()
+        self.engine.stop()
+        self.client.close()
+        self.shards.stop()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint: Path) -> Iterator[Served]:
+    s = Served(checkpoint, batch_wait_ms=50.0)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def post(url: str, body: object, *, token: str | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=data, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def get(url: str, path: str, token: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_greedy_completion_matches_ultramem_generate_local(served: Served, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["generate", "--checkpoint", str(served.checkpoint), "--local", "--temperature", "0",
+                     "--max-tokens", "40", PROMPT]) == 0
+    expected = capsys.readouterr().out.rstrip("\n")
+    status, body = post(served.url, {"prompt": PROMPT, "max_tokens": 40, "temperature": 0})
+    assert status == 200
+    assert PROMPT + body["choices"][0]["text"] == expected
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 40
+
+
+def test_concurrent_requests_are_decoded_together_and_match_sequential(served: Served) -> None:
+    prompts = [f"{w} over the" for w in ("fox", "memory", "server", "dog", "tables", "grpc")]
+    alone = [post(served.url, {"prompt": p, "max_tokens": 12, "temperature": 0})[1] for p in prompts]
+    before = served.service.metrics.batch.collect()[0].samples
+    results: dict[int, dict] = {}
+
+    def run(i: int) -> None:
+        results[i] = post(served.url, {"prompt": prompts[i], "max_tokens": 12, "temperature": 0})[1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [results[i]["choices"][0]["text"] for i in range(len(prompts))] == \
+        [a["choices"][0]["text"] for a in alone]
+    after = served.service.metrics.batch.collect()[0].samples
+    grew = {s.labels.get("le"): s.value for s in after if s.name.endswith("_bucket")}
+    was = {s.labels.get("le"): s.value for s in before if s.name.endswith("_bucket")}
+    steps_over_one = (grew["+Inf"] - grew["1.0"]) - (was["+Inf"] - was["1.0"])
+    assert steps_over_one > 0, "concurrent requests never shared a decode step"
+
+
+def _stream_events(url: str, body: dict) -> list[bytes]:
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    data = resp.read()
+    conn.close()
+    return [line[len(b"data: "):] for line in data.split(b"\n\n") if line.startswith(b"data: ")]
+
+
+def test_stream_sends_server_sent_events_ending_with_done(served: Served) -> None:
+    whole = post(served.url, {"prompt": PROMPT, "max_tokens": 20, "temperature": 0})[1]["choices"][0]["text"]
+    events = _stream_events(served.url, {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True})
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_stop_string_ends_the_completion_before_it(served: Served) -> None:
+    whole = post(served.url, {"prompt": PROMPT, "max_tokens": 30, "temperature": 0})[1]["choices"][0]["text"]
+    stop = whole[len(whole) // 2: len(whole) // 2 + 2]
+    assert stop, "the greedy completion is too short to pick a stop string from"
+    status, body = post(served.url, {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stop": [stop]})
+    assert status == 200
+    assert body["choices"][0]["text"] == whole[: whole.find(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    events = _stream_events(served.url, {"prompt": PROMPT, "max_tokens": 30, "temperature": 0, "stop": stop,
+                                         "stream": True})
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == whole[: whole.find(stop)]
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"prompt": ""}).encode(), "prompt"),
+    (json.dumps({"max_tokens": 3}).encode(), "prompt"),
+    (json.dumps({"prompt": "hi", "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "hi", "max_tokens": 10**9}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "hi", "max_tokens": 2.5}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "hi", "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({"prompt": 42}).encode(), "prompt"),
+    (json.dumps({"prompt": "hi", "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"prompt": "hi", "temperature": -1}).encode(), "temperature"),
+    (json.dumps({"prompt": "hi", "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), "stream"),
+    (json.dumps({"prompt": "hi", "stop": [1]}).encode(), "stop"),
+    (json.dumps({"prompt": "hi", "n": 2}).encode(), "n"),
+    (json.dumps({"prompt": "hi", "best_of": 2}).encode(), "best_of"),
+])
+def test_bad_request_is_400_with_a_json_error_naming_the_field(served: Served, raw: bytes, param: str | None) -> None:
+    status, body = post(served.url, None, raw=raw)
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    assert body["error"]["param"] == param
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.text(min_size=1, max_size=8), st.integers() | st.text(max_size=5), min_size=1))
+def test_any_unknown_field_is_refused_with_400(served: Served, extra: dict) -> None:
+    known = {"prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed", "model", "n", "user"}
+    extra = {k: v for k, v in extra.items() if k not in known}
+    if not extra:
+        return
+    status, body = post(served.url, {"prompt": "hi", "max_tokens": 1, **extra})
+    assert status == 400 and "unknown field" in body["error"]["message"]
+
+
+def test_client_gone_mid_stream_frees_its_batch_slot(served: Served) -> None:
+    conn = http.client.HTTPConnection(served.url.removeprefix("http://"), timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 4000, "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.fp.readline().startswith(b"data: ")  # streaming has begun: the request holds a row
+    assert served.engine.active_count == 1
+    resp.close()
+    conn.close()
+    deadline = time.monotonic() + 10
+    while served.engine.active_count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.engine.active_count == 0
+
+
+def test_health_and_prometheus_metrics(served: Served) -> None:
+    post(served.url, {"prompt": PROMPT, "max_tokens": 3})
+    status, body = get(served.url, "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, text = get(served.url, "/metrics")
+    assert status == 200
+    for name in ("ultramem_serve_requests_total", "ultramem_serve_generated_tokens_total",
+                 "ultramem_serve_request_latency_seconds_bucket", "ultramem_serve_decode_step_seconds_bucket",
+                 "ultramem_serve_batch_size_bucket", "ultramem_serve_time_to_first_token_seconds_bucket"):
+        assert name.encode() in text, name
+    assert get(served.url, "/nowhere")[0] == 404
+
+
+def test_bearer_token_guards_completions_and_metrics_but_not_health(checkpoint: Path) -> None:
+    s = Served(checkpoint, token="s3cret")
+    try:
+        assert post(s.url, {"prompt": PROMPT, "max_tokens": 2})[0] == 401
+        assert post(s.url, {"prompt": PROMPT, "max_tokens": 2}, token="wrong")[0] == 401
+        assert post(s.url, {"prompt": PROMPT, "max_tokens": 2}, token="s3cret")[0] == 200
+        assert get(s.url, "/metrics")[0] == 401 and get(s.url, "/metrics", "s3cret")[0] == 200
+        assert get(s.url, "/health")[0] == 200
+    finally:
+        s.stop()
+
+
+def test_read_only_shards_refuse_pushes_with_permission_denied(served: Served) -> None:
+    rows = np.arange(4, dtype=np.int64)
+    before = served.client.gather("mem0.values", rows)
+    with pytest.raises(PermissionDeniedError):
+        served.client.push("mem0.values", rows, np.ones((4, before.shape[1]), np.float32), lr=1.0, step=0)
+    np.testing.assert_array_equal(served.client.gather("mem0.values", rows), before)
+
+
+def test_two_read_replicas_of_one_table_serve_the_same_rows(checkpoint: Path) -> None:
+    tables = table_paths(checkpoint)
+    replicas = [start_local_shards(tables, 1, in_process=True) for _ in range(2)]  # each holds every partition
+    try:
+        store = open_table(tables["mem0.values"])
+        rows = np.arange(store.spec.rows, dtype=np.int64)
+        want = np.concatenate([store.read_partition(p)["values"] for p in range(store.spec.num_partitions)])
+        want = want.reshape(store.spec.num_partitions, -1, store.spec.dim).transpose(1, 0, 2).reshape(-1, store.spec.dim)
+        for replica in replicas:
+            client = Client(replica.addresses)
+            try:
+                np.testing.assert_array_equal(client.gather("mem0.values", rows), want[: store.spec.rows].astype(np.float32))
+            finally:
+                client.close()
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_replicas_without_ray_serve_is_a_clear_usage_error(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--replicas", "2"]) == 2
+    assert "Ray Serve" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ultramem_serve_cli_starts_shard_processes_serves_and_stops_on_sigterm(checkpoint: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", "--checkpoint", str(checkpoint),
+                             "--port", "0", "--local-shards", "2"], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        status, body = post(url, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 5
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True).stdout.split()
+        assert len(children) == 2  # the two `ultramem shard serve --read-only` processes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
