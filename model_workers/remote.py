@@ -1,0 +1,80 @@
+"""`RemoteBackend`: the value tables on parameter-server shards, reached over gRPC (DESIGN §4.3).
+
+It plugs into the same `ValueBackend` interface as `LocalBackend`, so the model code does not
+change. Consistency is enforced by the shards through `min_step`:
+
+- `sync` (staleness 0): every push waits until the shards have queued it, and the lookups of the
+  next step ask for all of this worker's pushes up to the previous step to be applied first. One
+  worker in sync mode computes exactly what local training computes.
+- `async` with staleness bound k: pushes return at once (communication overlaps the next step's
+  compute), and a lookup at step t only waits for this worker's pushes up to step t - 1 - k.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+import torch
+
+from model_workers.values import ValueBackend
+from param_server.client import Client
+from storage.layout import TableSpec
+
+logger = logging.getLogger(__name__)
+
+Consistency = Literal["sync", "async"]
+
+
+class RemoteBackend(ValueBackend):
+    """Rows mode over a `param_server.Client`: fetch gathers rows, push_grads sends numbered pushes."""
+
+    def __init__(self, client: Client, specs: Iterable[TableSpec], *, consistency: Consistency = "async",
+                 staleness: int = 2, wire_dtype: str = "float32") -> None:
+        if consistency not in ("sync", "async"):
+            raise ValueError(f"consistency must be 'sync' or 'async', got {consistency!r}")
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {staleness}")
+        self.client = client
+        self._specs = {spec.name: spec for spec in specs}
+        self.consistency: Consistency = consistency
+        self.staleness = 0 if consistency == "sync" else staleness
+        self.wire_dtype = wire_dtype
+        self.last_pushed_step = -1  # newest step whose pushes were sent
+        self.lookups = 0
+        self.rows_fetched = 0
+        self.staleness_sum = 0  # sum over lookups of (steps behind the newest push allowed)
+
+    def tables(self) -> dict[str, TableSpec]:
+        return dict(self._specs)
+
+    def min_step(self) -> int | None:
+        """The step whose pushes a lookup must see applied now (None: nothing to wait for)."""
+        wanted = self.last_pushed_step - self.staleness
+        return wanted if wanted >= 0 else None
+
+    def fetch_rows(self, table: str, rows: torch.Tensor) -> torch.Tensor:
+        """rows int64 [U] -> float32 [U, d_v], fresh up to the staleness bound."""
+        r = rows.detach().to("cpu", torch.int64).numpy()
+        values = self.client.gather(table, r, min_step=self.min_step(), wire_dtype=self.wire_dtype)
+        self.lookups += 1
+        self.rows_fetched += r.size
+        self.staleness_sum += min(self.staleness, self.last_pushed_step + 1)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+    def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
+        """Send rows int64 [U] and grads [U, d_v]; sync waits until every shard has queued them."""
+        r = rows.detach().to("cpu", torch.int64).numpy()
+        g = grads.detach().to("cpu", torch.float32).numpy()
+        self.client.push(table, r, g, lr=float(lr), step=int(step), wait=self.consistency == "sync")
+        self.last_pushed_step = max(self.last_pushed_step, int(step))
+
+    def flush(self) -> None:
+        """Wait until every push sent so far has been queued by its shard."""
+        self.client.flush()
+
+    def mean_staleness(self) -> float:
+        """Mean number of this worker's own steps a lookup was allowed to miss."""
+        return self.staleness_sum / self.lookups if self.lookups else 0.0
