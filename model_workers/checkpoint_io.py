@@ -48,6 +48,36 @@ TOKENIZER = "tokenizer.json"
 KIND = "ultramem.local"  # manifest "kind" of a checkpoint written by this module
 
 
+def begin_checkpoint(path: Path) -> None:
+    """Make an empty step directory; an unfinished one (no manifest) left by a crash is replaced.
+
+    Raises CheckpointError if a complete checkpoint already exists there.
+    """
+    if (path / MANIFEST).exists():
+        raise CheckpointError(f"{path} is already a complete checkpoint")
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def finish_checkpoint(path: Path, *, dense: dict[str, Any], train_state: dict[str, Any],
+                      config: dict[str, Any], tokenizer_json: str | None, tables: list[str],
+                      kind: str = KIND) -> None:
+    """Write dense.pt, config.json, tokenizer.json, then the manifest (last): the checkpoint now exists.
+
+    `dense` is {"model": state dict, "optimizer": AdamW state or None}; the table groups named in
+    `tables` must already be written under path/tables/.
+    """
+    buf = io.BytesIO()
+    torch.save({**dense, "train": train_state}, buf)
+    atomic_write_bytes(path / DENSE, buf.getvalue())
+    atomic_write_json(path / CONFIG, config)
+    if tokenizer_json is not None:
+        atomic_write_bytes(path / TOKENIZER, tokenizer_json.encode("utf-8"))
+    write_manifest(path, {"kind": kind, "tables": list(tables)})
+    logger.info("wrote checkpoint %s", path)
+
+
 def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, backend: LocalBackend | None,
                     optimizer: torch.optim.Optimizer | None, train_state: dict[str, Any],
                     config: dict[str, Any], tokenizer_json: str | None = None) -> Path:
@@ -62,9 +92,9 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, backend: L
             return path
         except CheckpointError:
             pass
-    if path.exists():
+    if path.exists():  # a complete checkpoint whose manifest does not verify: rewrite it
         shutil.rmtree(path)
-    path.mkdir(parents=True)
+    begin_checkpoint(path)
 
     names = []
     tables = backend.tables() if backend is not None else {}
@@ -73,17 +103,9 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, backend: L
         for p, arrays in backend.export_partitions(name).items():  # type: ignore[union-attr]
             store.write_partition(p, arrays)
         names.append(name)
-
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "train": train_state}, buf)
-    atomic_write_bytes(path / DENSE, buf.getvalue())
-    atomic_write_json(path / CONFIG, config)
-    if tokenizer_json is not None:
-        atomic_write_bytes(path / TOKENIZER, tokenizer_json.encode("utf-8"))
-    write_manifest(path, {"kind": KIND, "tables": names})  # last: the checkpoint now exists
-    logger.info("wrote checkpoint %s", path)
+    dense = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+    finish_checkpoint(path, dense=dense, train_state=train_state, config=config, tokenizer_json=tokenizer_json,
+                      tables=names)
     return path
 
 
@@ -116,6 +138,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
 
 
+def read_dense(path: str | Path) -> dict[str, Any]:
+    """The dense.pt of a complete checkpoint: {"model", "optimizer", "train"} (on the CPU)."""
+    ckpt = find_checkpoint(path)
+    return torch.load(io.BytesIO((ckpt / DENSE).read_bytes()), map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, *, backend: LocalBackend | None,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load dense state (and AdamW state when `optimizer` is given) and every table into `backend`.
@@ -134,7 +162,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, backend: LocalBackend
         if (store.spec.rows, store.spec.dim) != (specs[name].rows, specs[name].dim):
             raise CheckpointError(f"{ckpt}: table {name} is {store.spec.rows}x{store.spec.dim}, the model "
                                   f"wants {specs[name].rows}x{specs[name].dim}")
-    dense = torch.load(io.BytesIO((ckpt / DENSE).read_bytes()), map_location="cpu", weights_only=True)
+    dense = read_dense(ckpt)
 
     model.load_state_dict(dense["model"])
     if optimizer is not None:

@@ -66,6 +66,18 @@ def loopback_environment() -> dict[str, str]:
     return env
 
 
+def _refresh_ray_config() -> None:
+    """Make an already-imported Ray re-read RAY_AUTH_MODE (it caches its config at import time).
+
+    Ray's own token setup does the same (`Config.initialize("")`) when it turns auth on.
+    """
+    try:
+        from ray._raylet import Config
+    except ImportError:  # a Ray without this hook reads the environment at init instead
+        return
+    Config.initialize("")
+
+
 class Cluster:
     """A Ray connection that knows whether it started Ray itself (and so must stop it).
 
@@ -99,6 +111,7 @@ class Cluster:
                 raise UsageError(f"cannot reach a Ray cluster at {cfg.address!r}: {err}") from None
             return
         os.environ.update(loopback_environment())
+        _refresh_ray_config()
         ray.init(
             num_cpus=cfg.num_cpus,
             resources=dict(cfg.resources) or None,

@@ -25,6 +25,10 @@ def _resolve(args: argparse.Namespace, base: dict | None) -> RunConfig:
     overrides = list(args.set)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    for flag in ("shards", "workers", "consistency"):  # shorthands for cluster.<flag>
+        if getattr(args, flag, None) is not None:
+            overrides.append(f'cluster.{flag}="{getattr(args, flag)}"' if flag == "consistency"
+                             else f"cluster.{flag}={getattr(args, flag)}")
     return load_config(preset=args.preset, path=args.config, overrides=overrides, base=base)
 
 
@@ -35,16 +39,14 @@ def _run_dir_of(checkpoint: Path) -> Path:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train a model in this process (`--local`); the distributed path lives elsewhere."""
+    """Train a model: in this process with `--local`, else on Ray (orchestration/distributed.py)."""
     from model_workers import checkpoint_io
     from model_workers.data import DataError
     from model_workers.trainer import LocalTrainer
     from storage.errors import CheckpointError
 
-    if not args.local:
-        raise UsageError("only `ultramem train --local` is available in this build")
     given = [f"--{f}" for f in _CLUSTER_FLAGS if getattr(args, f, None) is not None]
-    if given:
+    if args.local and given:
         raise UsageError(f"{', '.join(given)} only apply to distributed training, not --local")
 
     try:
@@ -62,6 +64,8 @@ def train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.toml")
 
+    if not args.local:
+        return _train_distributed(cfg, run_dir, args, checkpoint)
     try:
         trainer = LocalTrainer(cfg.model, cfg.train, cfg.data, run_dir, config=to_dict(cfg),
                                progress=not args.no_progress)
@@ -80,6 +84,26 @@ def train(args: argparse.Namespace) -> int:
     print(f"val loss:       {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)")
     print(f"unigram:        {result.unigram_entropy:.4f} nats/token (train-split unigram entropy)")
     print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s")
+    print(f"checkpoint:     {result.checkpoint}")
+    return 0
+
+
+def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, checkpoint: Path | None) -> int:
+    """Train on Ray: shards and workers as actors (embedded local Ray unless --address)."""
+    from model_workers.data import DataError
+    from orchestration.distributed import train_distributed
+
+    try:
+        result = train_distributed(cfg, run_dir, address=args.address, resume=checkpoint,
+                                   progress=not args.no_progress)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    print(f"run:            {result.run_dir}")
+    print(f"steps:          {result.steps}")
+    print(f"val loss:       {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)")
+    print(f"unigram:        {result.unigram_entropy:.4f} nats/token (train-split unigram entropy)")
+    print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s, {result.lookups_per_s:,.1f} lookups/s "
+          f"(staleness bound {result.staleness_bound})")
     print(f"checkpoint:     {result.checkpoint}")
     return 0
 

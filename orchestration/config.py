@@ -27,6 +27,7 @@ from typing import Any
 from model_workers.data import DataConfig
 from model_workers.model import ModelConfig
 from model_workers.trainer import TrainConfig
+from orchestration.cluster import DistributedConfig
 from orchestration.errors import ConfigError
 
 PRESET_DIR = Path(__file__).with_name("presets")
@@ -39,6 +40,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cluster: DistributedConfig = field(default_factory=DistributedConfig)  # ignored by --local
 
     def __post_init__(self) -> None:
         # cross-section checks: each owner validates its own fields

@@ -47,7 +47,7 @@ from storage.layout import VALUES, TableSpec, numpy_dtype, state_layout
 from storage.table_store import TableStore, open_table
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -176,7 +176,7 @@ def write_manifest(
         format=FORMAT,
         format_version=FORMAT_VERSION,
         step=step,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     if record_files and "files" not in manifest:
         body["files"] = list_files(step_path, checksum_max_bytes)

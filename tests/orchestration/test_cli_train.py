@@ -52,7 +52,6 @@ def test_train_local_tiny_then_resume_then_generate(tmp_path: Path) -> None:
     [
         (["train", "--local", "--preset", "tiny", "--set", "model.d_modle=3"], "valid keys in [model]"),
         (["train", "--local", "--preset", "nope"], "unknown preset 'nope'"),
-        (["train", "--preset", "tiny"], "--local"),
         (["train", "--local", "--preset", "tiny", "--shards", "2"], "--shards"),
         (["train", "--local", "--resume", "/nonexistent/run"], "cannot resume"),
         (["generate", "--checkpoint", "/nonexistent/run", "hi"], "cannot load checkpoint"),
