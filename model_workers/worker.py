@@ -80,6 +80,12 @@ class ModelWorker:
         self.train_time = 0.0
         self.train_steps = 0
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (placement checks)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def rendezvous_address(self) -> tuple[str, int]:
         """(this node's IP, a free port on it): rank 0's answer is where the group meets."""
         import socket

@@ -99,6 +99,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     demo.add_argument("--out", default=None)
+    demo.add_argument("--max-steps", type=int, default=None)
 
 
 def _add_rest(sub: argparse._SubParsersAction) -> None:

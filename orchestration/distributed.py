@@ -195,7 +195,8 @@ class DistributedTrainer:
             "loss": float(np.mean([r["loss"] for r in results])),
             "lr": results[0]["lr"],
             "tokens_per_s": float(sum(r["tokens_per_s"] for r in results)),
-            "lookups_per_s": float(sum(r["lookups"] for r in results) / max(wall, 1e-9)),
+            # rows looked up on the shards per second of wall time (all workers, all memory layers)
+            "lookups_per_s": float(sum(r["rows_fetched"] for r in results) / max(wall, 1e-9)),
             "staleness_bound": int(results[0]["staleness_bound"]),
         }
 
@@ -239,6 +240,12 @@ class DistributedTrainer:
 
     def shard_metrics(self) -> list[dict[str, float]]:
         return ray.get([s.metrics.remote() for s in self.shards])
+
+    def placement(self) -> dict[str, list[str]]:
+        """Ray node id of every shard and every worker."""
+        infos = ray.get([s.info.remote() for s in self.shards])
+        return {"shards": [i["node_id"] for i in infos],
+                "workers": ray.get([w.node_id.remote() for w in self.workers])}
 
     def call_workers(self, method: str, *args: Any) -> list[Any]:
         """Call a ModelWorker method on every rank (tests and tools)."""

@@ -72,7 +72,10 @@ class ShardActor:
         return os.getpid()
 
     def info(self) -> dict:
+        import ray
+
         return {"shard_id": self.config.shard_id, "address": self.server.address, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "loaded_from": self.loaded_from, "partitions": list(self.config.partitions),
                 "tables": self.shard.table_names()}
 

@@ -18,10 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local Ray (4 logical CPUs, 128 MB object store, loopback only) shared by every test that needs one."""
+    """A local Ray (8 logical CPUs: room for 4 shards and 2 workers; 128 MB object store, loopback only) shared by every test that needs one."""
     from orchestration.cluster import Cluster, ClusterConfig
 
-    cluster = Cluster(ClusterConfig(num_cpus=4, object_store_mb=128))
+    cluster = Cluster(ClusterConfig(num_cpus=8, object_store_mb=128))
     cluster.connect()
     try:
         yield None
