@@ -8,12 +8,25 @@ the environment, a small object store and no dashboard, and stops only what it s
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the token cache of this test session (inherited by Ray workers): never the user's ~/.cache
+_OWN_CACHE = None if "ULTRAMEM_CACHE" in os.environ else tempfile.mkdtemp(prefix="ultramem-test-cache-")
+if _OWN_CACHE:
+    os.environ["ULTRAMEM_CACHE"] = _OWN_CACHE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache() -> Iterator[None]:
+    yield
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
