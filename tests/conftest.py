@@ -31,7 +31,8 @@ def _remove_test_cache() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local Ray (8 logical CPUs: room for 4 shards and 2 workers; 128 MB object store, loopback only) shared by every test that needs one."""
+    """One local Ray for the session: 8 logical CPUs (room for 4 shards and 2 workers), 128 MB object
+    store, loopback only."""
     from orchestration.cluster import Cluster, ClusterConfig
 
     cluster = Cluster(ClusterConfig(num_cpus=8, object_store_mb=128))
