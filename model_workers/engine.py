@@ -16,7 +16,8 @@ batching). Every step the engine:
 A single sequence takes exactly the path of `LanguageModel.generate` (same prefill, same cache
 layout, same sampling call), so greedy decoding through the engine gives the tokens of
 `ultramem generate` from the same checkpoint. Memory lookups go wherever the model's ValueBackend
-points (LocalBackend, RemoteBackend in rows mode, later pooled mode): the engine never sees it.
+points: the engine never sees it. Serving builds the model with `serving_config`, which switches the
+memory layers to pooled lookups (DESIGN §6: shards answer partial sums [T, E, d_v], never raw rows).
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from model_workers.layers import KVCache
-from model_workers.model import LanguageModel, sample
+from model_workers.model import LanguageModel, ModelConfig, sample
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +410,13 @@ class Engine:
             full[index] = part
         self._positions[index] = cache.positions  # type: ignore[assignment]
         return out
+
+
+def serving_config(model_cfg: ModelConfig) -> ModelConfig:
+    """`model_cfg` with pooled memory lookups (DESIGN §6); the weights and tables are unchanged."""
+    if not model_cfg.has_memory:
+        return model_cfg
+    return replace(model_cfg, memory=replace(model_cfg.memory, lookup="pooled"))
 
 
 def load_dense(checkpoint: str | Path, model: LanguageModel) -> dict:

@@ -7,13 +7,23 @@ selected rows per projector first and applying W_out = [W_0; ...; W_{E-1}] once 
 
 MCS: a value row is h slices of d_v/h; slice c is weighted by the core score s_c.
 
+Two ways to run steps 5-6 (`MemoryConfig.lookup`): rows mode fetches the selected rows and pools
+them here (`pooled_sum`, autograd gives the row gradients, pushed after backward); pooled mode
+(`pooled_lookup`) lets the value backend pool where the table lives and exchanges only partial
+sums [T, E, d_v] and score gradients [T*J, h] (DESIGN §4.2 PooledGather / PooledBackward).
+
 Legend: T tokens, J = H*m selected slots per token, E projectors, h cores, d_v value width.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from model_workers.values import ValueBackend
 
 
 def make_permutation(num_virtual: int, seed: int, identity: bool = False) -> Tensor:
@@ -59,3 +69,45 @@ def pooled_sum(values: Tensor, projector: Tensor, scores: Tensor, e: int) -> Ten
     sliced = values.to(dtype).view(t, j, h, d_v // h)  # (T, J, h, d_v/h)
     out = torch.einsum("tjec,tjcd->tecd", weight, sliced)  # (T, E, h, d_v/h)
     return out.reshape(t, e, d_v)
+
+
+class _PooledLookup(torch.autograd.Function):
+    """Steps 5-6 done where the values live: forward = partial sums, backward = dL/ds + row update."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, backend: ValueBackend, table: str, rows: Tensor, projector: Tensor,
+                token: Tensor, num_tokens: int, e: int) -> Tensor:  # type: ignore[override]
+        scores32 = scores.detach().to("cpu", torch.float32)  # (n, h)
+        out = backend.pooled(table, rows, projector, token, scores32, num_tokens, e)  # (T, E, d_v)
+        ctx.backend, ctx.table = backend, table
+        ctx.lookup = (rows, projector, token, scores32)
+        ctx.scores_like = (scores.device, scores.dtype)
+        return out.to(scores.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        rows, projector, token, scores32 = ctx.lookup
+        # the backend also updates the rows: dL/dV[row_j, slice c] = s_c[j] * dL/do[t_j, p_j, slice c]
+        grad_scores = ctx.backend.pooled_backward(ctx.table, rows, projector, token, scores32,
+                                                  grad_out.detach().to("cpu", torch.float32))  # (n, h)
+        device, dtype = ctx.scores_like
+        return grad_scores.to(device, dtype), None, None, None, None, None, None, None
+
+
+def pooled_lookup(backend: ValueBackend, table: str, rows: Tensor, projector: Tensor, scores: Tensor,
+                  e: int) -> Tensor:
+    """Pooled mode (DESIGN §4.2): MCS + pooling by the backend, where the table lives.
+
+    rows/projector int64 [T, J], scores [T, J, h] -> o float32 [T, E, d_v], differentiable in the scores.
+    The backend gets (row, projector, token, scores) per selected slot and answers the sums of step 6;
+    backward sends dL/do and gets dL/ds back, and the backend queues the rows' update at the step and
+    value LR of its last `begin_step` (no raw rows ever reach the worker).
+    """
+    t, j = rows.shape
+    token = torch.arange(t, dtype=torch.int64).repeat_interleave(j)  # (T*J,)
+    flat_rows = rows.reshape(-1).to("cpu", torch.int64)
+    flat_proj = projector.reshape(-1).to("cpu", torch.int64)
+    flat_scores = scores.reshape(t * j, scores.shape[-1])  # (T*J, h)
+    out = _PooledLookup.apply(flat_scores, backend, table, flat_rows, flat_proj, token, t, e)
+    return out  # (T, E, d_v)

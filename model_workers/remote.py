@@ -8,6 +8,11 @@ change. Consistency is enforced by the shards through `min_step`:
   worker in sync mode computes exactly what local training computes.
 - `async` with staleness bound k: pushes return at once (communication overlaps the next step's
   compute), and a lookup at step t only waits for this worker's pushes up to step t - 1 - k.
+
+Both lookup modes: rows mode (`fetch_rows` = Gather, `push_grads` = PushGradients) and pooled mode
+(`pooled` = PooledGather, `pooled_backward` = PooledBackward, DESIGN §4.2). A pooled backward is a
+round trip in both consistency modes (the worker needs dL/ds), but the shards queue its row update
+like a push, numbered and stepped, so `min_step` works the same.
 """
 
 from __future__ import annotations
@@ -28,8 +33,17 @@ logger = logging.getLogger(__name__)
 Consistency = Literal["sync", "async"]
 
 
+def _ids(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.int64).numpy()
+
+
+def _f32(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float32).numpy()
+
+
 class RemoteBackend(ValueBackend):
-    """Rows mode over a `param_server.Client`: fetch gathers rows, push_grads sends numbered pushes."""
+    """Value tables behind a `param_server.Client`: rows mode (Gather + numbered pushes) and pooled
+    mode (PooledGather + PooledBackward)."""
 
     def __init__(self, client: Client, specs: Iterable[TableSpec], *, consistency: Consistency = "async",
                  staleness: int = 2, wire_dtype: str = "float32") -> None:
@@ -57,7 +71,7 @@ class RemoteBackend(ValueBackend):
 
     def fetch_rows(self, table: str, rows: torch.Tensor) -> torch.Tensor:
         """rows int64 [U] -> float32 [U, d_v], fresh up to the staleness bound."""
-        r = rows.detach().to("cpu", torch.int64).numpy()
+        r = _ids(rows)
         values = self.client.gather(table, r, min_step=self.min_step(), wire_dtype=self.wire_dtype)
         self.lookups += 1
         self.rows_fetched += r.size
@@ -66,10 +80,30 @@ class RemoteBackend(ValueBackend):
 
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
         """Send rows int64 [U] and grads [U, d_v]; sync waits until every shard has queued them."""
-        r = rows.detach().to("cpu", torch.int64).numpy()
-        g = grads.detach().to("cpu", torch.float32).numpy()
+        r = _ids(rows)
+        g = _f32(grads)
         self.client.push(table, r, g, lr=float(lr), step=int(step), wait=self.consistency == "sync")
         self.last_pushed_step = max(self.last_pushed_step, int(step))
+
+    def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+               scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
+        """PooledGather: rows/projector/token int64 [n], scores [n, h] -> float32 [T, E, d_v] (shard-summed)."""
+        r = _ids(rows)
+        out = self.client.pooled_gather(table, r, _ids(projector), _ids(token), _f32(scores), int(num_tokens),
+                                        int(num_projectors), min_step=self.min_step(), wire_dtype=self.wire_dtype)
+        self.lookups += 1
+        self.rows_fetched += r.size  # entries looked up (no row travels)
+        self.staleness_sum += min(self.staleness, self.last_pushed_step + 1)
+        return torch.from_numpy(out)
+
+    def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+                        scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """PooledBackward at the step and value LR of begin_step: dL/do [T, E, d_v] -> dL/ds [n, h]."""
+        step, lr = self.step_lr()
+        grad_scores = self.client.pooled_backward(table, _ids(rows), _ids(projector), _ids(token), _f32(scores),
+                                                  _f32(grad_out), lr=lr, step=step)
+        self.last_pushed_step = max(self.last_pushed_step, step)
+        return torch.from_numpy(np.ascontiguousarray(grad_scores, dtype=np.float32))
 
     def flush(self) -> None:
         """Wait until every push sent so far has been queued by its shard."""

@@ -3,8 +3,9 @@
 `train_step` is the paper's recipe for one batch and knows nothing of processes or clusters, so a
 Ray worker reuses it unchanged (handing in its DDP wrapper as `forward`): forward under autocast,
 loss + aux loss, backward, clip, AdamW on the dense parameters at `lr_at(step)`, value gradients
-pushed through the model's ValueBackend at `lr * value_lr_multiplier(step)`, then the per-step
-model hook (TDQKR filter refresh).
+pushed through the model's ValueBackend at `lr * value_lr_multiplier(step)` (announced to the
+backend by `begin_step` before the forward: in pooled mode the backend updates the rows during
+backward), then the per-step model hook (TDQKR filter refresh).
 
 `LocalTrainer` is the single-process loop around it: corpus, model + LocalBackend, periodic
 evaluation (validation loss, bits per byte, memory utilization), `<run>/metrics.jsonl`, a tqdm
@@ -146,6 +147,8 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, inputs: t
     for group in optimizer.param_groups:
         group["lr"] = lr
 
+    if model.backend is not None:  # pooled mode updates values during backward: it needs these now
+        model.backend.begin_step(step, value_lr)
     module = forward if forward is not None else model
     model.train()
     with autocast(inputs.device, amp_dtype):

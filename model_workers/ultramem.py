@@ -9,6 +9,9 @@ Forward, in the paper's order (steps of DESIGN §3.1):
   9. utilization metrics (coverage, KL to uniform, top-1 score, output std, TDQKR recall)
 Value rows are not parameters: they are fetched through a ValueBackend as leaf tensors; after
 backward their gradients are pushed back (`push_value_grads`), so a remote table plugs in unchanged.
+With `MemoryConfig.lookup = "pooled"` steps 5-6 run in the backend instead (ive.pooled_lookup): no
+row reaches the worker, and the backend updates the rows during backward at the step and value LR
+announced by `ValueBackend.begin_step` (train_step calls it before the forward).
 Every ablation row of the paper (DESIGN §3.2) is a switch of MemoryConfig.
 """
 
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_workers.ive import make_permutation, pooled_sum, split_virtual
+from model_workers.ive import make_permutation, pooled_lookup, pooled_sum, split_virtual
 from model_workers.layers import RMSNorm
 from model_workers.pkm import brute_force_product_keys, product_key_topk
 from model_workers.tdqkr import TuckerCores, brute_force_topk, rank_scores, recall, tdqkr_topk
@@ -85,6 +88,15 @@ class MemoryConfig:
     value_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # table storage dtype
     num_partitions: int = 256  # NP of each table (>= the largest shard count expected)
     recall_sample_tokens: int = 32  # tokens per forward kept to measure TDQKR recall vs brute force
+    # how steps 5-6 reach the table: "rows" fetches the selected rows and pools here (gradients
+    # pushed after backward); "pooled" has the backend pool where the table lives and exchange only
+    # partial sums and score gradients (DESIGN §4.2). Same results to float tolerance. rows stays
+    # the training default: on `small` (P = 4096 rows, 4096 tokens a step) every row repeats ~16x
+    # in a batch, so deduped rows are far fewer bytes than per-token sums; bench/train.py measured
+    # remote rows 0.99x and remote pooled 0.95x of local tokens/s (2 cores, 2 shards). Pooled pays
+    # off when unique rows per token >> E x shards (big tables, decoding: bench/wire.py, 1/13 of the
+    # bytes per decoded token). Serving always uses pooled (DESIGN §6; engine.serving_config).
+    lookup: Literal["rows", "pooled"] = "rows"
 
     def __post_init__(self) -> None:
         positive = ("num_keys", "d_k", "d_v", "heads", "topk", "expansion", "cores", "num_partitions")
@@ -119,6 +131,8 @@ class MemoryConfig:
             )
         if self.value_weight_decay < 0 or self.recall_sample_tokens < 0:
             raise ModelConfigError("memory.value_weight_decay and memory.recall_sample_tokens must be >= 0")
+        if self.lookup not in ("rows", "pooled"):
+            raise ModelConfigError(f"memory.lookup must be 'rows' or 'pooled', got {self.lookup!r}")
         parse_placement(self.placement)
 
     @classmethod
@@ -252,12 +266,15 @@ class MemoryLayer(nn.Module):
         return virtual, scores
 
     # ----------------------------------------------------------------------------- values
-    def fetch(self, rows: Tensor) -> Tensor:
-        """Fetch the rows [N, J] through the backend -> values [N, J, d_v] (grad lands on a leaf)."""
+    def _backend(self) -> ValueBackend:
         if self.backend is None:
             raise RuntimeError(f"{self.table}: no ValueBackend attached (LanguageModel.set_backend)")
+        return self.backend
+
+    def fetch(self, rows: Tensor) -> Tensor:
+        """Fetch the rows [N, J] through the backend -> values [N, J, d_v] (grad lands on a leaf)."""
         unique, inverse = torch.unique(rows, return_inverse=True)
-        leaf = self.backend.fetch_rows(self.table, unique.cpu()).to(rows.device)  # (U, d_v)
+        leaf = self._backend().fetch_rows(self.table, unique.cpu()).to(rows.device)  # (U, d_v)
         if torch.is_grad_enabled():
             leaf.requires_grad_(True)
             self._pending.append((unique.cpu(), leaf))
@@ -274,8 +291,11 @@ class MemoryLayer(nn.Module):
         virtual = virtual.reshape(n, -1)  # (N, H*m)
         scores = scores.reshape(n, -1, h)  # (N, H*m, h)
         rows, projector = split_virtual(virtual, self.permutation, self.cfg.physical_rows)  # step 4
-        values = self.fetch(rows)  # (N, H*m, d_v)
-        o = pooled_sum(values, projector, scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
+        if self.cfg.lookup == "pooled":  # steps 5-6 where the table lives: (N, E, d_v)
+            o = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion)
+        else:
+            values = self.fetch(rows)  # (N, H*m, d_v)
+            o = pooled_sum(values, projector, scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
         o = o.reshape(n, -1).to(x.dtype)  # (N, E*d_v)
         y = self.w_out(o) if self.w_out is not None else o
         if self.training:

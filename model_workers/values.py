@@ -4,7 +4,10 @@ The model never owns the value tables. A layer fetches the rows it needs (`fetch
 -> float32 [U, d_v]) and, after backward, pushes their gradients (`push_grads`); the backend sums
 duplicate rows and applies the table's sparse optimizer. `LocalBackend` keeps tables in-process as
 numpy arrays and uses `param_server.optimizers` (the same code as a shard, never re-implemented
-here); a remote backend wraps `param_server.client.Client` and plugs in unchanged.
+here); a remote backend wraps `param_server.client.Client` and plugs in unchanged. In pooled mode
+(DESIGN §4.2) the backend pools the rows itself (`pooled`) and turns dL/do into dL/ds plus a row
+update (`pooled_backward`); LocalBackend does it with the shard's `pooled_sum` and the shard's
+backward formula, so local and remote agree to float tolerance.
 
 `LocalBackend` tables are bit-identical to a sharded table made from the same `TableSpec`: row r is
 local row r // NP of partition r % NP, and each partition is initialized by
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from param_server.optimizers import SparseOptimizer, SparseOptimizerConfig, make_optimizer, sum_duplicates
+from param_server.shard import pooled_sum
 from storage.layout import TableSpec, init_partition_values, numpy_dtype, state_layout
 
 
@@ -37,8 +41,19 @@ class InvalidRowsError(BackendError, ValueError):
     """Rows out of range, or rows and gradients of mismatched shape."""
 
 
+class PooledStepError(BackendError, RuntimeError):
+    """A pooled backward came before any `begin_step` (no step or value LR to update the rows with)."""
+
+
 class ValueBackend(ABC):
-    """Where value tables live; the only door a memory layer uses to reach them."""
+    """Where value tables live; the only door a memory layer uses to reach them.
+
+    Rows mode uses `fetch_rows` + `push_grads`. Pooled mode (DESIGN §4.2) uses `pooled` in the
+    forward and `pooled_backward` in the backward, which also updates the rows at the step and value
+    LR of the last `begin_step`.
+    """
+
+    _step_lr: tuple[int, float] | None = None  # (step, value LR) of the last begin_step
 
     @abstractmethod
     def tables(self) -> dict[str, TableSpec]:
@@ -55,9 +70,51 @@ class ValueBackend(ABC):
     def flush(self) -> None:
         """Wait until every push is applied (a no-op for in-process backends)."""
 
+    def begin_step(self, step: int, value_lr: float) -> None:
+        """Announce the optimizer step (0-based) and value LR (multiplier included) of the coming
+        forward/backward: pooled backwards update the rows with them (train_step calls this)."""
+        if isinstance(step, bool) or int(step) != step or step < 0:
+            raise ValueError(f"begin_step: step must be an int >= 0, got {step!r}")
+        if not (np.isfinite(value_lr) and value_lr >= 0):
+            raise ValueError(f"begin_step: value_lr must be finite and >= 0, got {value_lr!r}")
+        self._step_lr = (int(step), float(value_lr))
+
+    def step_lr(self) -> tuple[int, float]:
+        """(step, value LR) of the last begin_step; PooledStepError if there was none."""
+        if self._step_lr is None:
+            raise PooledStepError("pooled backward needs the step and value LR: call "
+                                  "backend.begin_step(step, value_lr) before the forward (train_step does)")
+        return self._step_lr
+
+    def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+               scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
+        """Pooled lookup (DESIGN §3.1 step 6 where the table lives).
+
+        rows/projector/token int64 [n], scores float32 [n, h] -> float32 [T = num_tokens, E, d_v] with
+        o[t, p, slice c] = sum_j [projector_j = p][token_j = t] * scores[j, c] * V[rows_j, slice c].
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no pooled mode; use memory.lookup = 'rows'")
+
+    def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+                        scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """Backward of `pooled`: grad_out float32 [T, E, d_v] = dL/do -> dL/ds float32 [n, h], with
+        dL/ds[j, c] = <dL/do[t_j, p_j, slice c], V[row_j, slice c]> (V before this update), and the
+        rows updated with dL/dV[row_j, slice c] = s_c[j] * dL/do[t_j, p_j, slice c] (duplicates
+        summed, one optimizer step per row) at the step and value LR of the last begin_step."""
+        raise NotImplementedError(f"{type(self).__name__} has no pooled mode; use memory.lookup = 'rows'")
+
     def add_table(self, spec: TableSpec, *, init: bool = True) -> None:
         """Create (or replace) a table; remote backends get their tables from the coordinator instead."""
         raise NotImplementedError(f"{type(self).__name__} cannot create tables; create them where they live")
+
+
+def _ids(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.int64)
+
+
+def _float32(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(x.detach().to("cpu", torch.float32).numpy() if isinstance(x, torch.Tensor) else x,
+                      dtype=np.float32)
 
 
 @dataclass
@@ -139,6 +196,54 @@ class LocalBackend(ValueBackend):
             raise InvalidRowsError(f"{table}: non-finite gradient pushed at step {step}")
         unique, summed = sum_duplicates(r, g)  # DESIGN §8: `table[idx] -= g` loses repeated rows
         t.optimizer.step(t.values, t.state, unique, summed, float(lr))
+
+    def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+               scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
+        """In-process pooled lookup with the shard's own math (param_server.shard.pooled_sum)."""
+        t = self._table(table)
+        r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, num_tokens, num_projectors)
+        out = np.zeros((num_tokens, num_projectors, t.spec.dim), dtype=np.float32)
+        if r.size:
+            tokens, sums = pooled_sum(t.values[r], p, tok, s, num_projectors)  # (Tt,), (Tt, E, d_v)
+            out[tokens] = sums
+        return torch.from_numpy(out)
+
+    def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+                        scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """dL/ds [n, h] and an immediate row update: the formula of Shard.pooled_backward_with_ack."""
+        step, lr = self.step_lr()
+        t = self._table(table)
+        g_out = _float32(grad_out)
+        if g_out.ndim != 3 or g_out.shape[2] != t.spec.dim:
+            raise InvalidRowsError(f"{table}: grad_out must be [T, E, {t.spec.dim}], got {list(g_out.shape)}")
+        r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, g_out.shape[0], g_out.shape[1])
+        if not np.isfinite(g_out).all():
+            raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
+        n, h, d_v = r.shape[0], s.shape[1], t.spec.dim
+        g = g_out[tok, p].reshape(n, h, d_v // h)  # dL/do per entry, (n, h, d_v/h)
+        v = t.values[r].astype(np.float32).reshape(n, h, d_v // h)  # V before this step's update
+        grad_scores = np.einsum("nhk,nhk->nh", g, v)  # (n, h)
+        grad_rows = (g * s[:, :, None]).reshape(n, d_v)  # (n, d_v), rows may repeat
+        if n:
+            unique, summed = sum_duplicates(r, grad_rows)
+            t.optimizer.step(t.values, t.state, unique, summed, lr)
+        return torch.from_numpy(grad_scores.astype(np.float32, copy=False))
+
+    def _pooled_args(self, t: _Table, rows: Any, projector: Any, token: Any, scores: Any, num_tokens: int,
+                     num_projectors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Validated (rows [n], projector [n], token [n], scores float32 [n, h]), all numpy."""
+        r = self._rows(t, rows)
+        p, tok = _ids(projector), _ids(token)
+        s = _float32(scores)
+        n = r.shape[0]
+        if p.shape != (n,) or tok.shape != (n,) or s.ndim != 2 or s.shape[0] != n:
+            raise InvalidRowsError(f"{t.spec.name}: rows, projector, token [n] and scores [n, h] disagree in n")
+        if s.shape[1] < 1 or t.spec.dim % s.shape[1]:
+            raise InvalidRowsError(f"{t.spec.name}: scores [n, h] need h dividing d_v={t.spec.dim}, got h={s.shape[1]}")
+        if n and (p.min() < 0 or p.max() >= num_projectors or tok.min() < 0 or tok.max() >= num_tokens):
+            raise InvalidRowsError(f"{t.spec.name}: projector ids must be in [0, {num_projectors}) and "
+                                   f"token ids in [0, {num_tokens})")
+        return r, p, tok, s
 
     # ------------------------------------------------------------------ checkpoint support
     def export_partitions(self, table: str) -> dict[int, dict[str, np.ndarray]]:

@@ -3,8 +3,9 @@
 The spine: find the checkpoint -> get read-only shards for its tables (start them: `ultramem shard
 serve --read-only` subprocesses by default, in-process servers with --in-process, Ray ShardActors
 with --address; or connect to running ones with --shards) -> build the model with a RemoteBackend
-(rows mode, bf16 on the wire by default) and load the dense part -> start the engine and the HTTP
-server -> print `listening on http://HOST:PORT` -> serve until SIGTERM/SIGINT -> stop everything.
+(pooled lookups: shards answer partial sums, bf16 on the wire by default) and load the dense part
+-> start the engine and the HTTP server -> print `listening on http://HOST:PORT` -> serve until
+SIGTERM/SIGINT -> stop everything.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def build_engine(checkpoint: Path, addresses: list[str], *, token: str | None = 
                  wire_dtype: str = "bfloat16", engine_config: object = None):
     """(engine (not started), tokenizer, client or None): the model over these shards, dense loaded."""
     from model_workers import checkpoint_io
-    from model_workers.engine import Engine, EngineConfig, load_dense
+    from model_workers.engine import Engine, EngineConfig, load_dense, serving_config
     from model_workers.model import LanguageModel
     from model_workers.remote import RemoteBackend
     from model_workers.tokenizer import Tokenizer
@@ -179,7 +180,7 @@ def build_engine(checkpoint: Path, addresses: list[str], *, token: str | None = 
         client = Client(addresses, config=ClientConfig(token=token))
         backend = RemoteBackend(client, specs, wire_dtype=wire_dtype)
     try:
-        model = LanguageModel(cfg.model, backend=backend)
+        model = LanguageModel(serving_config(cfg.model), backend=backend)  # pooled lookups (DESIGN §6)
         load_dense(checkpoint, model)
     except BaseException:
         if client is not None:

@@ -55,6 +55,30 @@ def _chunk_step(step: int, index: int, count: int) -> int:
     return step if index == count - 1 else step - 1
 
 
+def _ids(ids: np.ndarray) -> pb.Tensor:
+    """Non-negative ids [n] as an INT32 tensor when they fit (half the bytes; shards accept INT32 and
+    INT64 ids alike), else INT64. Pooled requests carry 3 ids per entry, so this is ~40% of them."""
+    return wire.encode(ids, "int32" if ids.size == 0 or ids.max() < 2**31 else "int64")
+
+
+def _backward_chunks(sel: np.ndarray, rows: np.ndarray, token: np.ndarray, per_entry: int, per_token: int,
+                     budget: int) -> list[np.ndarray]:
+    """Cut one shard's entries `sel` [k] (sorted by row) into PooledBackward requests of at most
+    ~`budget` bytes (entries + dL/do of the tokens they touch), never splitting a row's entries, so each
+    row gets one optimizer step per step. Halves at a row boundary until each piece fits."""
+    out, todo = [], [sel]
+    while todo:
+        part = todo.pop()
+        size = part.size * per_entry + np.unique(token[part]).size * per_token
+        starts = np.flatnonzero(np.diff(rows[part])) + 1  # row boundaries inside the piece
+        if size <= budget or starts.size == 0:
+            out.append(part)
+            continue
+        cut = starts[starts.size // 2]
+        todo += [part[cut:], part[:cut]]  # the left half is popped first: pieces stay in row order
+    return out
+
+
 class Client:
     """Talks to all shards of a table set; sync facade, concurrent fan-out inside."""
 
@@ -249,9 +273,9 @@ class Client:
                 if b > a:
                     part = sel[a:b]
                     req = pb.PooledGatherRequest(
-                        header=header, rows=wire.encode(rows[part], "int64"),
-                        projector=wire.encode(projector[part], "int64"), token=wire.encode(token[part], "int64"),
-                        scores=wire.encode(scores[part], "float32"), num_projectors=num_projectors,
+                        header=header, rows=_ids(rows[part]), projector=_ids(projector[part]),
+                        token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
+                        num_projectors=num_projectors,
                         wire_dtype=wire.dtype_enum(wire_dtype))
                     calls.append(fanout.Call(address, "PooledGather", req, done))
         self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
@@ -304,7 +328,11 @@ class Client:
                          step: int) -> np.ndarray:
         num_projectors = grad_out.shape[1]
         grad_scores = np.zeros(scores.shape, dtype=np.float32)
-        max_rows = max(1, self.config.chunk_bytes // (num_projectors * meta.dim * 4))
+        # dL/do travels once per chunk for every token the chunk touches, and chunks are cut by rows,
+        # so small chunks would resend most of grad_out each time: one request per shard unless it
+        # would pass half the message limit (see _backward_chunks)
+        budget = self.config.max_message_bytes // 2
+        per_entry, per_token = 3 * 8 + 4 * scores.shape[1], 8 + num_projectors * meta.dim * 4
         todo = np.arange(rows.size)  # entries not yet accepted by their shard
         for _ in range(self.config.max_map_refreshes + 1):
             pmap = self._map
@@ -312,7 +340,7 @@ class Client:
             # chunks never split a row's entries: each row gets one optimizer step per call
             for address, sel in fanout.by_shard(pmap, rows[todo], sort_by=rows[todo], every_shard=True):
                 sel = todo[sel]
-                chunks = [sel[a:b] for a, b in fanout.group_chunks(rows[sel], max_rows)]
+                chunks = _backward_chunks(sel, rows, token, per_entry, per_token, budget)
                 futures.append(self._net.sender(address).submit(
                     self._send_backward_chunks, address, table, pmap.epoch, chunks, rows, projector, token,
                     scores, grad_out, grad_scores, lr, step))
@@ -336,9 +364,9 @@ class Client:
             header = pb.PushHeader(table=table, epoch=epoch, worker_id=self.worker_id, seq=seq,
                                    step=_chunk_step(step, i, len(chunks)), lr=lr)
             req = pb.PooledBackwardRequest(
-                header=header, rows=wire.encode(rows[part], "int64"), projector=wire.encode(projector[part], "int64"),
-                token=wire.encode(token[part], "int64"), scores=wire.encode(scores[part], "float32"),
-                grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=wire.encode(touched, "int64"),
+                header=header, rows=_ids(rows[part]), projector=_ids(projector[part]),
+                token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
+                grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=_ids(touched),
                 num_projectors=num_projectors)
             try:
                 resp = self._net.unary(address, "PooledBackward", req, retry=fanout.PUSH_RETRY)
