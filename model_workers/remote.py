@@ -59,7 +59,7 @@ class RemoteBackend(ValueBackend):
         self.last_pushed_step = -1  # newest step whose pushes were sent
         self.lookups = 0
         self.rows_fetched = 0
-        self.staleness_sum = 0  # sum over lookups of (steps behind the newest push allowed)
+        self.staleness_sum = 0  # sum over lookups of the observed staleness (see _observe)
 
     def tables(self) -> dict[str, TableSpec]:
         return dict(self._specs)
@@ -73,9 +73,7 @@ class RemoteBackend(ValueBackend):
         """rows int64 [U] -> float32 [U, d_v], fresh up to the staleness bound."""
         r = _ids(rows)
         values = self.client.gather(table, r, min_step=self.min_step(), wire_dtype=self.wire_dtype)
-        self.lookups += 1
-        self.rows_fetched += r.size
-        self.staleness_sum += min(self.staleness, self.last_pushed_step + 1)
+        self._observe(table, r.size)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
@@ -91,9 +89,7 @@ class RemoteBackend(ValueBackend):
         r = _ids(rows)
         out = self.client.pooled_gather(table, r, _ids(projector), _ids(token), _f32(scores), int(num_tokens),
                                         int(num_projectors), min_step=self.min_step(), wire_dtype=self.wire_dtype)
-        self.lookups += 1
-        self.rows_fetched += r.size  # entries looked up (no row travels)
-        self.staleness_sum += min(self.staleness, self.last_pushed_step + 1)
+        self._observe(table, r.size)  # entries looked up (no row travels)
         return torch.from_numpy(out)
 
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
@@ -109,6 +105,15 @@ class RemoteBackend(ValueBackend):
         """Wait until every push sent so far has been queued by its shard."""
         self.client.flush()
 
+    def _observe(self, table: str, rows: int) -> None:
+        """Count a lookup and the staleness it saw: this worker's newest pushed step minus the newest
+        step the answering shards had applied (0 when every push was visible; <= the bound)."""
+        self.lookups += 1
+        self.rows_fetched += rows
+        applied = self.client.applied_step(table)
+        if self.last_pushed_step >= 0 and applied is not None:
+            self.staleness_sum += max(0, self.last_pushed_step - applied)
+
     def mean_staleness(self) -> float:
-        """Mean number of this worker's own steps a lookup was allowed to miss."""
+        """Mean observed staleness (in this worker's steps) over the lookups so far."""
         return self.staleness_sum / self.lookups if self.lookups else 0.0

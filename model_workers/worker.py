@@ -130,7 +130,8 @@ class ModelWorker:
         return {"rank": spec.rank, "step": self.step, "loss": sum(losses) / max(len(losses), 1),
                 "lr": res.lr if losses else 0.0, "tokens_per_s": tokens / self.train_time if self.train_time else 0.0,
                 "lookups": self.backend.lookups, "rows_fetched": self.backend.rows_fetched,
-                "staleness_bound": self.backend.staleness, "train_time": self.train_time}
+                "staleness_bound": self.backend.staleness, "staleness_mean": self.backend.mean_staleness(),
+                "train_time": self.train_time}
 
     def evaluate(self, max_batches: int) -> dict[str, float]:
         """Validation loss and bits per byte on this rank's slice (the driver averages)."""

@@ -91,6 +91,7 @@ class Client:
         self._seq: dict[str, int] = {}
         self._outstanding: list[tuple[Future, str, float, int]] = []
         self._tables: dict[str, TableMeta] = {}
+        self._applied: dict[str, int] = {}  # table -> lowest applied_step any shard reported last lookup
         for address in addresses:
             self._net.open(address)
         self._map = partition_map or self._map_from_info(list(addresses))
@@ -233,11 +234,15 @@ class Client:
         header = self._lookup_header(table, pmap.epoch, min_step)
         enum = wire.dtype_enum(wire_dtype)
 
+        applied: list[int] = []
+
         def make(sel: np.ndarray) -> Callable[[Any], None]:
             where = dest[sel] if dest is not None else sel
             def done(resp: bytes) -> None:  # a serialized GatherResponse
                 target[where] = wire.parse_tensor_field(resp, 1, "values", allowed=(wire_dtype,), ndim=2,
                                                         trailing=(sel.size, meta.dim))
+                step = wire.parse_int_field(resp, 2)
+                applied.append(-1 if step is None else step)
             return done
 
         calls = []
@@ -248,6 +253,7 @@ class Client:
                     req = pb.GatherRequest(header=header, rows=wire.encode(uniq[part], "int64"), wire_dtype=enum)
                     calls.append(fanout.Call(address, "Gather", req, make(part)))
         self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
+        self._record_applied(table, applied)
         if not direct:
             np.take(target, inverse.reshape(-1), axis=0, out=out)
         return out
@@ -261,11 +267,14 @@ class Client:
         per_token = num_projectors * meta.dim * wire.numpy_dtype(wire_dtype).itemsize
         max_tokens = max(1, self.config.chunk_bytes // per_token)
 
+        applied: list[int] = []
+
         def done(resp: pb.PooledGatherResponse) -> None:
             tokens = wire.decode_ids(resp.tokens, "tokens")
             sums = wire.decode(resp.sums, "sums", allowed=(wire_dtype,), ndim=3,
                                trailing=(tokens.size, num_projectors, meta.dim))
             out[tokens] += sums  # tokens are unique within one answer
+            applied.append(resp.applied_step)
 
         calls = []
         for address, sel in fanout.by_shard(pmap, rows, sort_by=token):
@@ -279,7 +288,17 @@ class Client:
                         wire_dtype=wire.dtype_enum(wire_dtype))
                     calls.append(fanout.Call(address, "PooledGather", req, done))
         self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
+        self._record_applied(table, applied)
         return out
+
+    def _record_applied(self, table: str, applied: list[int]) -> None:
+        if applied:
+            self._applied[table] = min(applied)
+
+    def applied_step(self, table: str) -> int | None:
+        """This worker's newest step whose pushes every shard had applied when it answered the last
+        lookup of `table` (-1: none yet; None: no lookup yet). Staleness = newest push - this."""
+        return self._applied.get(table)
 
     # -- pushes --------------------------------------------------------------------------------
     def _submit_push(self, table: str, meta: TableMeta, rows: np.ndarray, grads: np.ndarray,

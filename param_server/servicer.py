@@ -128,7 +128,9 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
         rows = wire.decode_ids(request.rows, "rows")
         out_dtype = self._value_dtype(request.wire_dtype)
         values = self._shard.gather(header.table, rows, worker_id=header.worker_id, min_step=_min_step(header))
-        return wire.tensor_message_bytes(1, values, out_dtype)  # == GatherResponse(values=...) serialized
+        applied = self._shard.applied_step(header.worker_id, header.table)
+        # == GatherResponse(values=..., applied_step=...) serialized
+        return wire.tensor_message_bytes(1, values, out_dtype) + wire.varint_field_bytes(2, applied)
 
     @_rpc
     def PooledGather(self, request: pb.PooledGatherRequest, context: grpc.ServicerContext) -> pb.PooledGatherResponse:
@@ -142,7 +144,8 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
             header.table, rows, projector, token, scores, int(request.num_projectors),
             worker_id=header.worker_id, min_step=_min_step(header),
         )
-        return pb.PooledGatherResponse(tokens=wire.encode(tokens, "int64"), sums=wire.encode(sums, out_dtype))
+        return pb.PooledGatherResponse(tokens=wire.encode(tokens, "int64"), sums=wire.encode(sums, out_dtype),
+                                       applied_step=self._shard.applied_step(header.worker_id, header.table))
 
     # -- pushes --------------------------------------------------------------------------------
     @_rpc

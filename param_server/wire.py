@@ -195,6 +195,32 @@ def tensor_message_bytes(field_number: int, array: np.ndarray, dtype: str) -> by
     return b"".join(tensor_field_bytes(field_number, array, dtype))
 
 
+def varint_field_bytes(field_number: int, value: int) -> bytes:
+    """A serialized int64 field (appended to a fast-path message, e.g. GatherResponse.applied_step)."""
+    return _varint(field_number << 3) + _varint(value)
+
+
+def parse_int_field(message: bytes, field_number: int) -> int | None:
+    """Read int64 field `field_number` of a serialized message (the last one wins); None if absent."""
+    buf = memoryview(message)
+    pos, found = 0, None
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, kind = key >> 3, key & 7
+        if kind == 0:
+            value, pos = _read_varint(buf, pos)
+            if number == field_number:
+                found = value - (1 << 64) if value >= 1 << 63 else value
+        elif kind == 2:
+            length, pos = _read_varint(buf, pos)
+            pos += length
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        else:
+            raise InvalidRequestError(f"malformed protobuf: wire type {kind}")
+    return found
+
+
 def parse_tensor_field(
     message: bytes, field_number: int, name: str, *, allowed: Iterable[str], ndim: int | None = None,
     trailing: Sequence[int | None] = (),

@@ -122,6 +122,25 @@ def test_every_shard_gets_one_numbered_push_per_step_even_without_rows() -> None
         cluster.close()
 
 
+def test_lookups_report_the_workers_applied_step_so_staleness_can_be_measured() -> None:
+    cluster = Cluster(2)
+    try:
+        with Client(cluster.addresses, worker_id=5) as client:
+            assert client.applied_step("mem") is None  # no lookup yet
+            client.gather("mem", np.arange(4))
+            assert client.applied_step("mem") == -1  # nothing pushed yet
+            for step in range(3):
+                client.push("mem", np.array([step]), np.ones((1, 16), np.float32), lr=0.1, step=step)
+            client.gather("mem", np.arange(4), min_step=2)
+            assert client.applied_step("mem") == 2
+            tokens = np.array([0, 0, 1])
+            client.pooled_gather("mem", np.array([0, 1, 2]), np.zeros(3, np.int64), tokens,
+                                 np.ones((3, 1), np.float32), 2, 1, min_step=2)
+            assert client.applied_step("mem") == 2
+    finally:
+        cluster.close()
+
+
 def test_push_then_lookup_with_min_step_sees_the_update_and_duplicates_are_summed() -> None:
     cluster = Cluster(2)
     try:

@@ -111,3 +111,11 @@ def test_fast_path_parser_rejects_truncated_messages() -> None:
         wire.parse_tensor_field(raw[:-5], 1, "values", allowed=("float32",))
     with pytest.raises(InvalidRequestError, match="unknown dtype"):
         wire.parse_tensor_field(b"", 1, "values", allowed=("float32",))
+
+
+@given(st.integers(-(2**63), 2**63 - 1))
+def test_an_int64_field_appended_to_a_fast_path_message_reads_back(value):
+    msg = wire.tensor_message_bytes(1, np.zeros((2, 3), np.float32), "float32") + wire.varint_field_bytes(2, value)
+    assert wire.parse_int_field(msg, 2) == value
+    assert pb.GatherResponse.FromString(msg).applied_step == value  # protobuf agrees
+    assert wire.parse_int_field(wire.tensor_message_bytes(1, np.zeros(1, np.float32), "float32"), 2) is None

@@ -71,10 +71,12 @@ class GatherRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class GatherResponse(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "applied_step")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
     values: Tensor
-    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    applied_step: int
+    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ..., applied_step: _Optional[int] = ...) -> None: ...
 
 class PooledGatherRequest(_message.Message):
     __slots__ = ("header", "rows", "projector", "token", "scores", "num_projectors", "wire_dtype")
@@ -95,12 +97,14 @@ class PooledGatherRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class PooledGatherResponse(_message.Message):
-    __slots__ = ("tokens", "sums")
+    __slots__ = ("tokens", "sums", "applied_step")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SUMS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
     tokens: Tensor
     sums: Tensor
-    def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., sums: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    applied_step: int
+    def __init__(self, tokens: _Optional[_Union[Tensor, _Mapping]] = ..., sums: _Optional[_Union[Tensor, _Mapping]] = ..., applied_step: _Optional[int] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
     __slots__ = ("header", "rows", "grads")
