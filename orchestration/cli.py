@@ -70,6 +70,8 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
     serve.add_argument("--shard-id", type=int, default=0)
     serve.add_argument("--num-shards", type=int, default=1)
+    serve.add_argument("--ram-budget-mb", type=float, default=None,
+                       help="RAM for partition data; the rest is served through a chunk cache (table open r+)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

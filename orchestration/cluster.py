@@ -49,10 +49,13 @@ class DistributedConfig:
     max_restarts: int = 3  # Ray restarts of a crashed shard (it reloads the latest checkpoint)
     num_cpus: int = 0  # embedded Ray only: logical CPUs (0 = max(machine, shards + workers))
     object_store_mb: int = 256  # embedded Ray only
+    shard_budget_bytes: int | None = None  # RAM per shard for partition data; the rest via a chunk cache
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.workers < 1:
             raise ValueError("cluster.shards and cluster.workers must be >= 1")
+        if self.shard_budget_bytes is not None and self.shard_budget_bytes <= 0:
+            raise ValueError("cluster.shard_budget_bytes must be > 0 (or unset for fully resident shards)")
         if self.staleness < 0 or self.max_restarts < 0 or self.num_cpus < 0:
             raise ValueError("cluster.staleness, cluster.max_restarts and cluster.num_cpus must be >= 0")
 

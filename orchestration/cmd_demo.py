@@ -41,7 +41,8 @@ def demo(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps in {time.perf_counter() - t0:.0f} s: "
           f"val loss {result.val_loss:.3f} nats/token ({result.val_bpb:.3f} bits/byte) vs a unigram baseline of "
           f"{result.unigram_entropy:.3f}; {result.tokens_per_s:,.0f} tokens/s, "
-          f"{result.lookups_per_s:,.0f} rows looked up/s, staleness bound {result.staleness_bound}")
+          f"{result.lookups_per_s:,.0f} rows looked up/s, "
+          f"staleness {result.staleness_mean:.2f} steps (bound {result.staleness_bound})")
     print(f"checkpoint: {result.checkpoint}")
     print("sample:", flush=True)
     gen_args = argparse.Namespace(checkpoint=str(result.checkpoint), local=True, max_tokens=60, temperature=0.8,

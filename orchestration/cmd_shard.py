@@ -4,6 +4,8 @@ Loads the chosen partitions of one or more tables into a `Shard`, serves them wi
 `param_server.server.create_server`, prints exactly `listening on HOST:PORT` as the first stdout
 line (flushed, so a parent process can read the port), and on SIGTERM or SIGINT drains the apply
 queue, stops the server and exits 0. TLS with --tls-cert/--tls-key, mTLS with --tls-client-ca.
+With --ram-budget-mb the partitions beyond the budget are served through a write-back chunk cache
+over the table (opened read-write, unless --read-only), which SIGTERM flushes (DESIGN §5).
 """
 
 from __future__ import annotations
@@ -44,9 +46,15 @@ def serve(args: argparse.Namespace) -> int:
             token = read_token_file(args.token_file) if args.token_file else None
             config = ServerConfig(host=args.host, port=args.port, token=token, tls_cert=args.tls_cert,
                                   tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
-            shard = Shard(ShardConfig(read_only=args.read_only), shard_id=args.shard_id)
+            budget = getattr(args, "ram_budget_mb", None)
+            if budget is not None and budget <= 0:
+                raise UsageError("--ram-budget-mb must be > 0")
+            shard = Shard(ShardConfig(read_only=args.read_only,
+                                      ram_budget_bytes=int(budget * (1 << 20)) if budget else None),
+                          shard_id=args.shard_id)
+            writable = budget is not None and not args.read_only
             for path in args.table:
-                store = open_table(path, "r")
+                store = open_table(path, "r+" if writable else "r")
                 shard.load_table(store, _partitions(args, store.spec.num_partitions))
             server, _ = create_server(shard, config)
         except (StorageError, ShardError) as err:

@@ -103,7 +103,7 @@ def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, 
     print(f"val loss:       {result.val_loss:.4f} nats/token ({result.val_bpb:.4f} bits/byte)")
     print(f"unigram:        {result.unigram_entropy:.4f} nats/token (train-split unigram entropy)")
     print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s, {result.lookups_per_s:,.0f} rows looked up/s "
-          f"(staleness bound {result.staleness_bound})")
+          f"(staleness {result.staleness_mean:.2f} steps, bound {result.staleness_bound})")
     print(f"checkpoint:     {result.checkpoint}")
     return 0
 

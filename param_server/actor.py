@@ -2,28 +2,43 @@
 
 The class is plain Python; `orchestration/placement.py` makes it remote with `.options(...)`
 (resources, `max_restarts`). Control goes through Ray (address, partition map, save, drain,
-metrics); data goes through gRPC. On (re)start the actor loads its partitions from the newest
-valid checkpoint under `checkpoint_root` when there is one, else from the initial tables, so a
-shard that Ray restarts comes back with the last checkpointed state.
+metrics, partition hand-offs); data goes through gRPC. On (re)start the actor loads its partitions
+from the newest valid checkpoint under `checkpoint_root` when there is one, else from the initial
+tables, so a shard that Ray restarts comes back with the last checkpointed state. A fresh job's
+tables are created empty (metadata only): each shard initialises its own partitions (DESIGN §5,
+seeded per partition), in RAM when they fit `ShardConfig.ram_budget_bytes`, else in the shared
+work table that its chunk cache writes back into. After a rescale the coordinator knows the
+shard's partitions, so a restarted shard asks it rather than trusting its launch arguments.
+
+Hand-off of a partition (DESIGN §4.1, driven by `orchestration/rescale.py`): `freeze` pauses
+pushes to it, `handoff_export` drains and copies it, the new owner `adopt`s it, the coordinator's
+new map is installed everywhere, then `release` drops it here, waits for every push RPC that began
+under the old map and returns the applied-step clocks the new owner merges (`merge_clocks`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 
 from param_server.partition_map import PartitionMap
+from param_server.partitions import Arrays
 from param_server.server import ServerConfig, ShardServer, create_server
 from param_server.shard import Shard, ShardConfig
 from storage.checkpoint import latest_checkpoint
 from storage.table_store import open_table
 
 logger = logging.getLogger(__name__)
+
+_PUSH_METHODS = ("/ultramem.v1.MemoryShard/PushGradients", "/ultramem.v1.MemoryShard/PooledBackward")
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,10 @@ class ShardActorConfig:
     checkpoint_root: str | None = None  # <run>/checkpoints: the newest valid step is loaded on start
     shard: ShardConfig = field(default_factory=ShardConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    work_paths: dict[str, str] = field(default_factory=dict)  # writable groups for cached partitions
+    initialize: bool = False  # the initial tables are empty: generate this shard's partitions
+    coordinator: str | None = None  # named coordinator actor that knows the partitions after a rescale
+    namespace: str = "ultramem"
 
 
 def tables_dir(step_dir: Path | str) -> Path:
@@ -43,25 +62,85 @@ def tables_dir(step_dir: Path | str) -> Path:
     return Path(step_dir) / "tables"
 
 
+class PushGate(grpc.ServerInterceptor):
+    """Counts push RPCs in flight by generation, so a hand-off can wait for those begun before a cut."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._in_flight: dict[int, int] = {}
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method not in _PUSH_METHODS or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        def counted(request: Any, context: grpc.ServicerContext) -> Any:
+            with self._cond:
+                gen = self._generation
+                self._in_flight[gen] = self._in_flight.get(gen, 0) + 1
+            try:
+                return inner(request, context)
+            finally:
+                with self._cond:
+                    self._in_flight[gen] -= 1
+                    self._cond.notify_all()
+
+        return grpc.unary_unary_rpc_method_handler(counted, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+    def wait_for_earlier(self, timeout: float = 60.0) -> None:
+        """Start a new generation and wait until every push RPC of the earlier ones has returned."""
+        with self._cond:
+            cut = self._generation = self._generation + 1
+            if not self._cond.wait_for(lambda: not any(n for g, n in self._in_flight.items() if g < cut), timeout):
+                raise TimeoutError(f"push RPCs still running {timeout} s after a partition hand-off")
+
+
 class ShardActor:
     """One parameter-server shard inside a Ray actor; serves gRPC from the moment it is built."""
 
     def __init__(self, config: ShardActorConfig) -> None:
         self.config = config
+        self.partitions = self._current_partitions()
         self.shard = Shard(config.shard, shard_id=config.shard_id)
         self.loaded_from = self._load()
+        self.gate = PushGate()
         self.server: ShardServer
-        self.server, _ = create_server(self.shard, config.server)
+        self.server, _ = create_server(self.shard, config.server, interceptors=[self.gate])
         self.server.start()
         logger.info("shard actor %d (pid %d) serving %s from %s", config.shard_id, os.getpid(),
                     self.server.address, self.loaded_from)
+
+    def _current_partitions(self) -> tuple[int, ...]:
+        """The launch partitions, or what the coordinator says this shard owns now (after a rescale)."""
+        if self.config.coordinator is None:
+            return self.config.partitions
+        import ray
+
+        try:
+            coordinator = ray.get_actor(self.config.coordinator, namespace=self.config.namespace)
+            owned = ray.get(coordinator.partitions_of.remote(self.config.shard_id), timeout=30)
+        except (ValueError, ray.exceptions.RayError) as err:
+            logger.warning("coordinator %s not reachable (%s); using launch partitions", self.config.coordinator, err)
+            return self.config.partitions
+        return tuple(owned) if owned is not None else self.config.partitions
 
     def _load(self) -> str:
         step_dir = latest_checkpoint(self.config.checkpoint_root) if self.config.checkpoint_root else None
         for name, initial in self.config.table_paths.items():
             source = tables_dir(step_dir) / name if step_dir is not None else Path(initial)
-            self.shard.load_table(open_table(source, "r"), self.config.partitions)
-        return str(step_dir) if step_dir is not None else "initial tables"
+            work = self.config.work_paths.get(name)
+            work_store = open_table(work, "r+") if work is not None and not self.config.shard.read_only else None
+            store = open_table(source, "r")
+            if work_store is not None and Path(work).resolve() == source.resolve():
+                store = work_store
+            self.shard.load_table(store, self.partitions, work_store=work_store,
+                                  initialize=self.config.initialize and step_dir is None)
+        if step_dir is not None:
+            return str(step_dir)
+        return "initialised partitions" if self.config.initialize else "initial tables"
 
     # --- control plane (Ray calls) ----------------------------------------------------------------
     def address(self) -> str:
@@ -74,10 +153,12 @@ class ShardActor:
     def info(self) -> dict:
         import ray
 
+        names = self.shard.table_names()
         return {"shard_id": self.config.shard_id, "address": self.server.address, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "loaded_from": self.loaded_from, "partitions": list(self.config.partitions),
-                "tables": self.shard.table_names()}
+                "loaded_from": self.loaded_from,
+                "partitions": self.shard.owned_partitions(names[0]) if names else [],
+                "tables": names}
 
     def set_partition_map(self, epoch: int, addresses: Sequence[str], owner: Sequence[int]) -> None:
         """Install the cluster's map so requests routed with an older epoch are refused."""
@@ -91,12 +172,51 @@ class ShardActor:
     def save(self, step_dir: str) -> list[int]:
         """Drain, then write the owned partitions into `step_dir/tables/<name>`; returns them."""
         self.shard.save(tables_dir(step_dir))
-        return list(self.config.partitions)
+        names = self.shard.table_names()
+        return self.shard.owned_partitions(names[0]) if names else []
 
     def metrics(self) -> dict[str, float]:
         return self.shard.metrics()
 
+    # --- partition hand-off (rescaling) -------------------------------------------------------------
+    def freeze(self, partitions: Sequence[int]) -> None:
+        """Pause pushes touching `partitions` (lookups go on: the data does not change)."""
+        self.shard.freeze(partitions)
+
+    def unfreeze(self, partitions: Sequence[int]) -> None:
+        """Abort a hand-off: paused pushes proceed here."""
+        self.shard.unfreeze(partitions)
+
+    def handoff_export(self, partitions: Sequence[int]) -> dict[str, Any]:
+        """Drained state of frozen partitions: {"tables": {table: {p: arrays}}, "stores": {table: path}}
+        (stores: where cached partitions are durable now, so a new owner on the same store skips a copy)."""
+        tables = self.shard.handoff_export(partitions)
+        stores = {name: self.shard.work_store_path(name) for name in tables}
+        return {"tables": tables, "stores": {k: v for k, v in stores.items() if v is not None}}
+
+    def adopt(self, exported: dict[str, Any]) -> None:
+        """Hold partitions another shard handed off (not routed here before the new map)."""
+        tables: dict[str, dict[int, Arrays | None]] = {}
+        for name, parts in exported["tables"].items():
+            src, mine = exported["stores"].get(name), self.config.work_paths.get(name)
+            budget = self.config.shard.ram_budget_bytes
+            same_store = src is not None and mine is not None and Path(src).resolve() == Path(mine).resolve()
+            # the previous owner flushed them into the same store: a cached owner reads them there
+            tables[name] = {int(p): (None if same_store and budget is not None else a) for p, a in parts.items()}
+        self.shard.adopt(tables)
+
+    def release(self, partitions: Sequence[int]) -> list[tuple[int, str, int]]:
+        """Drop handed-off partitions, wait for push RPCs begun under the old map, drain; returns clocks."""
+        self.shard.release(partitions)
+        self.gate.wait_for_earlier()
+        self.shard.drain()
+        return self.shard.clocks()
+
+    def merge_clocks(self, clocks: Sequence[tuple[int, str, int]]) -> None:
+        """Start unseen applied-step clocks at the previous owner's value."""
+        self.shard.merge_clocks(clocks)
+
     def stop(self, grace: float = 2.0) -> None:
-        """Stop serving and stop the apply loop after draining it."""
+        """Stop serving and stop the apply loop after draining it (cached chunks written back)."""
         self.server.stop(grace)
         self.shard.close()

@@ -1,10 +1,17 @@
-"""One parameter-server shard: owned partitions in RAM, lookups, pooled sums, sparse updates.
+"""One parameter-server shard: owned partitions, lookups, pooled sums, sparse updates, hand-offs.
 
-DESIGN §4 (partitions, operations, consistency, sparse optimizers) and §3.1 step 6 (pooling done
-on the shard). Plain Python over numpy, tested without gRPC or Ray; the servicer is a thin layer
-on top. Per table the shard holds its owned partitions as one flat array [n_owned * R, d_v] plus
-optimizer state arrays of the same leading size; global row r lives at
-`slot[r % NP] * R + r // NP`, where slot numbers the owned partitions in ascending order.
+DESIGN §4 (partitions, operations, consistency, sparse optimizers), §3.1 step 6 (pooling done on
+the shard) and §5 (resident partitions, or a chunk cache beyond the RAM budget). Plain Python over
+numpy, tested without gRPC or Ray; the servicer is a thin layer on top. Per table the shard holds
+its owned partitions in a `param_server.partitions.TieredPartitions`: those that fit
+`ShardConfig.ram_budget_bytes` in RAM (flat arrays), the rest through a write-back chunk cache over
+the table's Zarr group. Queued updates carry global rows, so partitions can come and go.
+
+Rescaling (DESIGN §4.1) moves whole partitions: `freeze` pauses pushes to them, `handoff_export`
+drains and copies them out, the new owner `adopt`s them, the coordinator bumps the map epoch, and
+`release` drops them here (paused pushes then fail as WrongShardError and the client re-routes).
+The applied-step clocks (DESIGN §4.3) go along (`clocks` / `merge_clocks`); a min_step lookup also
+waits for pushes of that step still queued, so a push re-routed during a hand-off is never missed.
 
 Every public method validates all of its inputs first (typed errors, `param_server/errors.py`)
 and only then touches state, so a bad request changes nothing. Pushes are queued
@@ -43,7 +50,19 @@ from param_server.optimizers import (
     segment_sum,
     sum_duplicates,
 )
-from storage.layout import VALUES, TableSpec, numpy_dtype, state_layout
+from param_server.partitions import (
+    Arrays,
+    CachedTablePartitions,
+    ResidentPartitions,
+    TieredPartitions,
+    copy_partition,
+    initial_arrays,
+    min_cache_bytes,
+    partition_nbytes,
+    plan_tiers,
+    zero_state,
+)
+from storage.layout import VALUES, TableSpec, state_layout
 from storage.table_store import TableStore, open_table
 
 if TYPE_CHECKING:
@@ -62,8 +81,14 @@ class ShardConfig:
     read_only: bool = False  # serving shards refuse pushes (DESIGN §6)
     wait_timeout_s: float = 30.0  # longest a min_step lookup waits before DEADLINE_EXCEEDED
     max_rows_per_request: int = 1 << 22  # rows (or pooled entries) in one request
+    ram_budget_bytes: int | None = None  # partition data held in RAM; None = everything resident (§5)
+    cache_share: float = 0.5  # share of the budget kept for the chunk cache when not everything fits
 
     def __post_init__(self) -> None:
+        if self.ram_budget_bytes is not None and self.ram_budget_bytes <= 0:
+            raise ConfigError(f"shard.ram_budget_bytes must be > 0, got {self.ram_budget_bytes}")
+        if not 0 < self.cache_share <= 1:
+            raise ConfigError(f"shard.cache_share must be in (0, 1], got {self.cache_share}")
         if self.max_pending <= 0:
             raise ConfigError(f"shard.max_pending must be > 0, got {self.max_pending}")
         if not self.wait_timeout_s > 0:
@@ -74,17 +99,13 @@ class ShardConfig:
 
 @dataclass
 class _Table:
-    """A table's owned partitions, flat, with their optimizer state."""
+    """A table's owned partitions (resident and/or cached) with its optimizer."""
 
     spec: TableSpec
-    partitions: tuple[int, ...]  # owned, ascending; partitions[i] sits at slot i
-    slot_of: np.ndarray  # int64 [NP], slot of each partition, -1 if not owned here
-    values: np.ndarray  # [n_owned * R, d_v] in the spec dtype
-    state: dict[str, np.ndarray]  # name -> [n_owned * R, ...]
+    parts: TieredPartitions
+    owned: np.ndarray  # bool [NP]: partitions held here
     optimizer: SparseOptimizer
-
-    def nbytes(self) -> int:
-        return self.values.nbytes + sum(a.nbytes for a in self.state.values())
+    store: TableStore | None = None  # writable home of the cached partitions (None: RAM only)
 
 
 # --- request checks (no state touched) -----------------------------------------------------------
@@ -156,57 +177,72 @@ class Shard:
         self.config = config or ShardConfig()
         self.shard_id = shard_id
         self._tables: dict[str, _Table] = {}
-        self._cond = threading.Condition()  # guards tables, applied clocks, counters
+        self._cond = threading.Condition()  # guards tables, clocks, frozen set, counters
         # (worker, table) -> highest applied step. Per table: a worker pushes to every table each
         # step, and a lookup on table T must not pass because another table's push was applied.
         self._applied_step: dict[tuple[int, str], int] = {}
         self._applied_seq: dict[int, int] = {}
+        self._pending: dict[tuple[int, str], dict[int, int]] = {}  # (worker, table) -> {step: queued pushes}
+        self._frozen = np.zeros(0, dtype=bool)  # [NP] partitions being handed off: pushes wait
+        self._budget_left = self.config.ram_budget_bytes  # RAM not yet given to a table (None: unbounded)
         self._counters = ShardCounters()
         self._queue = ApplyQueue(self.config.max_pending, self._apply, name=f"shard-{shard_id}-apply")
 
     # --- tables ----------------------------------------------------------------------------------
 
     def add_table(self, spec: TableSpec, partitions: dict[int, dict[str, np.ndarray]]) -> None:
-        """Hold `partitions` of a table: {p: {"values": [R, d_v], state name: [R, ...]}}.
+        """Hold `partitions` of a table in RAM: {p: {"values": [R, d_v], state name: [R, ...]}}.
 
         Missing state arrays start at 0. The arrays are copied into the shard's flat layout.
         """
-        r, layout = spec.rows_per_partition, state_layout(spec)
-        owned = tuple(sorted(partitions))
-        for p in owned:
-            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < spec.num_partitions:
-                raise InvalidRequestError(f"table {spec.name}: partition {p!r} not in [0, {spec.num_partitions})")
-            arrays = partitions[p]
-            unknown = sorted(set(arrays) - {VALUES, *layout})
-            if VALUES not in arrays or unknown:
-                raise InvalidRequestError(f"table {spec.name} partition {p}: needs 'values', unknown {unknown}")
-            if np.shape(arrays[VALUES]) != (r, spec.dim):
-                raise InvalidRequestError(f"table {spec.name} partition {p}: values must be [{r}, {spec.dim}]")
-            for name, (trailing, _) in layout.items():
-                if name in arrays and np.shape(arrays[name]) != (r, *trailing):
-                    raise InvalidRequestError(f"table {spec.name} partition {p}: {name} must be {[r, *trailing]}")
-        optimizer = make_optimizer(SparseOptimizerConfig.from_spec(spec))
-        n = len(owned) * r
-        values = np.empty((n, spec.dim), dtype=numpy_dtype(spec.dtype))
-        state = {name: np.zeros((n, *trailing), dtype=dt) for name, (trailing, dt) in layout.items()}
-        slot_of = np.full(spec.num_partitions, -1, dtype=np.int64)
-        for i, p in enumerate(owned):
-            slot_of[p] = i
-            values[i * r : (i + 1) * r] = np.asarray(partitions[p][VALUES]).astype(values.dtype, copy=False)
-            for name, arr in state.items():
-                if name in partitions[p]:
-                    arr[i * r : (i + 1) * r] = partitions[p][name]
-        table = _Table(spec, tuple(int(p) for p in owned), slot_of, values, state, optimizer)
+        self._check_partition_arrays(spec, partitions)
+        parts = TieredPartitions(spec, ResidentPartitions(spec, {int(p): a for p, a in partitions.items()}), None)
+        self._install(spec, parts, None, partition_nbytes(spec) * len(partitions))
+
+    def load_table(self, store: TableStore, partitions: Iterable[int], *, work_store: TableStore | None = None,
+                   initialize: bool = False) -> None:
+        """Hold `partitions` of the table in `store`: in RAM while they fit the budget, the rest cached.
+
+        Args:
+            store: where the partitions' state is read from (a checkpoint, the initial table).
+            partitions: the partitions to own.
+            work_store: a writable group of the same table that the chunk cache writes back into;
+                default `store` itself. Cached partitions are copied there first when it differs.
+            initialize: the partitions are new: resident ones are generated in RAM, cached ones are
+                initialised in the work store (values seeded per partition, state 0; DESIGN §5).
+        """
+        spec, owned = store.spec, sorted({int(p) for p in partitions})
+        home = work_store or store
+        if home.spec != spec:
+            raise InvalidRequestError(f"work store {home.path} holds {home.spec}, not {spec}")
+        plan = plan_tiers(spec, owned, self._budget_left, min_cache=min_cache_bytes(home),
+                          cache_share=self.config.cache_share)
+        for p in plan.cached:
+            if initialize:
+                home.initialize_partitions([p])
+                zero_state(home, p)
+            elif home is not store:
+                copy_partition(store, home, p)
+        resident = ResidentPartitions(spec, {p: initial_arrays(spec, p) if initialize else store.read_partition(p)
+                                             for p in plan.resident})
+        cached = CachedTablePartitions(home, plan.cached, plan.cache_bytes) if plan.cached else None
+        self._install(spec, TieredPartitions(spec, resident, cached), home if cached else work_store, plan.used_bytes)
+
+    def _install(self, spec: TableSpec, parts: TieredPartitions, store: TableStore | None, used: int) -> None:
+        owned = np.zeros(spec.num_partitions, dtype=bool)
+        owned[list(parts.partitions)] = True
+        table = _Table(spec, parts, owned, make_optimizer(SparseOptimizerConfig.from_spec(spec)), store)
         with self._cond:
             if spec.name in self._tables:
                 raise InvalidRequestError(f"shard {self.shard_id} already holds table {spec.name!r}")
             self._tables[spec.name] = table
-        logger.info("shard %s holds table %s: %d partitions, %d bytes", self.shard_id, spec.name,
-                    len(owned), table.nbytes())
-
-    def load_table(self, store: TableStore, partitions: Iterable[int]) -> None:
-        """Read `partitions` (values and optimizer state) from a table store and hold them."""
-        self.add_table(store.spec, {int(p): store.read_partition(int(p)) for p in partitions})
+            if self._frozen.size < spec.num_partitions:
+                self._frozen = np.zeros(spec.num_partitions, dtype=bool)
+            if self._budget_left is not None:
+                self._budget_left = max(0, self._budget_left - used)
+        logger.info("shard %s holds table %s: %d partitions resident, %d cached, %d bytes in RAM", self.shard_id,
+                    spec.name, len(parts.resident.partitions), len(parts.partitions) - len(parts.resident.partitions),
+                    parts.resident_bytes())
 
     def table_names(self) -> list[str]:
         """Names of the tables this shard holds."""
@@ -219,7 +255,15 @@ class Shard:
 
     def owned_partitions(self, table: str) -> list[int]:
         """Partitions of `table` held here, ascending."""
-        return list(self._table(table).partitions)
+        t = self._table(table)
+        with self._cond:
+            return np.flatnonzero(t.owned).tolist()
+
+    def cached_partitions(self, table: str) -> list[int]:
+        """Partitions of `table` served through the chunk cache, ascending."""
+        t = self._table(table)
+        with self._cond:
+            return list(t.parts.cached.partitions) if t.parts.cached is not None else []
 
     # --- lookups ---------------------------------------------------------------------------------
 
@@ -232,16 +276,19 @@ class Shard:
         Waits until `worker_id`'s applied step >= `min_step` when one is given (DESIGN §4.3).
         """
         t = self._table(table)
-        slots = self._slots(t, rows, allow_empty=False)
+        rows = self._rows(t, rows, allow_empty=False)
         self._check_wait_args(worker_id, min_step)
-        shape = (slots.shape[0], t.spec.dim)
-        if out is not None and (out.shape != shape or out.dtype != t.values.dtype):
-            raise InvalidRequestError(f"out must be {t.values.dtype} {list(shape)}")
-        out = np.empty(shape, dtype=t.values.dtype) if out is None else out
+        shape, dtype = (rows.shape[0], t.spec.dim), t.parts.resident.values.dtype
+        if out is not None and (out.shape != shape or out.dtype != dtype):
+            raise InvalidRequestError(f"out must be {dtype} {list(shape)}")
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
-            np.take(t.values, slots, axis=0, out=out)
-            self._counters.count_lookup(slots.shape[0])
+            self._check_owned(t, rows)  # a hand-off may have moved them while we waited
+            values = t.parts.read(rows)
+            self._counters.count_lookup(rows.shape[0])
+        if out is None:
+            return values
+        np.copyto(out, values)
         return out
 
     def pooled_gather(
@@ -254,13 +301,14 @@ class Shard:
         (tokens touched, sorted unique int64 [Tt]; sums float32 [Tt, E, d_v]).
         """
         t = self._table(table)
-        slots, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
-                                                            allow_empty=False)
+        rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
+                                                           allow_empty=False)
         self._check_wait_args(worker_id, min_step)
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
-            v = np.take(t.values, slots, axis=0)  # [n, d_v]
-            self._counters.count_lookup(slots.shape[0])
+            self._check_owned(t, rows)
+            v = t.parts.read(rows)  # [n, d_v]
+            self._counters.count_lookup(rows.shape[0])
         return pooled_sum(v, projector, token, scores, int(num_projectors))
 
     # --- updates ---------------------------------------------------------------------------------
@@ -274,12 +322,12 @@ class Shard:
         self._check_writable()
         t = self._table(table)
         worker_id, seq, step, lr = self._push_header(worker_id, seq, step, lr)
-        slots = self._slots(t, rows, allow_empty=True)
-        if slots.shape[0] == 0 and np.shape(grads) == (0,):
+        rows = self._rows(t, rows, allow_empty=True)
+        if rows.shape[0] == 0 and np.shape(grads) == (0,):
             grads = np.zeros((0, t.spec.dim), dtype=np.float32)
-        g = _floats("grads", grads, (slots.shape[0], t.spec.dim))
+        g = _floats("grads", grads, (rows.shape[0], t.spec.dim))
         g = np.array(g, dtype=np.float32, copy=True)  # the queue owns its copy
-        return self._queue.submit(PendingUpdate(table, worker_id, seq, step, lr, slots, g))
+        return self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, rows, g))
 
     def pooled_backward(
         self, table: str, worker_id: int, seq: int, step: int, lr: float, rows: Any, projector: Any,
@@ -304,9 +352,9 @@ class Shard:
         self._check_writable()
         t = self._table(table)
         worker_id, seq, step, lr = self._push_header(worker_id, seq, step, lr)
-        slots, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
-                                                            allow_empty=True)
-        e, d_v, n, h = int(num_projectors), t.spec.dim, slots.shape[0], scores.shape[1]
+        rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
+                                                           allow_empty=True)
+        e, d_v, n, h = int(num_projectors), t.spec.dim, rows.shape[0], scores.shape[1]
         touched = _ids("tokens_touched", tokens_touched)
         if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
             raise InvalidRequestError("tokens_touched must be sorted and unique")
@@ -315,28 +363,148 @@ class Shard:
         if n and (t_pos.max() >= touched.shape[0] or np.any(touched[t_pos] != token)):
             raise InvalidRequestError("every token must appear in tokens_touched")
         with self._cond:
-            v = np.take(t.values, slots, axis=0)  # [n, d_v]
+            self._wait_unfrozen(t, rows)
+            v = t.parts.read(rows)  # [n, d_v]
         g = g_out[t_pos, projector].reshape(n, h, d_v // h)  # dL/do per entry, [n, h, d_v/h]
         v = v.astype(np.float32).reshape(n, h, d_v // h)
         grad_scores = np.einsum("nhk,nhk->nh", g, v)  # [n, h]
         grad_rows = (g * scores[:, :, None]).reshape(n, d_v)  # [n, d_v], rows may repeat
-        accepted = self._queue.submit(PendingUpdate(table, worker_id, seq, step, lr, slots, grad_rows))
+        accepted = self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, rows, grad_rows))
         return grad_scores.astype(np.float32, copy=False), accepted
+
+    def _admit(self, t: _Table, update: PendingUpdate) -> bool:
+        """Queue a validated update once its partitions are not being handed off; count it pending."""
+        key = (update.worker_id, update.table)
+        with self._cond:
+            self._wait_unfrozen(t, update.slots)
+            pending = self._pending.setdefault(key, {})
+            pending[update.step] = pending.get(update.step, 0) + 1
+            accepted = False
+            try:
+                accepted = self._queue.submit(update)
+            finally:
+                if not accepted:
+                    self._unpend(key, update.step)
+        return accepted
+
+    def _unpend(self, key: tuple[int, str], step: int) -> None:
+        pending = self._pending[key]
+        pending[step] -= 1
+        if not pending[step]:
+            del pending[step]
 
     def _apply(self, update: PendingUpdate) -> None:
         """Apply one push on the apply thread: duplicates summed, one optimizer step per row."""
         t = self._tables[update.table]
-        slots, grads = sum_duplicates(update.slots, update.grads)
+        rows, grads = sum_duplicates(update.slots, update.grads)  # global rows, unique
         with self._cond:
             try:
-                t.optimizer.step(t.values, t.state, slots, grads, update.lr)
+                t.parts.step(t.optimizer, rows, grads, update.lr)
             finally:  # advance the clock even if a bug raised, so lookups never hang on it
                 w = update.worker_id
                 key = (w, update.table)
+                self._unpend(key, update.step)
                 self._applied_step[key] = max(self._applied_step.get(key, -1), update.step)
                 self._applied_seq[w] = max(self._applied_seq.get(w, 0), update.seq)
-                self._counters.count_apply(slots.shape[0])
+                self._counters.count_apply(rows.shape[0])
                 self._cond.notify_all()
+
+    # --- hand-off of partitions (rescaling, DESIGN §4.1) -----------------------------------------
+
+    def freeze(self, partitions: Iterable[int]) -> None:
+        """Pause pushes touching `partitions` (they wait until `release` or `unfreeze`); reads go on."""
+        with self._cond:
+            self._frozen[list(partitions)] = True
+
+    def unfreeze(self, partitions: Iterable[int]) -> None:
+        """Let paused pushes through again (an aborted hand-off)."""
+        with self._cond:
+            self._frozen[list(partitions)] = False
+            self._cond.notify_all()
+
+    def handoff_export(self, partitions: Iterable[int]) -> dict[str, dict[int, Arrays]]:
+        """Frozen partitions' state after a drain: {table: {p: arrays}} (cached ones flushed to the store)."""
+        ps = sorted({int(p) for p in partitions})
+        with self._cond:
+            if not self._frozen[ps].all():
+                raise InvalidRequestError(f"partitions {ps} must be frozen before they are exported")
+        self.drain()
+        with self._cond:
+            out = {}
+            for name, t in self._tables.items():
+                if not t.owned[ps].all():
+                    raise WrongShardError(f"shard {self.shard_id} does not own all of {ps} of {name}")
+                out[name] = {p: t.parts.export(p) for p in ps}
+            return out
+
+    def release(self, partitions: Iterable[int]) -> None:
+        """Drop handed-off partitions; pushes paused on them now fail with WrongShardError."""
+        ps = sorted({int(p) for p in partitions})
+        each = 0
+        with self._cond:
+            for t in self._tables.values():
+                for p in ps:
+                    if t.owned[p]:
+                        if not t.parts.is_cached(p):
+                            each += partition_nbytes(t.spec)
+                        t.parts.remove(p)
+                        t.owned[p] = False
+            self._frozen[ps] = False
+            if self._budget_left is not None:
+                self._budget_left += each
+            self._cond.notify_all()
+        logger.info("shard %s released partitions %s", self.shard_id, ps)
+
+    def adopt(self, tables: dict[str, dict[int, Arrays | None]]) -> None:
+        """Take over partitions another shard handed off: {table: {p: arrays}} (held but not yet routed
+        here until the new map is installed). RAM while the budget has room, else the chunk cache;
+        arrays None = the partition's state is already in this table's work store (a shared store)."""
+        with self._cond:
+            for name, parts in tables.items():
+                t = self._table(name)
+                self._check_partition_arrays(t.spec, {p: a for p, a in parts.items() if a is not None})
+                for p, arrays in sorted(parts.items()):
+                    if t.owned[p]:
+                        raise InvalidRequestError(f"shard {self.shard_id} already owns partition {p} of {name}")
+                    each = partition_nbytes(t.spec)
+                    in_ram = arrays is not None and (self._budget_left is None or each <= self._budget_left)
+                    if not in_ram and t.parts.cached is None:
+                        self._open_cache(t)
+                    t.parts.add(p, arrays, cached=not in_ram)
+                    t.owned[p] = True
+                    if in_ram and self._budget_left is not None:
+                        self._budget_left -= each
+
+    def _open_cache(self, t: _Table) -> None:
+        """Give a table that was all resident a chunk cache (the rest of the budget, at least one chunk)."""
+        if t.store is None:
+            raise InvalidRequestError(f"table {t.spec.name} has no work store to cache partitions in")
+        size = max(min_cache_bytes(t.store), self._budget_left or 0)
+        t.parts.cached = CachedTablePartitions(t.store, [], size)
+        if self._budget_left is not None:
+            self._budget_left = max(0, self._budget_left - size)
+        logger.info("shard %s: table %s now caches partitions in %d bytes", self.shard_id, t.spec.name, size)
+
+    def work_store_path(self, table: str) -> str | None:
+        """Path of the table group the chunk cache writes back into (None: no cache)."""
+        t = self._table(table)
+        return str(t.store.path) if t.store is not None and t.parts.cached is not None else None
+
+    def clocks(self) -> list[tuple[int, str, int]]:
+        """Applied-step clocks [(worker, table, step)] (they travel with handed-off partitions)."""
+        with self._cond:
+            return [(w, name, s) for (w, name), s in self._applied_step.items()]
+
+    def merge_clocks(self, clocks: Iterable[tuple[int, str, int]]) -> None:
+        """Start clocks this shard has never seen at the previous owner's value; keep the others.
+
+        A shard that already has a worker's clock keeps it: that worker still pushes every step to
+        it, so a lower clock only makes a lookup wait for a push that is on its way.
+        """
+        with self._cond:
+            for w, name, s in clocks:
+                self._applied_step.setdefault((int(w), str(name)), int(s))
+            self._cond.notify_all()
 
     # --- clocks, drain, checkpoint ---------------------------------------------------------------
 
@@ -363,32 +531,49 @@ class Shard:
         """Copies of the owned partitions after a drain: {p: {"values": [R, d_v], state: [R, ...]}}."""
         t = self._table(table)
         self.drain()
-        r = t.spec.rows_per_partition
         with self._cond:
-            return {
-                p: {VALUES: t.values[i * r : (i + 1) * r].copy(),
-                    **{k: a[i * r : (i + 1) * r].copy() for k, a in t.state.items()}}
-                for i, p in enumerate(t.partitions)
-            }
+            return {p: t.parts.export(p) for p in t.parts.partitions}
 
     def save(self, root_of_tables: Path | str) -> None:
-        """Drain, then write every owned partition into the existing groups `root_of_tables/<table>`."""
+        """Drain, then write every owned partition into the existing groups `root_of_tables/<table>`
+        (cached partitions: flushed, then copied chunk by chunk)."""
         root = Path(root_of_tables)
+        self.drain()
         for name in self.table_names():
-            spec = self.spec(name)
+            t = self._table(name)
             store = open_table(root / name, "r+")
-            if (store.spec.rows, store.spec.dim, store.spec.num_partitions, store.spec.dtype,
-                    store.spec.optimizer) != (spec.rows, spec.dim, spec.num_partitions, spec.dtype, spec.optimizer):
-                raise InvalidRequestError(f"table group {root / name} has spec {store.spec}, shard holds {spec}")
-            for p, arrays in self.export_partitions(name).items():
-                store.write_partition(p, arrays)
+            if store.spec != t.spec:
+                raise InvalidRequestError(f"table group {root / name} has spec {store.spec}, shard holds {t.spec}")
+            with self._cond:
+                t.parts.save(store)
         logger.info("shard %s saved %s into %s", self.shard_id, self.table_names(), root)
 
+    def flush(self) -> None:
+        """Drain, then write every dirty cached chunk back to its store."""
+        self.drain()
+        with self._cond:
+            for t in self._tables.values():
+                t.parts.flush()
+
     def metrics(self) -> dict[str, float]:
-        """Counters and gauges: lookups, rows, pushes, queue depth, applied steps, bytes resident."""
+        """Counters and gauges: lookups, rows, pushes, queue depth, applied steps, bytes in RAM, and the
+        chunk cache (bytes, hit rate, evictions, dirty chunks) summed over tables."""
         with self._cond:
             out = self._counters.as_dict()
-            out["bytes_resident"] = float(sum(t.nbytes() for t in self._tables.values()))
+            out["bytes_resident"] = float(sum(t.parts.resident.resident_bytes() for t in self._tables.values()))
+            sums: dict[str, float] = {}
+            for t in self._tables.values():
+                for k, v in t.parts.metrics().items():
+                    sums[k] = sums.get(k, 0.0) + v
+            hits, misses = sums.get("cache_hits", 0.0), sums.get("cache_misses", 0.0)
+            out.update(cache_bytes=sums.get("cache_bytes", 0.0), cache_budget_bytes=sums.get("cache_budget_bytes", 0.0),
+                       cache_hits=hits, cache_misses=misses,
+                       cache_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+                       cache_evictions=sums.get("cache_evictions", 0.0),
+                       cache_dirty_chunks=sums.get("cache_dirty_chunks", 0.0),
+                       cache_writebacks=sums.get("cache_writebacks", 0.0),
+                       resident_partitions=sums.get("resident_partitions", 0.0),
+                       cached_partitions=sums.get("cached_partitions", 0.0))
             for (w, name), s in self._applied_step.items():
                 out[f"applied_step.worker.{w}.{name}"] = float(s)
         q = self._queue
@@ -398,8 +583,12 @@ class Shard:
         return out
 
     def close(self) -> None:
-        """Refuse new pushes, apply the queued ones, stop the apply thread."""
+        """Refuse new pushes, apply the queued ones, stop the apply thread, write the cache back."""
         self._queue.close()
+        with self._cond:
+            for t in self._tables.values():
+                if t.store is not None and not t.store.read_only:
+                    t.parts.flush()
 
     def __enter__(self) -> Self:
         return self
@@ -419,8 +608,38 @@ class Shard:
         if self.config.read_only:
             raise ReadOnlyError(f"shard {self.shard_id} is read-only")
 
-    def _slots(self, t: _Table, rows: Any, *, allow_empty: bool) -> np.ndarray:
-        """Validated global rows [n] -> flat slots [n]."""
+    @staticmethod
+    def _check_partition_arrays(spec: TableSpec, partitions: dict[int, dict[str, np.ndarray]]) -> None:
+        r, layout = spec.rows_per_partition, state_layout(spec)
+        for p, arrays in partitions.items():
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < spec.num_partitions:
+                raise InvalidRequestError(f"table {spec.name}: partition {p!r} not in [0, {spec.num_partitions})")
+            unknown = sorted(set(arrays) - {VALUES, *layout})
+            if VALUES not in arrays or unknown:
+                raise InvalidRequestError(f"table {spec.name} partition {p}: needs 'values', unknown {unknown}")
+            if np.shape(arrays[VALUES]) != (r, spec.dim):
+                raise InvalidRequestError(f"table {spec.name} partition {p}: values must be [{r}, {spec.dim}]")
+            for name, (trailing, _) in layout.items():
+                if name in arrays and np.shape(arrays[name]) != (r, *trailing):
+                    raise InvalidRequestError(f"table {spec.name} partition {p}: {name} must be {[r, *trailing]}")
+
+    def _check_owned(self, t: _Table, rows: np.ndarray) -> None:
+        """With self._cond held: every row's partition is owned here (WrongShardError if not)."""
+        part = rows % t.spec.num_partitions
+        if rows.shape[0] and not t.owned[part].all():
+            missing = np.unique(part[~t.owned[part]])[:8].tolist()
+            raise WrongShardError(f"shard {self.shard_id} does not own partitions {missing} of {t.spec.name}")
+
+    def _wait_unfrozen(self, t: _Table, rows: np.ndarray) -> None:
+        """With self._cond held: wait while a row's partition is being handed off, then check ownership."""
+        part = rows % t.spec.num_partitions
+        if not self._cond.wait_for(lambda: not self._frozen[part].any(), self.config.wait_timeout_s):
+            raise WaitTimeoutError(f"partitions of shard {self.shard_id} stayed frozen for "
+                                   f"{self.config.wait_timeout_s} s (a hand-off did not finish)")
+        self._check_owned(t, rows)
+
+    def _rows(self, t: _Table, rows: Any, *, allow_empty: bool) -> np.ndarray:
+        """Validated global rows int64 [n]: in range and owned here."""
         rows = _ids("rows", rows)
         n = rows.shape[0]
         if n == 0 and not allow_empty:
@@ -429,20 +648,16 @@ class Shard:
             raise RequestTooLargeError(f"{n} rows > max_rows_per_request {self.config.max_rows_per_request}")
         if n and (rows.min() < 0 or rows.max() >= t.spec.rows):
             raise InvalidRequestError(f"rows must be in [0, {t.spec.rows}) for table {t.spec.name}")
-        part = rows % t.spec.num_partitions
-        slot = t.slot_of[part]
-        if n and slot.min() < 0:
-            missing = np.unique(part[slot < 0])[:8].tolist()
-            raise WrongShardError(f"shard {self.shard_id} does not own partitions {missing} of {t.spec.name}")
-        return slot * t.spec.rows_per_partition + rows // t.spec.num_partitions
+        self._check_owned(t, rows)
+        return rows
 
     def _pooled_args(
         self, t: _Table, rows: Any, projector: Any, token: Any, scores: Any, num_projectors: Any, *,
         allow_empty: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Validated (slots [n], projector [n], token [n], scores float32 [n, h])."""
-        slots = self._slots(t, rows, allow_empty=allow_empty)
-        n = slots.shape[0]
+        """Validated (rows [n], projector [n], token [n], scores float32 [n, h])."""
+        rows = self._rows(t, rows, allow_empty=allow_empty)
+        n = rows.shape[0]
         e = _int_scalar("num_projectors", num_projectors, 1)
         projector, token = _ids("projector", projector), _ids("token", token)
         if projector.shape[0] != n or token.shape[0] != n:
@@ -456,7 +671,7 @@ class Shard:
         h = s.shape[1] if s.ndim == 2 else 0
         if h < 1 or t.spec.dim % h:
             raise InvalidRequestError(f"scores must be [n, h] with h >= 1 dividing d_v={t.spec.dim}, got {s.shape}")
-        return slots, projector, token, _floats("scores", s, (n, h))
+        return rows, projector, token, _floats("scores", s, (n, h))
 
     @staticmethod
     def _push_header(worker_id: Any, seq: Any, step: Any, lr: Any) -> tuple[int, int, int, float]:
@@ -477,12 +692,18 @@ class Shard:
             _int_scalar("min_step", min_step, -(2**63))
 
     def _wait_for_step(self, worker_id: int, table: str, min_step: int | None) -> None:
-        """With self._cond held: wait until the worker's applied step on `table` >= min_step."""
+        """With self._cond held: wait until the worker's applied step on `table` >= min_step and no
+        queued push of the worker at a step <= min_step is left (a re-routed push may arrive after a
+        later one was applied, DESIGN §4.1)."""
         if min_step is None:
             return
         key = (worker_id, table)
-        if not self._cond.wait_for(lambda: self._applied_step.get(key, -1) >= min_step,
-                                   self.config.wait_timeout_s):
+
+        def reached() -> bool:
+            pending = self._pending.get(key)
+            return self._applied_step.get(key, -1) >= min_step and not (pending and min(pending) <= min_step)
+
+        if not self._cond.wait_for(reached, self.config.wait_timeout_s):
             self._counters.wait_timeouts += 1
             raise WaitTimeoutError(
                 f"worker {worker_id} step {min_step} not applied within {self.config.wait_timeout_s} s "

@@ -1,0 +1,388 @@
+"""Where a shard keeps the partitions it owns: in RAM, or through a chunk cache over Zarr (DESIGN §4.1, §5).
+
+`TablePartitions` is the small interface `Shard` calls for one table: read value rows, apply one
+optimizer step to unique rows, add / remove / export whole partitions (rescaling hands partitions
+over), write them into a checkpoint, report bytes and counters. Rows are always *global* rows
+(row r lives in partition r % NP at local row r // NP); callers have checked range and ownership.
+
+- `ResidentPartitions`: one flat array [slots * R, d_v] plus state arrays of the same leading size;
+  partition p sits at slot `slot_of[p]`, so global row r is at `slot_of[r % NP] * R + r // NP`.
+  Added partitions take a free slot (capacity grows by a quarter when none is left), removed ones
+  free theirs, so a rescale never rebuilds the whole table.
+- `CachedTablePartitions`: `storage.chunk_cache.CachedPartitions` over a writable table store, at
+  most `budget_bytes` of chunk data in RAM (values and optimizer state alike). An optimizer step
+  reads the unique rows' values and state, steps them as a compact [U, ...] block, writes them back.
+- `TieredPartitions`: what a shard with a RAM budget holds: the partitions that fit are resident,
+  the rest go through the cache (`plan_tiers` decides). Both sub-stores obey the same contract, so
+  a shard gives identical answers whichever tier a partition is in (tests/param_server/test_cached_shard.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from param_server.errors import ConfigError
+from param_server.optimizers import SparseOptimizer
+from storage.chunk_cache import CachedPartitions
+from storage.layout import VALUES, TableSpec, init_partition_values, numpy_dtype, state_layout, table_arrays
+from storage.table_store import TableStore
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]  # {"values": [R, d_v], state name: [R, ...]} of one partition
+
+
+def partition_nbytes(spec: TableSpec) -> int:
+    """Bytes of one partition in RAM: values and optimizer state, padding rows included."""
+    r = spec.rows_per_partition
+    total = r * spec.dim * numpy_dtype(spec.dtype).itemsize
+    for trailing, dt in state_layout(spec).values():
+        total += r * math.prod(trailing) * np.dtype(dt).itemsize
+    return total
+
+
+def initial_arrays(spec: TableSpec, p: int) -> Arrays:
+    """Partition p as a fresh table holds it: initial values (seeded by (seed, p)), state at 0."""
+    r = spec.rows_per_partition
+    out = {VALUES: init_partition_values(spec, p)}
+    for name, (trailing, dt) in state_layout(spec).items():
+        out[name] = np.zeros((r, *trailing), dtype=dt)
+    return out
+
+
+def zero_state(store: TableStore, p: int) -> None:
+    """Write 0 into every optimizer state array of partition p (a re-initialised partition)."""
+    r = store.spec.rows_per_partition
+    arrays = {name: np.zeros((r, *trailing), dtype=dt) for name, (trailing, dt) in state_layout(store.spec).items()}
+    if arrays:
+        store.write_partition(p, arrays)
+
+
+def copy_partition(source: TableStore, target: TableStore, p: int, block_bytes: int = 8 << 20) -> None:
+    """Copy partition p (all arrays) from one table group to another, ~`block_bytes` at a time."""
+    valid = source.spec.valid_rows(p)
+    for name, layout in table_arrays(source.spec).items():
+        row_bytes = max(1, math.prod(layout.trailing) * layout.dtype.itemsize)
+        step = max(1, block_bytes // row_bytes)
+        for start in range(0, valid, step):
+            rows = np.arange(start, min(start + step, valid))
+            target.write_rows(p, rows, source.read_rows(p, rows, names=[name]))
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    """Which owned partitions stay resident and how many bytes the chunk cache of the rest may hold."""
+
+    resident: tuple[int, ...]
+    cached: tuple[int, ...]
+    cache_bytes: int  # 0 when nothing is cached
+    used_bytes: int  # resident bytes + cache_bytes: what this table takes of the shard's budget
+
+
+def min_cache_bytes(store: TableStore) -> int:
+    """The smallest cache budget over `store`: one chunk of its largest array (CachedPartitions' rule)."""
+    layouts = table_arrays(store.spec)
+    return max(store.chunk_shape(n)[1] * math.prod(layouts[n].trailing) * layouts[n].dtype.itemsize
+               for n in store.array_names)
+
+
+def plan_tiers(spec: TableSpec, partitions: Iterable[int], budget_bytes: int | None, *,
+               min_cache: int, cache_share: float) -> TierPlan:
+    """Split `partitions` between RAM and the chunk cache within `budget_bytes` (None = no budget).
+
+    Everything resident when it fits. Otherwise `cache_share` of the budget (at least `min_cache`)
+    is the cache and as many partitions as fit in the rest stay resident.
+    Raises: ConfigError when the budget cannot hold even one chunk.
+    """
+    owned = tuple(sorted(int(p) for p in partitions))
+    each = partition_nbytes(spec)
+    if budget_bytes is None or each * len(owned) <= budget_bytes:
+        return TierPlan(owned, (), 0, each * len(owned))
+    if budget_bytes < min_cache:
+        raise ConfigError(f"table {spec.name}: RAM budget {budget_bytes} B is below one cache chunk "
+                          f"({min_cache} B)")
+    cache = min(budget_bytes, max(min_cache, int(budget_bytes * cache_share)))
+    n_resident = min(len(owned), (budget_bytes - cache) // each)
+    resident = owned[:n_resident]
+    return TierPlan(resident, owned[n_resident:], cache, cache + each * n_resident)
+
+
+class TablePartitions(ABC):
+    """The owned partitions of one table (the interface `Shard` uses; see the module docstring)."""
+
+    spec: TableSpec
+
+    @property
+    @abstractmethod
+    def partitions(self) -> tuple[int, ...]:
+        """Owned partitions, ascending."""
+
+    @abstractmethod
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Values of global rows int64 [n] (owned, may repeat) -> [n, d_v] in the table dtype."""
+
+    @abstractmethod
+    def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        """One optimizer step on unique global rows int64 [U] with grads float32 [U, d_v]."""
+
+    @abstractmethod
+    def add(self, p: int, arrays: Arrays) -> None:
+        """Hold partition p: {"values": [R, d_v], state: [R, ...]} in exact dtypes (state may be missing: 0)."""
+
+    @abstractmethod
+    def remove(self, p: int) -> None:
+        """Stop holding partition p (its data must have been exported first)."""
+
+    @abstractmethod
+    def export(self, p: int) -> Arrays:
+        """Copies of partition p's arrays, padding rows included."""
+
+    @abstractmethod
+    def save(self, target: TableStore) -> None:
+        """Write every owned partition into `target` (a table group of the same spec)."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook: RAM-only stores have nothing to write back
+        """Make the durable home hold what RAM holds (no-op when there is none)."""
+
+    @abstractmethod
+    def resident_bytes(self) -> int:
+        """Bytes of partition data held in RAM (chunk data for a cache)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Counters of this store (cache hits, evictions, ...); empty for RAM."""
+        return {}
+
+
+class ResidentPartitions(TablePartitions):
+    """Owned partitions in RAM as flat arrays with a slot per partition (see the module docstring)."""
+
+    def __init__(self, spec: TableSpec, partitions: Mapping[int, Arrays] | None = None) -> None:
+        self.spec = spec
+        self._r = spec.rows_per_partition
+        self._state_layout = state_layout(spec)
+        self.slot_of = np.full(spec.num_partitions, -1, dtype=np.int64)  # -1: not held here
+        self._free: list[int] = []
+        self.values = np.empty((0, spec.dim), dtype=numpy_dtype(spec.dtype))
+        self.state = {n: np.zeros((0, *t), dtype=dt) for n, (t, dt) in self._state_layout.items()}
+        items = dict(partitions or {})
+        self._grow(len(items))
+        for p in sorted(items):
+            self.add(p, items[p])
+
+    @property
+    def partitions(self) -> tuple[int, ...]:
+        return tuple(np.flatnonzero(self.slot_of >= 0).tolist())
+
+    def _flat(self, rows: np.ndarray) -> np.ndarray:
+        return self.slot_of[rows % self.spec.num_partitions] * self._r + rows // self.spec.num_partitions
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.take(self.values, self._flat(rows), axis=0)
+
+    def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        optimizer.step(self.values, self.state, self._flat(rows), grads, lr)
+
+    def _grow(self, slots: int) -> None:
+        if slots <= 0:
+            return
+        old = self.values.shape[0] // self._r
+        extra = slots * self._r
+        self.values = np.concatenate([self.values, np.zeros((extra, self.spec.dim), self.values.dtype)])
+        self.state = {n: np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]) for n, a in self.state.items()}
+        self._free.extend(range(old + slots - 1, old - 1, -1))  # pop() hands out the lowest slot first
+
+    def add(self, p: int, arrays: Arrays) -> None:
+        assert self.slot_of[p] < 0, f"partition {p} is already held"
+        if not self._free:
+            self._grow(max(1, len(self.partitions) // 4))
+        slot = self._free.pop()
+        self.slot_of[p] = slot
+        span = slice(slot * self._r, (slot + 1) * self._r)
+        self.values[span] = np.asarray(arrays[VALUES]).astype(self.values.dtype, copy=False)
+        for name, a in self.state.items():
+            a[span] = arrays.get(name, 0)
+
+    def remove(self, p: int) -> None:
+        slot = int(self.slot_of[p])
+        assert slot >= 0, f"partition {p} is not held"
+        self.slot_of[p] = -1
+        self._free.append(slot)
+
+    def export(self, p: int) -> Arrays:
+        span = slice(int(self.slot_of[p]) * self._r, (int(self.slot_of[p]) + 1) * self._r)
+        return {VALUES: self.values[span].copy(), **{n: a[span].copy() for n, a in self.state.items()}}
+
+    def save(self, target: TableStore) -> None:
+        for p in self.partitions:
+            target.write_partition(p, self.export(p))
+
+    def resident_bytes(self) -> int:
+        held = len(self.partitions) * self._r
+        per_row = self.values.itemsize * self.spec.dim + sum(a.itemsize * math.prod(a.shape[1:])
+                                                             for a in self.state.values())
+        return held * per_row
+
+
+class CachedTablePartitions(TablePartitions):
+    """Owned partitions served through a bounded write-back chunk cache over `store` (DESIGN §5)."""
+
+    def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int) -> None:
+        self.spec = store.spec
+        self.store = store
+        self.budget_bytes = int(budget_bytes)
+        self._cache = CachedPartitions(store, sorted(int(p) for p in partitions), self.budget_bytes)
+        self._names = store.array_names
+        self._retired: dict[str, float] = {}  # counters of caches replaced by add/remove
+
+    @property
+    def partitions(self) -> tuple[int, ...]:
+        return self._cache.partitions
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self._cache.read_rows(rows, names=[VALUES])[VALUES]
+
+    def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        block = self._cache.read_rows(rows)  # {name: [U, ...]} compact copies
+        values = block.pop(VALUES)
+        optimizer.step(values, block, np.arange(rows.shape[0]), grads, lr)
+        self._cache.write_rows(rows, {VALUES: values, **block})
+
+    def _rebuild(self, partitions: Iterable[int]) -> None:
+        """A cache over another partition set (the old one flushed first; its chunks are dropped)."""
+        self._cache.flush()
+        for k, v in self._cache.metrics().items():
+            if k in ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back"):
+                self._retired[k] = self._retired.get(k, 0.0) + float(v)
+        self._cache = CachedPartitions(self.store, sorted(partitions), self.budget_bytes)
+
+    def add(self, p: int, arrays: Arrays | None) -> None:
+        """Hold p; arrays None means the store already holds p's current state (a shared store)."""
+        if arrays is not None:
+            full = {n: arrays[n] for n in self._names if n in arrays}
+            self.store.write_partition(p, full)
+            missing = {n: np.zeros_like(a) for n, a in initial_arrays(self.spec, p).items() if n not in full}
+            if missing:
+                self.store.write_partition(p, missing)
+        self._rebuild([*self.partitions, p])
+
+    def remove(self, p: int) -> None:
+        self._rebuild([q for q in self.partitions if q != p])
+
+    def export(self, p: int) -> Arrays:
+        self._cache.flush()
+        return self.store.read_partition(p)
+
+    def save(self, target: TableStore) -> None:
+        self._cache.copy_to(target)
+
+    def flush(self) -> None:
+        self._cache.flush()
+
+    def resident_bytes(self) -> int:
+        return int(self._cache.metrics()["cache_bytes"])
+
+    def metrics(self) -> dict[str, float]:
+        m = {k: float(v) for k, v in self._cache.metrics().items()}
+        for k, v in self._retired.items():
+            m[k] += v
+        accesses = m["hits"] + m["misses"]
+        m["hit_rate"] = m["hits"] / accesses if accesses else 0.0
+        return m
+
+
+class TieredPartitions(TablePartitions):
+    """Resident partitions plus (optionally) a chunk cache for the rest; rows are split by tier."""
+
+    def __init__(self, spec: TableSpec, resident: ResidentPartitions, cached: CachedTablePartitions | None) -> None:
+        self.spec = spec
+        self.resident = resident
+        self.cached = cached
+        self._in_cache = np.zeros(spec.num_partitions, dtype=bool)
+        if cached is not None:
+            self._in_cache[list(cached.partitions)] = True
+
+    @property
+    def partitions(self) -> tuple[int, ...]:
+        cached = self.cached.partitions if self.cached is not None else ()
+        return tuple(sorted((*self.resident.partitions, *cached)))
+
+    def is_cached(self, p: int) -> bool:
+        return bool(self._in_cache[p])
+
+    def _split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions [k] of rows served from RAM and [n - k] from the cache."""
+        c = self._in_cache[rows % self.spec.num_partitions]
+        return np.flatnonzero(~c), np.flatnonzero(c)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        if self.cached is None:
+            return self.resident.read(rows)
+        ram, cache = self._split(rows)
+        if cache.size == 0:
+            return self.resident.read(rows)
+        out = np.empty((rows.shape[0], self.spec.dim), dtype=numpy_dtype(self.spec.dtype))
+        if ram.size:
+            out[ram] = self.resident.read(rows[ram])
+        out[cache] = self.cached.read(rows[cache])
+        return out
+
+    def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
+        if self.cached is None:
+            self.resident.step(optimizer, rows, grads, lr)
+            return
+        ram, cache = self._split(rows)
+        if ram.size:
+            self.resident.step(optimizer, rows[ram], grads[ram], lr)
+        if cache.size:
+            self.cached.step(optimizer, rows[cache], grads[cache], lr)
+
+    def add(self, p: int, arrays: Arrays | None, *, cached: bool = False) -> None:
+        """Hold p in RAM, or through the cache (`cached`; arrays None = already in the cache's store)."""
+        if cached:
+            if self.cached is None:
+                raise ConfigError(f"table {self.spec.name}: no chunk cache to hold partition {p}")
+            self.cached.add(p, arrays)
+            self._in_cache[p] = True
+        else:
+            assert arrays is not None
+            self.resident.add(p, arrays)
+
+    def remove(self, p: int) -> None:
+        if self._in_cache[p]:
+            assert self.cached is not None
+            self.cached.remove(p)
+            self._in_cache[p] = False
+        else:
+            self.resident.remove(p)
+
+    def export(self, p: int) -> Arrays:
+        if self._in_cache[p]:
+            assert self.cached is not None
+            return self.cached.export(p)
+        return self.resident.export(p)
+
+    def save(self, target: TableStore) -> None:
+        self.resident.save(target)
+        if self.cached is not None:
+            self.cached.save(target)
+
+    def flush(self) -> None:
+        if self.cached is not None:
+            self.cached.flush()
+
+    def resident_bytes(self) -> int:
+        return self.resident.resident_bytes() + (self.cached.resident_bytes() if self.cached is not None else 0)
+
+    def metrics(self) -> dict[str, float]:
+        m = {"resident_partitions": float(len(self.resident.partitions)),
+             "cached_partitions": float(len(self.cached.partitions)) if self.cached is not None else 0.0,
+             "resident_bytes": float(self.resident.resident_bytes())}
+        if self.cached is not None:
+            m.update({f"cache_{k}" if not k.startswith("cache_") else k: v for k, v in self.cached.metrics().items()})
+        return m
