@@ -10,6 +10,7 @@ driver calls `run(until)` and gets control back at `until`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -50,6 +51,7 @@ class WorkerSpec:
     consistency: str = "async"  # "sync" | "async"
     staleness: int = 2  # async bound k (DESIGN §4.3)
     token: str | None = None  # shard auth token
+    client: ClientConfig | None = None  # deadlines, retries, failover wait (default ClientConfig())
 
 
 class ModelWorker:
@@ -66,8 +68,8 @@ class ModelWorker:
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.corpus = prepare_corpus(spec.data)  # the driver prepared the cache: this only reads it
         pmap = PartitionMap(epoch=spec.epoch, addresses=spec.addresses, owner=spec.owner)
-        self.client = Client(list(spec.addresses), partition_map=pmap, worker_id=spec.rank,
-                             config=ClientConfig(token=spec.token))
+        client_cfg = dataclasses.replace(spec.client or ClientConfig(), token=spec.token)
+        self.client = Client(list(spec.addresses), partition_map=pmap, worker_id=spec.rank, config=client_cfg)
         torch.manual_seed(cfg.seed)  # identical dense init on every rank (and as --local)
         model = LanguageModel(spec.model)
         self.backend = RemoteBackend(self.client, model.memory_tables(), consistency=spec.consistency,
@@ -154,6 +156,15 @@ class ModelWorker:
 
     def flush(self) -> None:
         self.backend.flush()
+
+    def pid(self) -> int:
+        """This worker's process id (fault tests kill it)."""
+        return os.getpid()
+
+    def set_partition_map(self, epoch: int, addresses: list[str], owner: list[int]) -> bool:
+        """Route by a newer map (the driver calls this, concurrently with `run`, when a shard restarted
+        at a new address); returns whether it was newer than the client's."""
+        return self.client.install_map(PartitionMap(epoch=epoch, addresses=tuple(addresses), owner=owner))
 
     def close(self) -> None:
         """Flush pushes, close channels, leave the process group."""

@@ -50,12 +50,19 @@ class DistributedConfig:
     num_cpus: int = 0  # embedded Ray only: logical CPUs (0 = max(machine, shards + workers))
     object_store_mb: int = 256  # embedded Ray only
     shard_budget_bytes: int | None = None  # RAM per shard for partition data; the rest via a chunk cache
+    on_worker_failure: Literal["restart", "fail"] = "fail"  # a dead model worker: fail with a clear error,
+    # or restart every actor from the last checkpoint and go on (docs/reliability.md §6)
+    call_timeout_s: float = 300.0  # longest the driver waits on a control call; per step for a training chunk
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.workers < 1:
             raise ValueError("cluster.shards and cluster.workers must be >= 1")
         if self.shard_budget_bytes is not None and self.shard_budget_bytes <= 0:
             raise ValueError("cluster.shard_budget_bytes must be > 0 (or unset for fully resident shards)")
+        if self.on_worker_failure not in ("restart", "fail"):
+            raise ValueError(f"cluster.on_worker_failure must be 'restart' or 'fail', got {self.on_worker_failure!r}")
+        if not self.call_timeout_s > 0:
+            raise ValueError(f"cluster.call_timeout_s must be > 0, got {self.call_timeout_s}")
         if self.staleness < 0 or self.max_restarts < 0 or self.num_cpus < 0:
             raise ValueError("cluster.staleness, cluster.max_restarts and cluster.num_cpus must be >= 0")
 

@@ -58,6 +58,7 @@ class Coordinator:
         self._requests: list[tuple[int, int]] = []  # (request id, target shard count), not yet taken
         self._results: dict[int, dict[str, Any]] = {}  # request id -> {"state": ..., ...}
         self.job: dict[str, Any] = {}
+        self._restarts: list[dict[str, Any]] = []  # shard restarts the driver has not handled yet
 
     # --- tables -------------------------------------------------------------------------------
     def register_table(self, spec: dict[str, Any]) -> None:
@@ -99,7 +100,15 @@ class Coordinator:
         """A restarted shard reports its new address; bumps the epoch so clients re-route."""
         self.shards[shard_id].address = address
         self.epoch += 1
+        self._restarts.append({"shard_id": shard_id, "address": address, "epoch": self.epoch})
+        logger.info("shard %d restarted at %s (epoch %d)", shard_id, address, self.epoch)
         return self.epoch
+
+    def take_restarts(self) -> list[dict[str, Any]]:
+        """Restarts reported since the last call ({shard_id, address, epoch}); the driver installs the
+        new map on every shard and worker."""
+        out, self._restarts = self._restarts, []
+        return out
 
     def partition_map(self) -> dict[str, Any]:
         """{epoch, owner: [shard per partition], addresses: {shard_id: host:port}}."""

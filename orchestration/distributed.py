@@ -15,6 +15,15 @@ The driver's spine (DESIGN §1, §4, §5; STYLE §4 "ultramem train, end to end"
 
 `rescale(to)` changes the shard count while `run()` trains (orchestration/rescale.py); a watcher
 thread also takes requests that `ultramem shards scale` posts to the coordinator.
+
+Faults (docs/reliability.md §6): a shard killed mid-run is restarted by Ray, reloads the last
+checkpoint, replays its update log and reports its new address to the coordinator; the watcher
+sees the epoch move and installs the new map on every shard and worker, whose clients re-send what
+the dead shard did not acknowledge. A shard that dies during a checkpoint makes the driver wait for
+it and write the checkpoint again; a checkpoint that cannot be written (a full disk) raises
+`CheckpointFailedError` and leaves the previous one the newest. A dead model worker fails the job
+with `WorkerFailedError`, or (cluster.on_worker_failure = "restart") every actor is restarted from
+the last checkpoint. Every driver `ray.get` has a timeout (cluster.call_timeout_s).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -44,12 +54,16 @@ from orchestration.coordinator import NAMESPACE, Coordinator, ShardRecord, coord
 from orchestration.placement import check_capacity, shard_options, worker_options
 from orchestration.rescale import Rescaler, RescaleResult
 from param_server.actor import ShardActor, ShardActorConfig, tables_dir
+from param_server.fanout import ClientConfig
 from param_server.partition_map import PartitionMap
 from param_server.shard import ShardConfig
 from storage.checkpoint import step_dir
+from storage.errors import CheckpointError
 from storage.table_store import create_table
 
 logger = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 300.0  # actors starting (imports, table loads) on a busy machine
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,14 @@ class DistributedResult:
     staleness_bound: int
     staleness_mean: float  # observed: this worker's newest push minus the shards' applied step, per lookup
     checkpoint: Path | None
+
+
+class WorkerFailedError(RuntimeError):
+    """A model worker died and cluster.on_worker_failure is "fail" (or restarts ran out)."""
+
+
+class CheckpointFailedError(RuntimeError):
+    """A checkpoint could not be written; the previous checkpoint is intact and still the newest."""
 
 
 def _boundaries(start: int, stop: int, every: list[int]) -> list[int]:
@@ -107,6 +129,9 @@ class DistributedTrainer:
         self._retiring: list[tuple[int, Any]] = []
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._routing_epoch = 0  # newest partition-map epoch installed on every shard and worker
+        self.shard_restarts = 0  # shard restarts noticed (their new map installed)
+        self.worker_restarts = 0  # whole-job restarts after a model worker died
         try:
             self._start(resume)
         except BaseException:
@@ -145,6 +170,8 @@ class DistributedTrainer:
         if ckpt is None:
             table_paths = dict(self.work_paths)
 
+        self.step = self.step if ckpt is not None else 0
+        self._stop_watch.clear()
         name = coordinator_name(self.job)
         self.coordinator = ray.remote(Coordinator).options(name=name, namespace=NAMESPACE,
                                                           num_cpus=0).remote(np_)
@@ -160,11 +187,13 @@ class DistributedTrainer:
         self._initialize = ckpt is None
         self.shards = [self._spawn_shard(i, tuple(pmap.partitions_of(i))) for i in range(self.dist.shards)]
         self._shard_by_id = dict(enumerate(self.shards))
-        addresses = ray.get([s.address.remote() for s in self.shards])
+        addresses = self._get([s.address.remote() for s in self.shards], _START_TIMEOUT_S)
         records = [ShardRecord(i, a, pmap.partitions_of(i)) for i, a in enumerate(addresses)]
-        epoch = ray.get(self.coordinator.set_shards.remote(records))
+        epoch = self._get(self.coordinator.set_shards.remote(records), _START_TIMEOUT_S)
         self.pmap = PartitionMap(epoch=epoch, addresses=tuple(addresses), owner=pmap.owner)
-        ray.get([s.set_partition_map.remote(epoch, addresses, pmap.owner.tolist()) for s in self.shards])
+        self._get([s.set_partition_map.remote(epoch, addresses, pmap.owner.tolist()) for s in self.shards],
+                  _START_TIMEOUT_S)
+        self._routing_epoch = epoch
         logger.info("%d shards up at %s (epoch %d)", len(addresses), addresses, epoch)
 
         worker_cls = ray.remote(ModelWorker).options(**worker_options(resources))
@@ -172,15 +201,16 @@ class DistributedTrainer:
             worker_cls.remote(WorkerSpec(rank=r, world_size=self.dist.workers, model=self.cfg.model,
                                          train=self.cfg.train, data=self.cfg.data, addresses=tuple(addresses),
                                          owner=tuple(pmap.owner.tolist()), epoch=epoch,
-                                         consistency=self.dist.consistency, staleness=self.dist.staleness))
+                                         consistency=self.dist.consistency, staleness=self.dist.staleness,
+                                         client=self._client_config()))
             for r in range(self.dist.workers)
         ]
         if self.dist.workers > 1:
-            host, port = ray.get(self.workers[0].rendezvous_address.remote())
-            ray.get([w.join_group.remote(host, port) for w in self.workers])
+            host, port = self._get(self.workers[0].rendezvous_address.remote(), _START_TIMEOUT_S)
+            self._get([w.join_group.remote(host, port) for w in self.workers], _START_TIMEOUT_S)
         if ckpt is not None:
             dense = checkpoint_io.read_dense(ckpt)
-            ray.get([w.load_dense_state.remote(dense, self.step) for w in self.workers])
+            self._get([w.load_dense_state.remote(dense, self.step) for w in self.workers], _START_TIMEOUT_S)
         self._watcher = threading.Thread(target=self._watch_requests, name="rescale-watcher", daemon=True)
         self._watcher.start()
 
@@ -190,7 +220,82 @@ class DistributedTrainer:
             shard_id=shard_id, table_paths=self._table_paths, partitions=partitions,
             checkpoint_root=str(self.checkpoint_root), work_paths=self.work_paths,
             initialize=self._initialize, coordinator=coordinator_name(self.job), namespace=NAMESPACE,
-            shard=ShardConfig(ram_budget_bytes=self.shard_budget_bytes)))
+            shard=ShardConfig(ram_budget_bytes=self.shard_budget_bytes),
+            update_log_dir=str(self.run_dir / "update-log")))
+
+    def _client_config(self) -> ClientConfig:
+        """Workers' client: each call attempt bounded by call_timeout_s (at most 60 s), and a dead shard
+        waited for as long as the driver waits for anything."""
+        return ClientConfig(timeout_s=min(60.0, self.dist.call_timeout_s),
+                            failover_timeout_s=self.dist.call_timeout_s)
+
+    def _get(self, refs: Any, timeout: float | None = None) -> Any:
+        """ray.get with the job's deadline (GetTimeoutError past it): the driver never waits forever."""
+        return ray.get(refs, timeout=timeout or self.dist.call_timeout_s)
+
+    # --- faults (docs/reliability.md §6) ---------------------------------------------------------
+    def _install_routing(self) -> bool:
+        """If the coordinator's map is newer than the one installed (a shard restarted at a new address),
+        install it on every shard and worker; returns whether it did."""
+        with self._control:
+            epoch, addresses, owner = self._get(self.coordinator.routing.remote(), 30)
+            if epoch <= self._routing_epoch:
+                return False
+            calls = [s.set_partition_map.remote(epoch, addresses, owner) for s in self._shard_by_id.values()]
+            calls += [w.set_partition_map.remote(epoch, addresses, owner) for w in self.workers]
+            self._get(calls, 30)
+            self._routing_epoch = epoch
+        for event in self._get(self.coordinator.take_restarts.remote(), 30):
+            self.shard_restarts += 1
+            logger.warning("shard %d was restarted at %s; partition map epoch %d installed everywhere",
+                           event["shard_id"], event["address"], epoch)
+            self._log({"kind": "shard_restart", "step": self.step, **event})
+        return True
+
+    def _await_shards(self, timeout: float = 120.0) -> None:
+        """Wait until every shard answers (Ray restarted the dead ones) and its map is installed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._get([s.address.remote() for s in self._shard_by_id.values()], 10)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                if time.monotonic() > deadline:
+                    raise CheckpointFailedError(f"shards did not come back within {timeout:.0f} s: {err}") from None
+                time.sleep(0.5)
+        while not self._install_routing() and self._routing_epoch < self._get(
+                self.coordinator.routing.remote(), 30)[0]:
+            time.sleep(0.2)
+
+    def _teardown(self) -> None:
+        """Kill every actor of the job (workers, shards, coordinator) and stop the watcher."""
+        self._stop_watch.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(15)
+        for actor in [*self.workers, *self._shard_by_id.values(), *self.shards, self.coordinator]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self.workers, self.shards, self.coordinator = [], [], None
+        self._shard_by_id = {}
+        self._retiring = []
+
+    def _worker_failed(self, err: BaseException, until: int) -> None:
+        """A model worker died during steps (self.step, until]: fail clearly, or restart the job from the
+        last checkpoint (cluster.on_worker_failure)."""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        what = f"a model worker died while training steps {self.step + 1}..{until} ({first})"
+        if self.dist.on_worker_failure == "fail":
+            raise WorkerFailedError(f"{what} (set cluster.on_worker_failure = \"restart\" to resume from the "
+                                    "last checkpoint instead)") from None
+        if self.worker_restarts >= self.dist.max_restarts:
+            raise WorkerFailedError(f"{what}; {self.worker_restarts} restarts already (cluster.max_restarts)") from None
+        ckpt = checkpoint_io.latest(self.checkpoint_root)
+        logger.warning("%s; restarting every actor from %s", what, ckpt or "the initial state")
+        self._teardown()
+        self.worker_restarts += 1
+        self.job = f"{self.run_dir.name}-{secrets.token_hex(3)}"
+        self._start(ckpt)
+        self._log({"kind": "worker_restart", "step": self.step, "from": str(ckpt) if ckpt else None})
 
     # --- rescaling (DESIGN §4.1, orchestration/rescale.py) ------------------------------------------
     def rescale(self, to: int) -> RescaleResult:
@@ -222,12 +327,16 @@ class DistributedTrainer:
             ray.kill(actor, no_restart=True)
 
     def _watch_requests(self) -> None:
-        """Take `ultramem shards scale` requests from the coordinator and run them."""
-        while not self._stop_watch.wait(0.5):
+        """Install the new map when a shard restarted; take `ultramem shards scale` requests and run them."""
+        while not self._stop_watch.wait(0.25):
             try:
+                self._install_routing()
                 request = ray.get(self.coordinator.next_rescale_request.remote(), timeout=10)
-            except Exception:  # the coordinator is gone: the job is closing
-                return
+            except Exception as err:  # a shard still restarting, or the job is closing
+                if self._stop_watch.is_set():
+                    return
+                logger.debug("watcher: %s", err)
+                continue
             if request is None:
                 continue
             rid, to = request
@@ -247,18 +356,26 @@ class DistributedTrainer:
 
         tcfg = self.cfg.train
         stop = min(max_steps or tcfg.max_steps, tcfg.max_steps)
-        marks = _boundaries(self.step, stop, [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every])
+        every = [tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every]
         bar = tqdm(total=stop, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         ev: dict[str, float] | None = None
         ckpt: Path | None = None
         last: list[dict[str, Any]] = []
         t_start = time.perf_counter()
         try:
-            for until in marks:
+            while self.step < stop:
+                until = _boundaries(self.step, stop, every)[0]
                 with self._control:
                     self._chunk_no += 1
                     chunk = self._chunk_no
-                last = ray.get([w.run.remote(until) for w in self.workers])  # submit all, wait once
+                try:  # submit all, wait once; a training chunk gets call_timeout_s per step
+                    last = self._get([w.run.remote(until) for w in self.workers],
+                                     self.dist.call_timeout_s * (until - self.step + 8))
+                except ray.exceptions.RayActorError as err:  # a worker process died
+                    self._worker_failed(err, until)
+                    bar.reset(total=stop)
+                    bar.update(self.step)
+                    continue
                 self._retire(chunk)
                 bar.update(until - self.step)
                 self.step = until
@@ -294,7 +411,7 @@ class DistributedTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss / bits per byte, averaged over workers."""
-        evs = ray.get([w.evaluate.remote(self.cfg.train.eval_batches) for w in self.workers])
+        evs = self._get([w.evaluate.remote(self.cfg.train.eval_batches) for w in self.workers])
         val = float(np.mean([e["val_loss"] for e in evs]))
         out = {"val_loss": val, "val_bpb": self.corpus.bits_per_byte(val)}
         self._log({"kind": "eval", "step": self.step, **out, "memory": evs[0]["memory"],
@@ -304,21 +421,47 @@ class DistributedTrainer:
 
     def save(self) -> Path:
         """Coordinated checkpoint: workers are paused at a step boundary with pushes queued;
-        shards drain and write their partitions; worker 0's dense state; the manifest last."""
+        shards drain and write their partitions; worker 0's dense state; the manifest last.
 
+        A shard that dies meanwhile is waited for (Ray restarts it with the state it had: the last
+        checkpoint plus its update log) and the checkpoint is written again, once. Any other failure
+        (a full disk) removes the unfinished directory and raises CheckpointFailedError; the
+        previous checkpoint stays the newest.
+        """
         path = step_dir(self.checkpoint_root, self.step)
+        for attempt in (1, 2):
+            try:
+                return self._save_once(path)
+            except ray.exceptions.RayActorError as err:
+                if attempt == 2:
+                    self._abandon(path, err)
+                logger.warning("a shard died while writing %s (%s); writing it again once it is back", path, err)
+                self._await_shards()
+            except (OSError, ray.exceptions.RayError, CheckpointError) as err:
+                self._abandon(path, err)
+        raise AssertionError("unreachable")
+
+    def _abandon(self, path: Path, err: BaseException) -> None:
+        """Remove an unfinished checkpoint directory and raise CheckpointFailedError naming the cause."""
+        shutil.rmtree(path, ignore_errors=True)
+        prev = checkpoint_io.latest(self.checkpoint_root)
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CheckpointFailedError(f"checkpoint {path} failed ({type(err).__name__}: {cause}); the newest "
+                                    f"complete checkpoint is still {prev}") from err
+
+    def _save_once(self, path: Path) -> Path:
         specs = self._specs()
         checkpoint_io.begin_checkpoint(path)
         for spec in specs:
             create_table(path / "tables" / spec.name, spec, initialize=False)
         with self._control:  # no partition is in transit while the shards write theirs
-            ray.get([s.save.remote(str(path)) for s in list(self._shard_by_id.values())])
-        dense = ray.get(self.workers[0].dense_state.remote())
+            self._get([s.save.remote(str(path)) for s in list(self._shard_by_id.values())])
+        dense = self._get(self.workers[0].dense_state.remote())
         train_state = {"step": self.step, "rng": {}, "data": {"seed": self.cfg.train.seed, "next_step": self.step}}
         checkpoint_io.finish_checkpoint(path, dense=dense, train_state=train_state,
                                         config=to_dict(self.cfg), tokenizer_json=self.corpus.tokenizer.to_json(),
                                         tables=[s.name for s in specs], kind="ultramem.distributed")
-        ray.get(self.coordinator.record_checkpoint.remote(str(path)))
+        self._get(self.coordinator.record_checkpoint.remote(str(path)))
         if self.cfg.train.keep_checkpoints:
             checkpoint_io.prune_checkpoints(self.checkpoint_root, keep=self.cfg.train.keep_checkpoints)
         return path
@@ -361,11 +504,7 @@ class DistributedTrainer:
                 ray.get([s.stop.remote() for s in self.shards], timeout=60)
         except Exception as err:  # still tear the actors down below
             logger.warning("clean shutdown failed: %s", err)
-        for actor in [*self.workers, *self.shards, self.coordinator]:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        self.workers, self.shards, self.coordinator = [], [], None
-        self._shard_by_id = {}
+        self._teardown()
         if self.cluster.started_here:
             self.cluster.close()
 

@@ -14,6 +14,14 @@ Hand-off of a partition (DESIGN §4.1, driven by `orchestration/rescale.py`): `f
 pushes to it, `handoff_export` drains and copies it, the new owner `adopt`s it, the coordinator's
 new map is installed everywhere, then `release` drops it here, waits for every push RPC that began
 under the old map and returns the applied-step clocks the new owner merges (`merge_clocks`).
+
+Crash recovery (DESIGN §4.3, docs/reliability.md §6): with `update_log_dir` set, every push the
+shard admits is appended to its update log (`param_server/update_log.py`) before it is
+acknowledged. A fresh launch starts an empty log; an actor that Ray restarts after a crash reloads
+the newest checkpoint, replays the log segments written since it, then reports its new address to
+the coordinator (which bumps the map epoch; the driver installs the new map on every shard and
+worker). Each checkpoint cuts the log: pushes wait while the shard drains, starts segment
+`base-<step>` and writes its partitions.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from param_server.partition_map import PartitionMap
 from param_server.partitions import Arrays
 from param_server.server import ServerConfig, ShardServer, create_server
 from param_server.shard import Shard, ShardConfig
-from storage.checkpoint import latest_checkpoint
+from param_server.update_log import INIT, UpdateLog
+from storage.checkpoint import latest_checkpoint, step_of
 from storage.table_store import open_table
 
 logger = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ class ShardActorConfig:
     initialize: bool = False  # the initial tables are empty: generate this shard's partitions
     coordinator: str | None = None  # named coordinator actor that knows the partitions after a rescale
     namespace: str = "ultramem"
+    update_log_dir: str | None = None  # <run>/update-log: this shard logs to shard-<id>/ there (None: no log)
+    log_fsync: bool = False  # fsync each log append (machine crashes too; a process crash needs only a flush)
 
 
 def tables_dir(step_dir: Path | str) -> Path:
@@ -106,12 +117,51 @@ class ShardActor:
         self.partitions = self._current_partitions()
         self.shard = Shard(config.shard, shard_id=config.shard_id)
         self.loaded_from = self._load()
+        self.restarted = _reconstructed()
+        self.replayed = 0  # logged pushes applied again after a restart
+        self.log: UpdateLog | None = self._open_log()
         self.gate = PushGate()
         self.server: ShardServer
         self.server, _ = create_server(self.shard, config.server, interceptors=[self.gate])
         self.server.start()
-        logger.info("shard actor %d (pid %d) serving %s from %s", config.shard_id, os.getpid(),
-                    self.server.address, self.loaded_from)
+        logger.info("shard actor %d (pid %d) serving %s from %s%s", config.shard_id, os.getpid(),
+                    self.server.address, self.loaded_from,
+                    f", {self.replayed} logged pushes replayed" if self.restarted else "")
+        if self.restarted:
+            self._report_restart()
+
+    def _open_log(self) -> UpdateLog | None:
+        """Open this shard's update log: after a Ray restart replay it on top of the loaded checkpoint;
+        on a fresh launch start it empty (an old log belongs to a job that no longer exists)."""
+        if self.config.update_log_dir is None or self.config.shard.read_only:
+            return None
+        log = UpdateLog(Path(self.config.update_log_dir) / f"shard-{self.config.shard_id}",
+                        fsync=self.config.log_fsync)
+        base = self._loaded_step
+        if self.restarted:
+            self.replayed = self.shard.replay(log.replay_records(base))
+        else:
+            log.prune(2**62)
+        log.open(base)
+        self.shard.attach_log(log)
+        return log
+
+    def _report_restart(self) -> None:
+        """Tell the coordinator our new address (it bumps the epoch) and take the new map ourselves;
+        the driver installs it on the other shards and the workers."""
+        if self.config.coordinator is None:
+            return
+        import ray
+
+        try:
+            coordinator = ray.get_actor(self.config.coordinator, namespace=self.config.namespace)
+            ray.get(coordinator.update_address.remote(self.config.shard_id, self.server.address), timeout=30)
+            epoch, addresses, owner = ray.get(coordinator.routing.remote(), timeout=30)
+        except (ValueError, ray.exceptions.RayError) as err:
+            logger.warning("shard %d restarted but could not report to %s: %s", self.config.shard_id,
+                           self.config.coordinator, err)
+            return
+        self.set_partition_map(epoch, addresses, owner)
 
     def _current_partitions(self) -> tuple[int, ...]:
         """The launch partitions, or what the coordinator says this shard owns now (after a rescale)."""
@@ -129,6 +179,7 @@ class ShardActor:
 
     def _load(self) -> str:
         step_dir = latest_checkpoint(self.config.checkpoint_root) if self.config.checkpoint_root else None
+        self._loaded_step = step_of(step_dir) if step_dir is not None else INIT
         for name, initial in self.config.table_paths.items():
             source = tables_dir(step_dir) / name if step_dir is not None else Path(initial)
             work = self.config.work_paths.get(name)
@@ -156,7 +207,7 @@ class ShardActor:
         names = self.shard.table_names()
         return {"shard_id": self.config.shard_id, "address": self.server.address, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "loaded_from": self.loaded_from,
+                "loaded_from": self.loaded_from, "restarted": self.restarted, "replayed": self.replayed,
                 "partitions": self.shard.owned_partitions(names[0]) if names else [],
                 "tables": names}
 
@@ -170,8 +221,18 @@ class ShardActor:
         self.shard.drain()
 
     def save(self, step_dir: str) -> list[int]:
-        """Drain, then write the owned partitions into `step_dir/tables/<name>`; returns them."""
-        self.shard.save(tables_dir(step_dir))
+        """Drain, then write the owned partitions into `step_dir/tables/<name>`; returns them.
+
+        The update log is cut at the drained state: later pushes go to segment `base-<step>`, and
+        segments older than the newest valid checkpoint are deleted.
+        """
+        log = self.log
+        cut = (lambda: log.rotate(step_of(step_dir))) if log is not None else None
+        self.shard.save(tables_dir(step_dir), cut=cut)
+        if log is not None and self.config.checkpoint_root is not None:
+            valid = latest_checkpoint(self.config.checkpoint_root)
+            if valid is not None:
+                log.prune(step_of(valid))
         names = self.shard.table_names()
         return self.shard.owned_partitions(names[0]) if names else []
 
@@ -220,3 +281,15 @@ class ShardActor:
         """Stop serving and stop the apply loop after draining it (cached chunks written back)."""
         self.server.stop(grace)
         self.shard.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def _reconstructed() -> bool:
+    """True inside a Ray actor that Ray has restarted after a crash."""
+    try:
+        import ray
+
+        return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not in an actor (tests build the class directly)
+        return False

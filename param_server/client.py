@@ -12,7 +12,12 @@ none of the rows live there), so a shard can answer `min_step` lookups. Pushes t
 through one ordered sender thread (a shard drops a seq <= the last it accepted, so order matters).
 A push split into chunks marks all but its last chunk with `step - 1` (-1 at step 0): a shard only
 counts the step as applied once the whole push is. FAILED_PRECONDITION with a newer epoch
-refreshes the map and re-routes. Channels, deadlines, retries, TLS and the grouping of work per
+refreshes the map and re-routes. A shard that dies (UNAVAILABLE after the retries) is waited for:
+a restarted shard comes back at a new address with the same partitions, and once a newer map names
+it (installed by the driver with `install_map`, or fetched from the other shards) lookups re-run and
+pushes go there in the same order, with the same seqs: the restarted shard has replayed what it
+logged, so a push it had logged but not acknowledged is dropped as a duplicate (exactly once,
+docs/reliability.md §6). Channels, deadlines, retries, TLS and the grouping of work per
 shard live in `param_server.fanout`.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ import grpc
 import numpy as np
 
 from param_server import fanout, wire
-from param_server.errors import InvalidRequestError, StaleEpochError, UnknownTableError
+from param_server.errors import InvalidRequestError, ShardClosedError, StaleEpochError, UnknownTableError
 from param_server.fanout import ClientConfig
 from param_server.optimizers import sum_duplicates
 from param_server.partition_map import PartitionMap
@@ -88,7 +94,9 @@ class Client:
         self.worker_id = worker_id
         self._net = fanout.ShardChannels(self.config)
         self._lock = threading.Lock()
-        self._seq: dict[str, int] = {}
+        self._seq: dict[str, int] = {}  # shard key -> last seq sent (key: the shard's first address)
+        self._alias: dict[str, str] = {}  # address of a restarted shard -> its key
+        self._current: dict[str, str] = {}  # key -> the shard's address now (absent: the key itself)
         self._outstanding: list[tuple[Future, str, float, int]] = []
         self._tables: dict[str, TableMeta] = {}
         self._applied: dict[str, int] = {}  # table -> lowest applied_step any shard reported last lookup
@@ -113,6 +121,33 @@ class Client:
     def partition_map(self) -> PartitionMap:
         """The map requests are routed with now."""
         return self._map
+
+    def install_map(self, new: PartitionMap) -> bool:
+        """Route by `new` if its epoch is newer than ours; returns whether it was installed.
+
+        An address of the old map that is gone, whose partitions are now all owned by an address the
+        old map did not have, is a restarted shard: pushes to the new address continue on the same
+        ordered sender with the same seq numbering (the shard replayed its log up to them).
+        """
+        with self._lock:
+            old = self._map
+            if new.epoch <= old.epoch:
+                return False
+            for i, a in enumerate(old.addresses):
+                parts = np.flatnonzero(old.owner == i)
+                if a in new.addresses or not parts.size:
+                    continue
+                for j, b in enumerate(new.addresses):
+                    if b not in old.addresses and np.array_equal(np.flatnonzero(new.owner == j), parts):
+                        key = self._key(a)
+                        self._alias[b] = key
+                        self._current[key] = b
+                        logger.info("shard at %s is now at %s (epoch %d)", a, b, new.epoch)
+                        break
+            for address in new.addresses:
+                self._net.open(address)
+            self._map = new
+            return True
 
     def table(self, table: str) -> TableMeta:
         """P, d_v and NP of `table` (asked from the shards once)."""
@@ -309,7 +344,7 @@ class Client:
         futures = []
         for address, sel in fanout.by_shard(pmap, rows, every_shard=True):
             chunks = [(rows[sel[a:b]], grads[sel[a:b]]) for a, b in fanout.split(sel.size, per_chunk)]
-            futures.append(self._net.sender(address).submit(
+            futures.append(self._net.sender(self._key(address)).submit(
                 self._send_push_chunks, address, table, pmap.epoch, chunks, lr, step))
         return futures
 
@@ -317,15 +352,19 @@ class Client:
                           chunks: list[tuple[np.ndarray, np.ndarray]], lr: float, step: int
                           ) -> tuple[np.ndarray, np.ndarray] | None:
         """Runs on the shard's sender thread; returns the unsent (rows, grads) if the map went stale."""
+        key = self._key(address)
         for i, (rows, grads) in enumerate(chunks):
-            seq = self._seq.get(address, 0) + 1
-            self._seq[address] = seq
-            header = pb.PushHeader(table=table, epoch=epoch, worker_id=self.worker_id, seq=seq,
-                                   step=_chunk_step(step, i, len(chunks)), lr=lr)
-            req = pb.PushGradientsRequest(header=header, rows=wire.encode(rows, "int64"),
-                                          grads=wire.encode(grads, "float32"))
+            seq = self._seq.get(key, 0) + 1
+            self._seq[key] = seq
+
+            def build(ep: int, seq: int = seq, i: int = i, rows: np.ndarray = rows,
+                      grads: np.ndarray = grads) -> pb.PushGradientsRequest:
+                header = pb.PushHeader(table=table, epoch=ep, worker_id=self.worker_id, seq=seq,
+                                       step=_chunk_step(step, i, len(chunks)), lr=lr)
+                return pb.PushGradientsRequest(header=header, rows=wire.encode(rows, "int64"),
+                                               grads=wire.encode(grads, "float32"))
             try:
-                self._net.unary(address, "PushGradients", req, retry=fanout.PUSH_RETRY)
+                self._push_call(key, "PushGradients", build, epoch)
             except StaleEpochError:
                 rest = chunks[i:]
                 return np.concatenate([r for r, _ in rest]), np.concatenate([g for _, g in rest])
@@ -360,7 +399,7 @@ class Client:
             for address, sel in fanout.by_shard(pmap, rows[todo], sort_by=rows[todo], every_shard=True):
                 sel = todo[sel]
                 chunks = _backward_chunks(sel, rows, token, per_entry, per_token, budget)
-                futures.append(self._net.sender(address).submit(
+                futures.append(self._net.sender(self._key(address)).submit(
                     self._send_backward_chunks, address, table, pmap.epoch, chunks, rows, projector, token,
                     scores, grad_out, grad_scores, lr, step))
             left = [r for r in (f.result() for f in futures) if r is not None]
@@ -376,19 +415,23 @@ class Client:
                               ) -> np.ndarray | None:
         """Runs on the shard's sender thread; returns the entries not sent if the map went stale."""
         num_projectors = grad_out.shape[1]
+        key = self._key(address)
         for i, part in enumerate(chunks):
-            seq = self._seq.get(address, 0) + 1
-            self._seq[address] = seq
+            seq = self._seq.get(key, 0) + 1
+            self._seq[key] = seq
             touched = np.unique(token[part])
-            header = pb.PushHeader(table=table, epoch=epoch, worker_id=self.worker_id, seq=seq,
-                                   step=_chunk_step(step, i, len(chunks)), lr=lr)
-            req = pb.PooledBackwardRequest(
-                header=header, rows=_ids(rows[part]), projector=_ids(projector[part]),
-                token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
-                grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=_ids(touched),
-                num_projectors=num_projectors)
+
+            def build(ep: int, seq: int = seq, i: int = i, part: np.ndarray = part,
+                      touched: np.ndarray = touched) -> pb.PooledBackwardRequest:
+                header = pb.PushHeader(table=table, epoch=ep, worker_id=self.worker_id, seq=seq,
+                                       step=_chunk_step(step, i, len(chunks)), lr=lr)
+                return pb.PooledBackwardRequest(
+                    header=header, rows=_ids(rows[part]), projector=_ids(projector[part]),
+                    token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
+                    grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=_ids(touched),
+                    num_projectors=num_projectors)
             try:
-                resp = self._net.unary(address, "PooledBackward", req, retry=fanout.PUSH_RETRY)
+                resp = self._push_call(key, "PooledBackward", build, epoch)
             except StaleEpochError:
                 return np.concatenate(chunks[i:])
             grad_scores[part] = wire.decode_values(resp.grad_scores, "grad_scores", trailing=(scores.shape[1],))
@@ -396,23 +439,67 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------------------------
     def _rerouting(self, attempt: Callable[[], np.ndarray]) -> np.ndarray:
-        """Run an idempotent lookup; on a stale-epoch answer refresh the map and run it again."""
-        for _ in range(self.config.max_map_refreshes):
+        """Run an idempotent lookup; on a stale-epoch answer refresh the map and run it again; on a dead
+        shard (UNAVAILABLE after the retries) wait for a newer map (its replacement) and run it again."""
+        refreshes, deadline = 0, None
+        while True:
+            epoch = self._map.epoch
             try:
                 return attempt()
             except StaleEpochError as err:
+                if refreshes >= self.config.max_map_refreshes:
+                    raise
+                refreshes += 1
                 logger.info("partition map epoch %d is stale (%s); refreshing", self._map.epoch, err)
                 self._refresh_map()
-        return attempt()
+            except ShardClosedError as err:
+                deadline = deadline or time.monotonic() + self.config.failover_timeout_s
+                logger.warning("%s; waiting for the shard to come back", err)
+                if not self._await_map(lambda e=epoch: self._map.epoch > e, None, deadline):
+                    raise
 
     def _refresh_map(self) -> None:
         """Ask the known shards for their map; install the newest."""
         new = self._net.newest_map(self._map.addresses)
         if new is None:
             raise StaleEpochError("no shard answered GetPartitionMap", self._map.epoch)
-        for address in new.addresses:
-            self._net.open(address)
-        self._map = new
+        self.install_map(new)
+
+    def _key(self, address: str) -> str:
+        """The key of the shard at `address` (its first address): seqs and the push sender go by it."""
+        return self._alias.get(address, address)
+
+    def _push_call(self, key: str, method: str, build: Callable[[int], Any], epoch: int) -> Any:
+        """On the sender thread of shard `key`: send build(epoch) to its current address. If that
+        address is dead, wait (up to failover_timeout_s) for the map that moves the shard elsewhere and
+        send the same request (same seq) there, routed with the newer epoch (the partitions are the same)."""
+        deadline = None
+        while True:
+            address = self._current.get(key, key)
+            try:
+                return self._net.unary(address, method, build(epoch), retry=fanout.PUSH_RETRY)
+            except ShardClosedError as err:
+                deadline = deadline or time.monotonic() + self.config.failover_timeout_s
+                logger.warning("%s; waiting for the shard to come back", err)
+                if not self._await_map(lambda a=address: self._current.get(key, key) != a, address, deadline):
+                    raise
+                epoch = max(epoch, self._map.epoch)
+
+    def _await_map(self, done: Callable[[], bool], dead: str | None, deadline: float) -> bool:
+        """Wait until `done()` holds, installing newer maps (from `install_map` called from outside, or
+        fetched here from the shards other than `dead`). False at the deadline."""
+        while True:
+            pmap = self._map
+            if done():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            others = [a for a in pmap.addresses if a != dead]
+            new = self._net.newest_map(others) if others else None
+            if new is not None and new.epoch > pmap.epoch:
+                self.install_map(new)
+                continue
+            time.sleep(0.2)
 
     def _map_from_info(self, addresses: list[str]) -> PartitionMap:
         """Merge the owned partitions each shard reports into one map (standalone shards)."""

@@ -56,6 +56,8 @@ class ClientConfig:
     max_backoff_s: float = 1.0
     max_message_bytes: int = 64 << 20  # must match the server's limit
     max_map_refreshes: int = 3  # re-routes after FAILED_PRECONDITION before giving up
+    failover_timeout_s: float = 60.0  # how long a call to a dead shard (UNAVAILABLE) waits for the map
+    # that replaces its address (a restarted shard, docs/reliability.md §6) before giving up
     token: str | None = field(default=None, repr=False)  # shared secret (`authorization: Bearer`); never printed
     tls_ca: str | None = None  # PEM root certificate(s) a shard must chain to; set = TLS on
     tls_cert: str | None = None  # PEM client certificate, for shards that require mTLS
@@ -68,6 +70,8 @@ class ClientConfig:
                 raise ConfigError(f"client.{name} must be >= 1, got {getattr(self, name)}")
         if self.chunk_bytes > self.max_message_bytes // 2:
             raise ConfigError("client.chunk_bytes must be at most half of max_message_bytes")
+        if not self.failover_timeout_s >= 0:
+            raise ConfigError(f"client.failover_timeout_s must be >= 0, got {self.failover_timeout_s}")
         if not self.timeout_s > 0:
             raise ConfigError(f"client.timeout_s must be > 0, got {self.timeout_s}")
         if not 0 <= self.backoff_s <= self.max_backoff_s:

@@ -16,7 +16,9 @@ waits for pushes of that step still queued, so a push re-routed during a hand-of
 Every public method validates all of its inputs first (typed errors, `param_server/errors.py`)
 and only then touches state, so a bad request changes nothing. Pushes are queued
 (`apply_queue.py`) and applied by one background thread; one lock covers each apply and every
-read of the tables, so no lookup sees a half-updated row.
+read of the tables, so no lookup sees a half-updated row. With an update log attached
+(`attach_log`, `param_server/update_log.py`) every admitted push is recorded before it is queued
+and acknowledged; `replay` applies such records again after a restart from a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,7 @@ from param_server.apply_queue import ApplyQueue, PendingUpdate
 from param_server.errors import (
     ConfigError,
     InvalidRequestError,
+    QueueFullError,
     ReadOnlyError,
     RequestTooLargeError,
     UnknownTableError,
@@ -62,6 +65,7 @@ from param_server.partitions import (
     plan_tiers,
     zero_state,
 )
+from param_server.update_log import LogRecord, UpdateLog
 from storage.layout import VALUES, TableSpec, state_layout
 from storage.table_store import TableStore, open_table
 
@@ -186,6 +190,8 @@ class Shard:
         self._frozen = np.zeros(0, dtype=bool)  # [NP] partitions being handed off: pushes wait
         self._budget_left = self.config.ram_budget_bytes  # RAM not yet given to a table (None: unbounded)
         self._counters = ShardCounters()
+        self._log: UpdateLog | None = None  # durable record of admitted pushes (param_server/update_log.py)
+        self._admitting = True  # False while a checkpoint cuts the log: pushes wait
         self._queue = ApplyQueue(self.config.max_pending, self._apply, name=f"shard-{shard_id}-apply")
 
     # --- tables ----------------------------------------------------------------------------------
@@ -376,7 +382,11 @@ class Shard:
         """Queue a validated update once its partitions are not being handed off; count it pending."""
         key = (update.worker_id, update.table)
         with self._cond:
+            if not self._cond.wait_for(lambda: self._admitting, self.config.wait_timeout_s):
+                raise WaitTimeoutError(f"shard {self.shard_id}: a checkpoint held pushes back for "
+                                       f"{self.config.wait_timeout_s} s")
             self._wait_unfrozen(t, update.slots)
+            self._log_admitted(update)
             pending = self._pending.setdefault(key, {})
             pending[update.step] = pending.get(update.step, 0) + 1
             accepted = False
@@ -386,6 +396,42 @@ class Shard:
                 if not accepted:
                     self._unpend(key, update.step)
         return accepted
+
+    def _log_admitted(self, update: PendingUpdate) -> None:
+        """With self._cond held: append a push the queue is about to accept to the update log, before
+        it is queued and acknowledged (a duplicate or a push refused as queue-full is not logged)."""
+        if self._log is None or update.seq <= self._queue.last_seq(update.worker_id):
+            return
+        if self._queue.depth() >= self._queue.max_pending:  # submit will refuse it; only _admit submits
+            return
+        self._log.append(LogRecord(update.table, update.worker_id, update.seq, update.step, update.lr,
+                                   update.slots, update.grads))
+
+    def attach_log(self, log: UpdateLog | None) -> None:
+        """Record every push admitted from now on in `log` before it is acknowledged (None: stop)."""
+        with self._cond:
+            self._log = log
+
+    def replay(self, records: Iterable[LogRecord]) -> int:
+        """Apply logged pushes again, in order, after a restart from a checkpoint; returns how many were
+        admitted (a seq already accepted is dropped: exactly once). Rows of partitions not owned here
+        (moved away by a rescale) are skipped. Call before attaching the log and serving."""
+        admitted = 0
+        for rec in records:
+            t = self._tables.get(rec.table)
+            if t is None:
+                continue
+            keep = t.owned[rec.rows % t.spec.num_partitions]
+            update = PendingUpdate(rec.table, rec.worker_id, rec.seq, rec.step, rec.lr, rec.rows[keep],
+                                   rec.grads[keep])
+            while True:
+                try:
+                    admitted += self._admit(t, update)
+                    break
+                except QueueFullError:
+                    self.drain()
+        self.drain()
+        return admitted
 
     def _unpend(self, key: tuple[int, str], step: int) -> None:
         pending = self._pending[key]
@@ -534,18 +580,31 @@ class Shard:
         with self._cond:
             return {p: t.parts.export(p) for p in t.parts.partitions}
 
-    def save(self, root_of_tables: Path | str) -> None:
+    def save(self, root_of_tables: Path | str, *, cut: Callable[[], None] | None = None) -> None:
         """Drain, then write every owned partition into the existing groups `root_of_tables/<table>`
-        (cached partitions: flushed, then copied chunk by chunk)."""
+        (cached partitions: flushed, then copied chunk by chunk).
+
+        No push is admitted from the drain until the partitions are written; `cut` runs after the
+        drain, so the update log can start a new segment exactly at the state being saved.
+        """
         root = Path(root_of_tables)
-        self.drain()
-        for name in self.table_names():
-            t = self._table(name)
-            store = open_table(root / name, "r+")
-            if store.spec != t.spec:
-                raise InvalidRequestError(f"table group {root / name} has spec {store.spec}, shard holds {t.spec}")
+        with self._cond:
+            self._admitting = False
+        try:
+            self.drain()
+            if cut is not None:
+                cut()
+            for name in self.table_names():
+                t = self._table(name)
+                store = open_table(root / name, "r+")
+                if store.spec != t.spec:
+                    raise InvalidRequestError(f"table group {root / name} has spec {store.spec}, shard holds {t.spec}")
+                with self._cond:
+                    t.parts.save(store)
+        finally:
             with self._cond:
-                t.parts.save(store)
+                self._admitting = True
+                self._cond.notify_all()
         logger.info("shard %s saved %s into %s", self.shard_id, self.table_names(), root)
 
     def flush(self) -> None:
