@@ -199,7 +199,8 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
         b = results["grpc"][f"breakdown/{shards}"]
         print(f"  where the time goes ({shards} shard(s), fp32): total {b['total_s'] * 1e3:.1f} ms = "
               f"{b['chunks']} chunks; one 1 MB RPC alone {b['one_1mb_rpc_s'] * 1e3:.2f} ms "
-              f"(sequential would be {b['sequential_chunks_s'] * 1e3:.1f} ms); dedupe+route {b['route_s'] * 1e3:.1f} ms")
+              f"(sequential would be {b['sequential_chunks_s'] * 1e3:.1f} ms); "
+              f"dedupe+route {b['route_s'] * 1e3:.1f} ms")
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "lookup.json").write_text(json.dumps(results, indent=2, sort_keys=True))

@@ -169,7 +169,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, *, backend: LocalBackend
         if dense["optimizer"] is None:
             raise CheckpointError(f"{ckpt} holds no optimizer state")
         optimizer.load_state_dict(dense["optimizer"])
-    for name, store in stores.items():
+    for store in stores.values():
         parts = {p: store.read_partition(p) for p in range(store.spec.num_partitions)}
         backend.import_partitions(store.spec, parts)  # type: ignore[union-attr]
     logger.info("loaded checkpoint %s (step %s)", ckpt, dense["train"].get("step"))

@@ -67,7 +67,7 @@ class ValueBackend(ABC):
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
         """rows int64 [N] (may repeat), grads [N, d_v]: sum duplicates, apply the table's optimizer at ``lr``."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 (an optional hook: in-process backends have nothing to wait for)
         """Wait until every push is applied (a no-op for in-process backends)."""
 
     def begin_step(self, step: int, value_lr: float) -> None:

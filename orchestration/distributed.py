@@ -381,7 +381,8 @@ class DistributedTrainer:
                 self.step = until
                 stats = self._stats(last, time.perf_counter() - t_start)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:,.0f}",
-                                lookups_s=f"{stats['lookups_per_s']:,.0f}", stale=f"{stats['staleness_mean']:.2f}(<={stats['staleness_bound']})")
+                                lookups_s=f"{stats['lookups_per_s']:,.0f}",
+                                stale=f"{stats['staleness_mean']:.2f}(<={stats['staleness_bound']})")
                 self._log({"kind": "train", "step": self.step, **stats})
                 if (tcfg.eval_every and until % tcfg.eval_every == 0) or until == stop:
                     ev = self.evaluate()

@@ -263,8 +263,10 @@ def _human(n: float) -> str:
 
 def _columns(rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in rows]
+    def cell(i: int, c: str, w: int) -> str:
+        return c.rjust(w) if i in right else c.ljust(w)
+
+    return ["  " + "  ".join(cell(i, c, w) for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
 def format_plan(plan: CapacityPlan, title: str = "") -> str:

@@ -276,11 +276,13 @@ def test_two_read_replicas_of_one_table_serve_the_same_rows(checkpoint: Path) ->
         store = open_table(tables["mem0.values"])
         rows = np.arange(store.spec.rows, dtype=np.int64)
         want = np.concatenate([store.read_partition(p)["values"] for p in range(store.spec.num_partitions)])
-        want = want.reshape(store.spec.num_partitions, -1, store.spec.dim).transpose(1, 0, 2).reshape(-1, store.spec.dim)
+        want = want.reshape(store.spec.num_partitions, -1, store.spec.dim).transpose(1, 0, 2)
+        want = want.reshape(-1, store.spec.dim)
         for replica in replicas:
             client = Client(replica.addresses)
             try:
-                np.testing.assert_array_equal(client.gather("mem0.values", rows), want[: store.spec.rows].astype(np.float32))
+                got = client.gather("mem0.values", rows)
+                np.testing.assert_array_equal(got, want[: store.spec.rows].astype(np.float32))
             finally:
                 client.close()
     finally:
@@ -306,7 +308,8 @@ def test_ultramem_serve_cli_starts_shard_processes_serves_and_stops_on_sigterm(c
         url = line.split()[-1]
         status, body = post(url, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0})
         assert status == 200 and body["usage"]["completion_tokens"] == 5
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False, capture_output=True, text=True).stdout.split()
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], check=False, capture_output=True,
+                                  text=True).stdout.split()
         assert len(children) == 2  # the two `ultramem shard serve --read-only` processes
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

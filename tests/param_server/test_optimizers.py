@@ -147,7 +147,8 @@ def test_lazy_adamw_matches_torch_adamw_on_rows_touched_every_step():
 
 
 def test_config_from_spec_reads_optimizer_and_args():
-    spec = TableSpec(name="t", rows=4, dim=2, optimizer="adagrad", optimizer_args=(("eps", 1e-6), ("weight_decay", 0.1)))
+    spec = TableSpec(name="t", rows=4, dim=2, optimizer="adagrad",
+                     optimizer_args=(("eps", 1e-6), ("weight_decay", 0.1)))
     cfg = SparseOptimizerConfig.from_spec(spec)
     assert (cfg.name, cfg.eps, cfg.weight_decay, cfg.beta2) == ("adagrad", 1e-6, 0.1, 0.95)
 
