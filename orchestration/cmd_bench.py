@@ -2,7 +2,9 @@
 
 Each benchmark is a script `bench/<name>.py` with `run(out_dir, quick) -> dict` that measures its
 figures side by side with their limits, prints ratios and writes `<out_dir>/<name>.json`. This
-command only finds and runs them; `all` runs every one present.
+command finds and runs them, then draws `<out_dir>/<name>.png` from each JSON with
+`bench/plots.py`. `all` runs every one present; one that fails is reported and the rest still
+run (exit 1 at the end). docs/benchmarks.md shows the latest figures.
 """
 
 from __future__ import annotations
@@ -32,10 +34,22 @@ def _load(name: str) -> ModuleType | None:
     return module
 
 
+def _run_one(name: str, module: ModuleType, out: Path, quick: bool) -> None:
+    """Run one benchmark, then plot its JSON."""
+    module.run(out, quick=quick)
+    plots = _load("plots")
+    result = out / f"{name.replace('-', '_')}.json"
+    if plots is not None and result.is_file():
+        png = plots.render(result)
+        if png is not None:
+            print(f"  plotted {png}")
+
+
 def bench(args: argparse.Namespace) -> int:
-    """Run the chosen benchmark(s); exit 2 if one is not in this build."""
+    """Run the chosen benchmark(s) and plot them; exit 2 if one is not in this build, 1 if one failed."""
     names = NAMES if args.which == "all" else (args.which,)
-    ran = 0
+    out = Path(args.out)
+    ran, failed = 0, []
     for name in names:
         module = _load(name)
         if module is None:
@@ -43,8 +57,18 @@ def bench(args: argparse.Namespace) -> int:
                 raise UsageError(f"`ultramem bench {name}` is not available in this build yet ({BENCH_DIR})")
             logger.warning("bench %s not available, skipped", name)
             continue
-        module.run(args.out, quick=args.quick)
-        ran += 1
-    if not ran:
+        if args.which != "all":
+            _run_one(name, module, out, args.quick)
+            return 0
+        try:
+            _run_one(name, module, out, args.quick)
+            ran += 1
+        except Exception:  # `all` goes on: one broken benchmark must not hide the others' figures
+            logger.exception("bench %s failed", name)
+            failed.append(name)
+    if not ran and not failed:
         raise UsageError(f"no benchmarks found in {BENCH_DIR}")
+    if failed:
+        print(f"ultramem bench all: {', '.join(failed)} failed (see the log above)")
+        return 1
     return 0

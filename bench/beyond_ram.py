@@ -1,0 +1,411 @@
+"""Beyond-RAM benchmark (`ultramem bench beyond-ram`, DESIGN §5, §8): a table 4x its shards' RAM budget.
+
+The row stream is the real model's: the `small` preset (one UltraMem layer, P = 4,096 rows, d_v 128,
+AdamW state on the shard) runs on real State of the Union batches and every step's selected
+physical rows are recorded (a short training run; with --quick, forward passes of the untrained
+model). A second, synthetic stream with the same entries per step draws rows from a Zipf(1) law
+over randomly scattered rows, so the hottest 25% of rows take >= 75% of lookups (the skewed
+regime of the target). Each step of a stream is replayed as training issues it: Gather the
+step's unique rows, push a gradient for each, wait until it is applied (sync, staleness 0).
+
+Measured side by side in one run (legs take turns round by round, so machine noise hits all):
+  * in-process `Shard`, table fully resident vs `ShardConfig.ram_budget_bytes` = table / 4 (the
+    rest through the write-back chunk cache over Zarr): memory-path steps/s and tokens/s, the
+    ratio, the cache hit rate (`Shard.metrics()`), seconds and bytes spent in Zarr reads/writes;
+  * access skew: share of lookups on the hottest 10% / 25% of rows, and of chunk accesses on the
+    hottest 25% of chunks (what a chunk-granular cache can exploit);
+  * the disk floor: random reads and writes of 4 KiB and of one chunk of a scratch file opened
+    with O_DIRECT (page cache bypassed; buffered + fadvise(DONTNEED) if O_DIRECT is refused),
+    turned into the floor time per step for the bytes the cache actually moved;
+  * 1, 2 and 4 `ultramem shard serve --ram-budget-mb` processes (total budget table / 4) over
+    gRPC, plus 1 resident process: rows/s and CPU-seconds per million rows per shard (psutil).
+Targets: cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups; elsewhere
+cached step time within 2x of the disk floor. Writes <out>/beyond_ram.json.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from param_server.client import Client  # noqa: E402 (after the sys.path line)
+from param_server.partitions import partition_nbytes  # noqa: E402 (after the sys.path line)
+from param_server.shard import Shard, ShardConfig  # noqa: E402 (after the sys.path line)
+from storage.layout import TableSpec  # noqa: E402 (after the sys.path line)
+from storage.table_store import TableStore, create_table, open_table  # noqa: E402 (after the sys.path line)
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}  # DESIGN §8
+OVERSUBSCRIPTION = 4  # table bytes / shards' RAM budget
+TARGET_SKEWED = 0.5  # cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups
+TARGET_FLOOR = 2.0  # elsewhere: cached step time <= 2x the disk floor for the bytes it moved
+LR = 1e-3
+
+
+# -- the streams ---------------------------------------------------------------------------------
+def record_model_stream(steps: int, train: bool) -> tuple[TableSpec, list[np.ndarray], int]:
+    """Selected physical rows of the small preset's memory layer on real batches.
+
+    Returns (the layer's table spec, per step int64 [B*T*H*m] rows with repeats, tokens per step).
+    train=True records a short training run (rows of step s come from the model after s updates).
+    """
+    import torch
+
+    from model_workers.data import get_batch, prepare_corpus
+    from model_workers.model import LanguageModel
+    from model_workers.trainer import autocast_dtype, make_optimizer, resolve_device, train_step
+    from orchestration.config import load_config
+
+    cfg = load_config(preset="small", overrides=["train.device=cpu"])
+    corpus = prepare_corpus(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = LanguageModel(cfg.model)  # LocalBackend: the values live in this process
+    layer = model.memories[0]
+    entries: list[np.ndarray] = []
+    fetch = layer.fetch
+
+    def recording_fetch(rows: torch.Tensor) -> torch.Tensor:
+        entries.append(rows.detach().cpu().numpy().reshape(-1).astype(np.int64))
+        return fetch(rows)
+
+    layer.fetch = recording_fetch  # type: ignore[method-assign]
+    opt = make_optimizer(model, cfg.train)
+    amp = autocast_dtype(cfg.train, resolve_device(cfg.train))
+    for step in range(steps):
+        x, y = get_batch(corpus.train, step, seed=cfg.train.seed, batch_size=cfg.data.batch_size,
+                         seq_len=cfg.data.seq_len)
+        if train:
+            train_step(model, opt, x, y, step=step, cfg=cfg.train, max_steps=cfg.train.max_steps, amp_dtype=amp)
+        else:
+            with torch.no_grad():
+                model.eval()(x)
+    return model.memory_tables()[0], entries, cfg.data.batch_size * cfg.data.seq_len
+
+
+def zipf_stream(rows: int, entries_per_step: int, steps: int, exponent: float = 1.0,
+                seed: int = 0) -> list[np.ndarray]:
+    """Synthetic skewed stream: rank k drawn with weight 1/(k+1)^exponent, ranks scattered over rows."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, rows + 1) ** exponent
+    row_of_rank = rng.permutation(rows)  # hot rows land anywhere, as IVE's permutation puts them
+    return [row_of_rank[rng.choice(rows, size=entries_per_step, p=weights / weights.sum())] for _ in range(steps)]
+
+
+def skew(stream: list[np.ndarray], spec: TableSpec, chunk_rows: int) -> dict[str, float]:
+    """Share of lookups on the hottest 10% / 25% of rows, and of chunk accesses on the hottest 25% of chunks."""
+    counts = np.sort(np.bincount(np.concatenate(stream), minlength=spec.rows))[::-1]
+    total = counts.sum()
+    per_partition = -(-spec.rows_per_partition // chunk_rows)
+    chunk_hits = np.zeros(spec.num_partitions * per_partition, dtype=np.int64)
+    for entries in stream:  # a chunk is touched once per step in which any of its rows is
+        u = np.unique(entries)
+        np.add.at(chunk_hits, np.unique(u % spec.num_partitions * per_partition + u // spec.num_partitions
+                                        // chunk_rows), 1)
+    chunk_hits = np.sort(chunk_hits)[::-1]
+    uniq = [np.unique(e).size for e in stream]
+    return {"top10_rows_share": float(counts[: max(1, spec.rows // 10)].sum() / total),
+            "top25_rows_share": float(counts[: max(1, spec.rows // 4)].sum() / total),
+            "top25_chunks_share": float(chunk_hits[: max(1, chunk_hits.size // 4)].sum() / chunk_hits.sum()),
+            "rows_touched_share": float((counts > 0).mean()),
+            "entries_per_step": float(statistics.median(e.size for e in stream)),
+            "unique_rows_per_step": float(statistics.median(uniq)),
+            "unique_share_of_table_per_step": float(statistics.median(uniq) / spec.rows)}
+
+
+# -- the disk floor ------------------------------------------------------------------------------
+def disk_floor(directory: Path, file_bytes: int, block_sizes: tuple[int, ...], per_size_s: float) -> dict[str, Any]:
+    """Random reads/writes of each block size on a scratch file: {"mode", "<size>": {read/write MB/s, IOPS}}."""
+    path = directory / "floor.bin"
+    block = 8 << 20
+    data = np.random.default_rng(0).bytes(block)
+    with open(path, "wb") as f:
+        for _ in range(file_bytes // block):
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    buf = mmap.mmap(-1, max(block_sizes))  # page-aligned, as O_DIRECT needs
+    buf.write(data[: max(block_sizes)])
+    out: dict[str, Any] = {"file_bytes": file_bytes}
+    try:
+        fd_r = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        fd_w = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        os.preadv(fd_r, [memoryview(buf)[:4096]], 0)
+        out["mode"] = "O_DIRECT (page cache bypassed)"
+    except OSError:
+        fd_r, fd_w = os.open(path, os.O_RDONLY), os.open(path, os.O_WRONLY)
+        out["mode"] = "buffered after posix_fadvise(DONTNEED) (O_DIRECT refused here): an upper bound"
+    rng = np.random.default_rng(1)
+    try:
+        for size in block_sizes:
+            view = memoryview(buf)[:size]
+            offsets = rng.integers(0, file_bytes // size, size=1 << 16) * size
+            res = {}
+            for op, fn in (("read", lambda o, v=view: os.preadv(fd_r, [v], o)),
+                           ("write", lambda o, v=view: os.pwritev(fd_w, [v], o))):
+                if not out["mode"].startswith("O_DIRECT"):
+                    os.posix_fadvise(fd_r, 0, 0, os.POSIX_FADV_DONTNEED)
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < per_size_s and n < offsets.size:
+                    fn(int(offsets[n]))
+                    n += 1
+                if op == "write":
+                    os.fsync(fd_w)
+                dt = time.perf_counter() - t0
+                res[f"{op}_bytes_per_s"], res[f"{op}_iops"] = n * size / dt, n / dt
+            out[str(size)] = res
+    finally:
+        os.close(fd_r)
+        os.close(fd_w)
+        path.unlink()
+    return out
+
+
+# -- in-process replay: resident vs beyond RAM ----------------------------------------------------
+class _StoreTimer:
+    """Wraps a TableStore's read_rows/write_rows to add up seconds and bytes (the Zarr side of the cache)."""
+
+    def __init__(self, store: TableStore) -> None:
+        self.seconds = {"read": 0.0, "write": 0.0}
+        self.bytes = {"read": 0, "write": 0}
+        for op, name in (("read", "read_rows"), ("write", "write_rows")):
+            setattr(store, name, self._wrap(op, getattr(store, name)))
+
+    def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            self.seconds[op] += time.perf_counter() - t0
+            arrays = out if op == "read" else args[2]
+            self.bytes[op] += sum(a.nbytes for a in arrays.values())
+            return out
+        return call
+
+    def take(self) -> dict[str, float]:
+        out = {f"zarr_{op}_s": s for op, s in self.seconds.items()} | {f"zarr_{op}_bytes": float(b)
+                                                                       for op, b in self.bytes.items()}
+        self.seconds, self.bytes = dict.fromkeys(self.seconds, 0.0), dict.fromkeys(self.bytes, 0)
+        return out
+
+
+class _Leg:
+    """One in-process shard replaying streams; times each pass and counts cache traffic."""
+
+    def __init__(self, spec: TableSpec, path: Path, budget: int | None, dim: int) -> None:
+        store = open_table(path, "r+" if budget else "r")
+        self.timer = _StoreTimer(store)
+        self.shard = Shard(ShardConfig(ram_budget_bytes=budget, max_pending=4), shard_id=0)
+        self.shard.load_table(store, range(spec.num_partitions))
+        self.timer.take()
+        self.name, self.seq, self.step = spec.name, 0, 0
+        self.grads = np.random.default_rng(3).standard_normal((spec.rows, dim)).astype(np.float32) * 1e-3
+        self.passes: dict[str, list[dict[str, float]]] = {}
+
+    def replay(self, label: str, steps: list[np.ndarray], timed: bool) -> None:
+        m0, c0, t0 = self.shard.metrics(), time.process_time(), time.perf_counter()
+        for u in steps:
+            self.shard.gather(self.name, u)
+            self.seq += 1
+            self.shard.push(self.name, 0, self.seq, self.step, LR, u, self.grads[: u.size])
+            self.shard.drain()
+            self.step += 1
+        wall, cpu, m1 = time.perf_counter() - t0, time.process_time() - c0, self.shard.metrics()
+        zarr = self.timer.take()
+        if timed:
+            hits, misses = (m1[k] - m0[k] for k in ("cache_hits", "cache_misses"))
+            self.passes.setdefault(label, []).append(
+                {"seconds": wall, "cpu_s": cpu, "rows": float(sum(u.size for u in steps)), "cache_hits": hits,
+                 "cache_misses": misses, **zarr})
+
+    def summary(self, label: str, tokens_per_step: int, n_steps: int) -> dict[str, float]:
+        p = self.passes[label]
+        sec = statistics.median(x["seconds"] for x in p)
+        hits, misses = sum(x["cache_hits"] for x in p), sum(x["cache_misses"] for x in p)
+        out = {"median_pass_s": sec, "steps_per_s": n_steps / sec, "tokens_per_s": n_steps * tokens_per_step / sec,
+               "rows_per_s": p[0]["rows"] / sec, "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
+               "cpu_s_per_million_rows": statistics.median(x["cpu_s"] / x["rows"] * 1e6 for x in p)}
+        for k in ("zarr_read_s", "zarr_write_s", "zarr_read_bytes", "zarr_write_bytes"):
+            out[f"{k}_per_step"] = statistics.median(x[k] for x in p) / n_steps
+        return out
+
+    def close(self) -> None:
+        self.shard.close()
+
+
+# -- shard processes over gRPC ----------------------------------------------------------------------
+def _start_shards(table: Path, num_shards: int, budget_mb: float | None) -> tuple[list[subprocess.Popen], list[str]]:
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
+    extra = ["--ram-budget-mb", f"{budget_mb:.6f}"] if budget_mb else []
+    procs = [subprocess.Popen([sys.executable, "-m", "orchestration.cli", "shard", "serve", "--table", str(table),
+                               "--shard-id", str(s), "--num-shards", str(num_shards), *extra],
+                              stdout=subprocess.PIPE, text=True, env=env, cwd=REPO) for s in range(num_shards)]
+    addresses = []
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            _stop(procs)
+            raise RuntimeError(f"shard did not start: {line!r}")
+        addresses.append(line.removeprefix("listening on "))
+    return procs, addresses
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_shards: int, budget: int | None,
+                  rounds: int) -> dict[str, float]:
+    """Replay `stream` through `num_shards` shard processes: rows/s and CPU-s per million rows per shard."""
+    procs, addresses = _start_shards(path, num_shards, budget / num_shards / (1 << 20) if budget else None)
+    grads = np.random.default_rng(3).standard_normal((spec.rows, spec.dim)).astype(np.float32) * 1e-3
+    try:
+        with Client(addresses) as client:
+            step, times, cpu = 0, [], []
+            for r in range(rounds + 1):  # round 0 warms the cache and the channels
+                c0 = [p.cpu_times() for p in map(psutil.Process, (q.pid for q in procs))]
+                t0 = time.perf_counter()
+                for u in stream:
+                    client.gather(spec.name, u, min_step=step - 1 if step else None)
+                    client.push(spec.name, u, grads[: u.size], lr=LR, step=step)
+                    step += 1
+                client.gather(spec.name, stream[0][:1], min_step=step - 1)  # the last push applied
+                dt = time.perf_counter() - t0
+                c1 = [p.cpu_times() for p in map(psutil.Process, (q.pid for q in procs))]
+                if r:
+                    times.append(dt)
+                    cpu.append([(b.user + b.system) - (a.user + a.system) for a, b in zip(c0, c1, strict=True)])
+    finally:
+        _stop(procs)
+    rows = sum(u.size for u in stream)
+    sec = statistics.median(times)
+    shard_of = np.concatenate(stream) % spec.num_partitions % num_shards
+    per_shard_rows = np.bincount(shard_of, minlength=num_shards)
+    cpu_per_m = [statistics.median(c[s] for c in cpu) / per_shard_rows[s] * 1e6 for s in range(num_shards)]
+    return {"shards": num_shards, "budget_mb_per_shard": budget / num_shards / (1 << 20) if budget else None,
+            "median_pass_s": sec, "rows_per_s": rows / sec, "cpu_s_per_million_rows_per_shard": cpu_per_m,
+            "cpu_s_per_million_rows_per_shard_mean": float(np.mean(cpu_per_m))}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
+    """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict."""
+    steps, rounds, grpc_rounds = (4, 2, 1) if quick else (16, 4, 2)
+    spec, model_entries, tokens_per_step = record_model_stream(steps, train=not quick)
+    streams = {"model": model_entries,
+               "zipf": zipf_stream(spec.rows, int(np.median([e.size for e in model_entries])), steps)}
+    unique = {k: [np.unique(e) for e in s] for k, s in streams.items()}
+    table_bytes = partition_nbytes(spec) * spec.num_partitions
+    budget = table_bytes // OVERSUBSCRIPTION
+    results: dict[str, Any] = {
+        "preset": "small", "table": {"rows": spec.rows, "dim": spec.dim, "optimizer": spec.optimizer,
+                                     "partitions": spec.num_partitions, "bytes_with_state": table_bytes},
+        "budget_bytes": budget, "oversubscription": OVERSUBSCRIPTION, "steps_per_stream": steps,
+        "tokens_per_step": tokens_per_step, "recorded_from": "forward passes (untrained)" if quick else
+        f"a {steps}-step training run", "rounds": rounds, "quick": quick, "cpus": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(), "streams": {}, "shards": {}}
+    with tempfile.TemporaryDirectory(prefix="ultramem-bench-beyond-") as tmp:
+        paths = {leg: create_table(Path(tmp) / leg / spec.name, spec).path for leg in ("resident", "cached")}
+        chunk_rows = open_table(paths["cached"]).chunk_shape("values")[1]
+        results["table"]["chunk_rows"] = chunk_rows
+        results["table"]["chunk_bytes"] = chunk_rows * spec.dim * 4
+        legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
+                "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
+        try:
+            for r in range(rounds + 1):  # round 0 warms up; interleaved, so load changes hit every leg alike
+                for label, stream in unique.items():
+                    for leg in legs.values():
+                        leg.replay(label, stream, timed=r > 0)
+            for label, stream in streams.items():
+                res = {"skew": skew(stream, spec, chunk_rows),
+                       **{name: leg.summary(label, tokens_per_step, steps) for name, leg in legs.items()}}
+                res["cached_over_resident"] = res["cached"]["steps_per_s"] / res["resident"]["steps_per_s"]
+                results["streams"][label] = res
+            results["cached_metrics"] = legs["cached"].shard.metrics()
+        finally:
+            for leg in legs.values():
+                leg.close()
+        floor = disk_floor(Path(tmp), (64 if quick else 512) << 20, (4096, results["table"]["chunk_bytes"]),
+                           0.5 if quick else 2.0)
+        results["disk_floor"] = floor
+        for res in results["streams"].values():
+            c, f = res["cached"], floor[str(results["table"]["chunk_bytes"])]
+            floor_s = c["zarr_read_bytes_per_step"] / f["read_bytes_per_s"] + \
+                c["zarr_write_bytes_per_step"] / f["write_bytes_per_s"]
+            res["floor_s_per_step"] = floor_s
+            res["cached_over_floor_time"] = (1 / c["steps_per_s"]) / floor_s if floor_s else None
+            skewed = res["skew"]["top25_rows_share"] >= 0.75
+            res["target"] = (f"cached >= {TARGET_SKEWED}x resident (skewed)" if skewed
+                             else f"cached step time <= {TARGET_FLOOR}x disk floor")
+            res["target_met"] = bool(res["cached_over_resident"] >= TARGET_SKEWED if skewed
+                                     else res["cached_over_floor_time"] is not None
+                                     and res["cached_over_floor_time"] <= TARGET_FLOOR)
+        scale_path = create_table(Path(tmp) / "grpc" / spec.name, spec).path
+        for s in (1, 2, 4):
+            results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique["model"], s, budget, grpc_rounds)
+        results["shards"]["resident/1"] = shard_scaling(spec, scale_path, unique["model"], 1, None, grpc_rounds)
+    one = results["shards"]["cached/1"]["rows_per_s"]
+    for r in results["shards"].values():
+        r["rows_per_s_over_1_cached_shard"] = r["rows_per_s"] / one
+    _print(results)
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "beyond_ram.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(f"  wrote {out_path / 'beyond_ram.json'}")
+    return results
+
+
+def _print(results: dict[str, Any]) -> None:
+    t = results["table"]
+    print(f"beyond-ram bench: `small` preset table P={t['rows']} d_v={t['dim']} {t['optimizer']} "
+          f"({t['bytes_with_state'] / 2**20:.1f} MiB with state, chunks of {t['chunk_rows']} rows), RAM budget "
+          f"1/{results['oversubscription']} of it; stream from {results['recorded_from']}, "
+          f"{results['steps_per_stream']} steps x {results['tokens_per_step']} tokens, median of {results['rounds']}")
+    for label, r in results["streams"].items():
+        s = r["skew"]
+        print(f"  [{label}] {s['unique_rows_per_step']:.0f} unique rows/step "
+              f"({100 * s['unique_share_of_table_per_step']:.0f}% of the table); hottest 10% / 25% of rows take "
+              f"{100 * s['top10_rows_share']:.0f}% / {100 * s['top25_rows_share']:.0f}% of lookups; hottest 25% of "
+              f"chunks {100 * s['top25_chunks_share']:.0f}% of chunk accesses")
+        for leg in ("resident", "cached"):
+            x = r[leg]
+            hit = f", hit rate {x['cache_hit_rate']:.2f}" if x["cache_hit_rate"] is not None else ""
+            print(f"    {leg:8s} {x['tokens_per_s']:10,.0f} tokens/s (memory path)  {x['steps_per_s']:6.1f} steps/s  "
+                  f"{x['cpu_s_per_million_rows']:.2f} CPU-s/M rows{hit}; zarr {x['zarr_read_s_per_step'] * 1e3:.1f} ms "
+                  f"read + {x['zarr_write_s_per_step'] * 1e3:.1f} ms write per step")
+        print(f"    cached / resident = {r['cached_over_resident']:.3f}x; disk floor for the bytes moved "
+              f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {r['cached_over_floor_time']:.1f}x floor; "
+              f"target {r['target']}: {'met' if r['target_met'] else 'MISSED'}")
+    f = results["disk_floor"]
+    for size in (k for k in f if k.isdigit()):
+        print(f"  disk ({f['mode']}) random {int(size) // 1024} KiB: read {f[size]['read_bytes_per_s'] / 1e6:.0f} MB/s "
+              f"({f[size]['read_iops']:,.0f} IOPS), write {f[size]['write_bytes_per_s'] / 1e6:.0f} MB/s")
+    for name, r in results["shards"].items():
+        print(f"  gRPC {name:11s} {r['rows_per_s'] / 1e6:6.3f} M rows/s "
+              f"({r['rows_per_s_over_1_cached_shard']:.2f}x 1 cached shard), "
+              f"{r['cpu_s_per_million_rows_per_shard_mean']:.2f} CPU-s per M rows per shard")
+
+
+if __name__ == "__main__":
+    run(REPO / "bench" / "results", quick="--quick" in sys.argv)

@@ -1,0 +1,160 @@
+"""PNG plots of benchmark results (`ultramem bench`, DESIGN §7.1, §8): one PNG per result JSON.
+
+Each benchmark's figures are ratios measured side by side in one run (remote vs local, cached vs
+resident, pooled vs rows bytes); a plot puts those ratios next to each other with the target as a
+dashed line, so a reader sees at a glance what was met. `render(json_path)` writes
+`<stem>.png` beside the JSON (a benchmark that already drew its own, newer PNG, like serve, keeps
+it); results of an unknown shape (or one its renderer does not recognise) get a bar chart of
+every numeric field whose name holds "ratio".
+Run as `python bench/plots.py DIR` to (re)draw every JSON in DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+
+DPI = 90
+
+
+def _bars(ax: Axes, labels: list[str], values: list[float], title: str, target: float | None = None,
+          target_label: str = "target") -> None:
+    bars = ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+    ax.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=7)
+    if target is not None:
+        ax.axhline(target, color="tab:red", linestyle="--", linewidth=1, label=f"{target_label} {target:g}")
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _lookup(r: dict[str, Any], fig: plt.Figure) -> None:
+    keys = [k for k in r["grpc"] if not k.startswith("breakdown")]
+    ax1, ax2 = fig.subplots(1, 2)
+    labels = [f"{k.split('/')[0]} x{k.split('/')[1]}" for k in keys]
+    _bars(ax1, labels, [r["grpc"][k]["wire_bytes_per_s"] / r["socket_bytes_per_s"] for k in keys],
+          "gRPC Gather bytes/s / raw TCP socket")
+    _bars(ax2, labels, [r["grpc"][k]["rows_per_s"] / r["numpy_rows_per_s"] for k in keys],
+          "gRPC Gather rows/s / in-process numpy")
+
+
+def _train(r: dict[str, Any], fig: plt.Figure) -> None:
+    legs = r["legs"]
+    local = legs["local"]["tokens_per_s"]
+    _bars(fig.subplots(), list(legs), [v["tokens_per_s"] / local for v in legs.values()],
+          f"training tokens/s / local (`{r.get('preset', '?')}` preset)", r.get("target_pooled_over_local"),
+          "target pooled")
+
+
+def _wire(r: dict[str, Any], fig: plt.Figure) -> None:
+    ax = fig.subplots()
+    tokens = sorted(r["regimes"], key=int)
+    for key, label in (("ratio_lookup_bf16", "lookup, bf16 wire"), ("ratio_lookup_fp32", "lookup, fp32 wire"),
+                       ("ratio_training_round", "lookup + backward, fp32")):
+        ax.plot([int(t) for t in tokens], [r["regimes"][t][key] for t in tokens], marker="o", label=label)
+    ax.axhline(r["target_pooled_over_rows"], color="tab:red", linestyle="--", linewidth=1,
+               label=f"target (decode) {r['target_pooled_over_rows']:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per lookup")
+    ax.set_title("bytes per token: pooled mode / rows mode", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _beyond_ram(r: dict[str, Any], fig: plt.Figure) -> None:
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    streams = list(r["streams"])
+    _bars(ax1, streams, [r["streams"][s]["cached_over_resident"] for s in streams],
+          f"steps/s: table {r['oversubscription']}x RAM budget / resident", 0.5, "target (skewed)")
+    _bars(ax2, streams, [r["streams"][s]["cached_over_floor_time"] or 0.0 for s in streams],
+          "cached step time / disk floor", 2.0, "target (elsewhere)")
+    shards = list(r["shards"])
+    _bars(ax3, shards, [r["shards"][s]["rows_per_s_over_1_cached_shard"] for s in shards],
+          "gRPC rows/s / 1 cached shard")
+
+
+def _serve(r: dict[str, Any], fig: plt.Figure) -> None:
+    configs = r["configs"]
+    base = configs["remote-2^16"]["batches"]
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, entry in configs.items():
+        bs = sorted(entry["batches"], key=int)
+        ax1.plot([int(b) for b in bs], [entry["batches"][b]["p50_ms"] / base[b]["p50_ms"] for b in bs],
+                 marker="o", label=name)
+        ax2.plot([int(b) for b in bs], [entry["batches"][b]["tokens_per_s"] for b in bs], marker="o", label=name)
+    ax1.axhline(1.2, color="tab:red", linestyle="--", linewidth=1, label="target 2^24 <= 1.2")
+    for ax, title in ((ax1, "p50 decode latency / remote-2^16"), (ax2, "tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=7)
+
+
+def _ratio_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _ratio_leaves(v, f"{prefix}{k}/")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and "ratio" in prefix:
+        yield prefix.rstrip("/"), float(obj)
+
+
+def _generic(r: dict[str, Any], fig: plt.Figure) -> None:
+    leaves = list(_ratio_leaves(r))[:30]
+    if not leaves:
+        raise ValueError("no numeric field whose name holds 'ratio'")
+    _bars(fig.subplots(), [k[-40:] for k, _ in leaves], [v for _, v in leaves], "ratios")
+
+
+RENDERERS: dict[str, tuple[Callable[[dict[str, Any], plt.Figure], None], tuple[float, float]]] = {
+    "lookup": (_lookup, (10, 3.8)), "train": (_train, (6, 3.8)), "wire": (_wire, (6.5, 4)),
+    "beyond_ram": (_beyond_ram, (13, 3.8)), "serve": (_serve, (10, 3.8)),
+}
+
+
+def render(json_path: str | Path) -> Path | None:
+    """Draw `<stem>.png` beside a result JSON; returns its path (None if a newer PNG is kept).
+
+    Raises: FileNotFoundError for a missing JSON, ValueError for one that holds nothing to plot.
+    """
+    json_path = Path(json_path)
+    results = json.loads(json_path.read_text())
+    png = json_path.with_suffix(".png")
+    if png.exists() and png.stat().st_mtime >= json_path.stat().st_mtime and json_path.stem == "serve":
+        return None  # serve draws its own latency plot after writing its JSON
+    draw, size = RENDERERS.get(json_path.stem, (_generic, (8, 4)))
+    fig = plt.figure(figsize=size)
+    try:
+        try:
+            draw(results, fig)
+        except (KeyError, TypeError):  # an older or foreign layout of this result: plot its ratio fields
+            fig.clf()
+            fig.set_size_inches(8, 4)
+            _generic(results, fig)
+        fig.suptitle(f"ultramem bench {json_path.stem.replace('_', '-')}: ratios measured side by side", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(png, dpi=DPI)
+    finally:
+        plt.close(fig)
+    return png
+
+
+def render_all(out_dir: str | Path) -> list[Path]:
+    """render() every *.json in out_dir; returns the PNGs written."""
+    return [p for p in (render(j) for j in sorted(Path(out_dir).glob("*.json"))) if p is not None]
+
+
+if __name__ == "__main__":
+    for path in render_all(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results"):
+        print(f"wrote {path}")

@@ -1,0 +1,85 @@
+"""`ultramem bench` plumbing (DESIGN §7.1): a benchmark run writes its JSON and a PNG; bad names exit 2.
+
+The real `wire --quick` run goes through the CLI in a subprocess (the contract scripts rely on);
+the `all` behaviour is checked in-process with stand-in benchmarks in a temporary bench directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestration import cmd_bench
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "orchestration.cli"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_bench_wire_quick_writes_json_and_png(tmp_path: Path) -> None:
+    res = _run("bench", "wire", "--quick", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((tmp_path / "wire.json").read_text())
+    assert result["regimes"]["1"]["ratio_lookup_bf16"] > 0
+    assert (tmp_path / "wire.png").read_bytes()[:8] == PNG_MAGIC
+    assert "plotted" in res.stdout
+
+
+def test_unknown_bench_name_exits_2_with_one_line() -> None:
+    res = _run("bench", "no-such-bench", timeout=60)
+    assert res.returncode == 2
+    assert "no-such-bench" in res.stderr
+    assert res.stdout == ""
+
+
+_GOOD = '''
+import json
+from pathlib import Path
+def run(out_dir, quick=False):
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    result = {"quick": quick, "x": {"ratio_to_local": 0.5}}
+    (Path(out_dir) / "lookup.json").write_text(json.dumps(result))
+    return result
+'''
+_BROKEN = "def run(out_dir, quick=False):\n    raise RuntimeError('broken on purpose')\n"
+
+
+@pytest.fixture
+def fake_bench_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A bench directory with a working `lookup`, a failing `train` and the real plots module."""
+    d = tmp_path / "bench"
+    d.mkdir()
+    (d / "lookup.py").write_text(_GOOD)
+    (d / "train.py").write_text(_BROKEN)
+    shutil.copy(REPO / "bench" / "plots.py", d / "plots.py")
+    monkeypatch.setattr(cmd_bench, "BENCH_DIR", d)
+    return d
+
+
+def test_bench_all_runs_the_rest_after_a_failure_and_exits_1(fake_bench_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = cmd_bench.bench(argparse.Namespace(which="all", out=str(out), quick=True))
+    assert code == 1
+    assert json.loads((out / "lookup.json").read_text())["quick"] is True
+    assert (out / "lookup.png").read_bytes()[:8] == PNG_MAGIC  # not lookup's layout: the generic plot of "ratio" fields
+
+
+def test_bench_one_missing_from_this_build_is_a_usage_error(fake_bench_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(cmd_bench.UsageError, match="not available"):
+        cmd_bench.bench(argparse.Namespace(which="serve", out=str(tmp_path), quick=True))
+
+
+def test_bench_one_failing_propagates_its_error(fake_bench_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        cmd_bench.bench(argparse.Namespace(which="train", out=str(tmp_path), quick=True))
