@@ -5,7 +5,8 @@ serve --read-only` subprocesses by default, in-process servers with --in-process
 with --address; or connect to running ones with --shards) -> build the model with a RemoteBackend
 (pooled lookups: shards answer partial sums, bf16 on the wire by default) and load the dense part
 -> start the engine and the HTTP server -> print `listening on http://HOST:PORT` -> serve until
-SIGTERM/SIGINT -> stop everything.
+SIGTERM/SIGINT -> stop everything. `--replicas N` with N > 1 deploys N engines on Ray Serve instead
+(orchestration/serve_ray.py); N = 1 (the default) stays in this process, without Ray.
 """
 
 from __future__ import annotations
@@ -199,8 +200,12 @@ def serve(args: argparse.Namespace) -> int:
     from param_server.errors import ShardError
     from storage.errors import StorageError
 
-    if args.replicas != 1:
-        _replicas_unavailable(args.replicas)
+    if args.replicas < 1:
+        raise UsageError("--replicas must be >= 1")
+    if args.replicas > 1:  # N replicas on Ray Serve; 1 is this process's stdlib HTTP server
+        from orchestration.serve_ray import serve_replicated
+
+        return serve_replicated(args)
     if args.local_shards < 1:
         raise UsageError("--local-shards must be >= 1")
     stop = threading.Event()
@@ -242,16 +247,3 @@ def serve(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-
-def _replicas_unavailable(replicas: int) -> None:
-    """--replicas N deploys on Ray Serve; say clearly why that cannot happen here."""
-    if replicas < 1:
-        raise UsageError("--replicas must be >= 1")
-    try:
-        import ray.serve  # noqa: F401
-    except ImportError:
-        raise UsageError(f"--replicas {replicas} deploys on Ray Serve, which is not installed here "
-                         "(pip install 'ray[serve]'); run several `ultramem serve --shards ADDR,...` "
-                         "processes behind a load balancer instead") from None
-    raise UsageError(f"--replicas {replicas}: Ray Serve deployment is not implemented in this build; "
-                     "run several `ultramem serve --shards ADDR,...` processes instead")

@@ -290,11 +290,6 @@ def test_two_read_replicas_of_one_table_serve_the_same_rows(checkpoint: Path) ->
             replica.stop()
 
 
-def test_replicas_without_ray_serve_is_a_clear_usage_error(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--replicas", "2"]) == 2
-    assert "Ray Serve" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_ultramem_serve_cli_starts_shard_processes_serves_and_stops_on_sigterm(checkpoint: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -321,3 +316,100 @@ def test_ultramem_serve_cli_starts_shard_processes_serves_and_stops_on_sigterm(c
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def _hostile_requests(seed: int, count: int) -> Iterator[tuple[str, str, str, bytes, dict[str, str]]]:
+    """(class, method, path, body, headers) of requests that are wrong by construction, seeded."""
+    import random
+
+    rnd = random.Random(seed)
+    good = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    junk = [None, True, -1, 0, 2**70, -(2**70), 1e308, -1e308, "", "x" * 300, [], [1, "a"], {}, {"a": 1}]
+    bad_values = {
+        "prompt": [None, 3, 3.5, True, "", [], {}, [None]],
+        "max_tokens": [-1, 0, 10**9, 2.5, "8", True, None, [], 2**64],
+        "temperature": [-0.5, "hot", 1e9, [], {}, True, None],
+        "top_p": [0, -1, 1.5, "1", [], True],
+        "stop": [3, [1, 2], {"a": "b"}, ["x"] * 100, True],
+        "stream": ["yes", 2, [], {}],
+        "n": [2, 0, -1, "1"],
+        "seed": ["s", 1.5, [], -(2**70)],
+    }
+    classes = ["random_bytes", "not_json", "json_not_object", "bad_field", "unknown_field", "bad_utf8",
+               "wrong_path", "wrong_method", "oversize_claim", "truncated_json"]
+    for _ in range(count):
+        kind = rnd.choice(classes)
+        headers = {"Content-Type": "application/json"}
+        method, path, body = "POST", "/v1/completions", b""
+        if kind == "random_bytes":
+            body = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 200)))
+            if body.lstrip()[:1] in (b"{", b"["):
+                body = b"\x00" + body
+        elif kind == "not_json":
+            body = rnd.choice([b"prompt=hi", b"{prompt: 'hi'}", b"{'prompt': 'x'}", b"NaN-ish", b"{,}", b"[1,]"])
+        elif kind == "json_not_object":
+            body = json.dumps(rnd.choice(junk[:13])).encode()
+        elif kind == "bad_field":
+            field = rnd.choice(sorted(bad_values))
+            body = json.dumps({**good, field: rnd.choice(bad_values[field])}).encode()
+        elif kind == "unknown_field":
+            name = "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rnd.randint(1, 12)))
+            name = name if name not in {*good, *bad_values, "model", "user"} else name + "_x"
+            body = json.dumps({**good, name: rnd.choice(junk)}).encode()
+        elif kind == "bad_utf8":
+            body = b'{"prompt": "\xff\xfe\xfa", "max_tokens": 2}'
+        elif kind == "wrong_path":
+            path = rnd.choice(["/", "/v1", "/v1/completion", "/v2/completions", "/../etc/passwd", "/v1/completions/x",
+                               "/%00", "/" + "a" * 500])
+            body = json.dumps(good).encode()
+        elif kind == "wrong_method":
+            method = rnd.choice(["PUT", "DELETE", "PATCH"])
+            body = json.dumps(good).encode()
+        elif kind == "oversize_claim":
+            headers["Content-Length"] = str(rnd.choice([2**21, 2**40, 2**63]))
+            body = b"{}"
+        else:  # truncated_json
+            full = json.dumps(good).encode()
+            body = full[: rnd.randint(1, len(full) - 1)]
+        yield kind, method, path, body, headers
+
+
+@pytest.mark.slow
+def test_ten_thousand_hostile_http_requests_get_4xx_and_change_nothing(served: Served) -> None:
+    """Fuzz of the HTTP API (issue 8): every hostile request gets a 4xx with a JSON error, none a 5xx
+    or a hang; afterwards the server answers a valid request exactly as before."""
+    host, port = served.url.removeprefix("http://").split(":")
+    _, before = post(served.url, {"prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    answered: dict[str, dict[int, int]] = {}
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    for kind, method, path, body, headers in _hostile_requests(seed=7, count=10_000):
+        send_headers = {"Content-Length": str(len(body)), **headers}
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for k, v in send_headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            payload = resp.read()
+            status = resp.status
+        except (http.client.HTTPException, ConnectionError):  # the server may close after a bad request
+            conn.close()
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            continue_status = -1
+            status, payload = continue_status, b""
+        if resp.getheader("Connection", "").lower() == "close" or status == -1:
+            conn.close()
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        answered.setdefault(kind, {}).setdefault(status, 0)
+        answered[kind][status] += 1
+        assert status == -1 or 400 <= status < 500, (kind, method, path, body[:80], status, payload[:200])
+        if status != -1 and method == "POST" and path == "/v1/completions":
+            assert "error" in json.loads(payload), payload[:200]
+    conn.close()
+    total = sum(sum(v.values()) for v in answered.values())
+    dropped = sum(v.get(-1, 0) for v in answered.values())
+    assert total == 10_000 and dropped < 0.01 * total, answered
+    print("http fuzz:", json.dumps(answered, sort_keys=True))
+    status, after = post(served.url, {"prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    assert status == 200 and after["choices"][0]["text"] == before["choices"][0]["text"]
+    assert served.engine.active_count == 0
