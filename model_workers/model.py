@@ -242,10 +242,9 @@ class LanguageModel(nn.Module):
                 self.backend.push_grads(layer.table, grads[0], grads[1], value_lr, step)
 
     def after_optimizer_step(self) -> None:
-        """Refresh every TDQKR rank-1 filter from the updated cores (fp32 SVD, sign aligned)."""
+        """Per-step memory refresh: TDQKR rank-1 filters from the updated cores (fp32 SVD, sign aligned)."""
         for layer in self.memories:
-            if layer.tucker is not None:
-                layer.tucker.refresh_filter()
+            layer.after_optimizer_step()
 
     def memory_metrics(self, reset: bool = True) -> dict[str, float]:
         """Per layer "mem{k}/{coverage,kl_uniform,top1_score,output_std,tdqkr_recall}" and "moe{i}/max_load"."""

@@ -74,6 +74,12 @@ class MemoryConfig:
     half_dv_proj: bool = True  # values d_v wide + a linear projection W_out to D ("half d_v + proj")
     share_query: bool = True  # one query for all heads ("share query")
     qk_norm: bool = True  # RMSNorm on q_row/q_col (gain 1/d_k^0.33) and normed sub-keys ("q/k norm")
+    # "batchnorm": PKM's query batchnorm (Lample et al. 2019) on x·W_q before the q-norm: per query
+    # dimension over the batch's tokens in training (gradient through the statistics), running
+    # statistics in evaluation and decoding. "none" is DESIGN §3.1 step 1 as written, which collapses
+    # on `small`: all tokens pick the same few dozen slots by step 50 (docs/quality.md)
+    query_norm: Literal["none", "batchnorm", "whiten"] = "whiten"
+    query_stats_momentum: float = 0.1  # EMA weight of each training batch in the running statistics
     expansion: int = 4  # E virtual values per physical row (IVE); 1 = off
     tucker_rank: int = 2  # r of TDQKR; 0 = additive product keys (PKM), 1 = rank-1 Tucker
     cores: int = 2  # h cores of MCS; 1 = off; needs tucker_rank >= 1 when > 1
@@ -129,8 +135,14 @@ class MemoryConfig:
             raise ModelConfigError(
                 f"memory.value_lr_decay_steps must be >= 0, got {self.value_lr_decay_steps}"
             )
+        if not 0 < self.query_stats_momentum <= 1:
+            raise ModelConfigError(
+                f"memory.query_stats_momentum must be in (0, 1], got {self.query_stats_momentum}"
+            )
         if self.value_weight_decay < 0 or self.recall_sample_tokens < 0:
             raise ModelConfigError("memory.value_weight_decay and memory.recall_sample_tokens must be >= 0")
+        if self.query_norm not in ("none", "batchnorm", "whiten"):
+            raise ModelConfigError(f"memory.query_norm must be none, batchnorm or whiten, got {self.query_norm!r}")
         if self.lookup not in ("rows", "pooled"):
             raise ModelConfigError(f"memory.lookup must be 'rows' or 'pooled', got {self.lookup!r}")
         parse_placement(self.placement)
@@ -150,6 +162,7 @@ class MemoryConfig:
             "improved_init": False,
             "value_lr_mult": 1.0,
             "value_lr_mult_final": 1.0,
+            "query_norm": "none",  # no extras; the quality experiment gives it UltraMem's query norm
         }
         return cls(**{**base, **overrides})
 
@@ -184,6 +197,45 @@ class MemoryConfig:
         return self.value_dim(d_model) ** -0.5
 
 
+class BatchWhitening(nn.Module):
+    """Query whitening over the batch's tokens (a generalisation of PKM's query batchnorm).
+
+    Training: q [N, F] -> (q - μ) · L^-T with μ, Σ = L·Lᵀ the batch mean and (ε-regularized)
+    covariance, gradient through both; the running μ, Σ (EMA) serve evaluation and decoding.
+    Per-dimension batchnorm keeps the queries' correlations, and early in training they are nearly
+    rank-1 (participation ratio ~2 of 64 on `small`), so the whole batch still picks the same slots.
+    """
+
+    def __init__(self, dim: int, momentum: float, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_cov", torch.eye(dim))
+
+    def _whiten(self, q: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
+        dim = cov.shape[0]
+        reg = cov + (self.eps * cov.diagonal().mean() + 1e-8) * torch.eye(dim, dtype=cov.dtype, device=cov.device)
+        chol = torch.linalg.cholesky(reg)  # (F, F) lower
+        centered = (q.to(cov.dtype) - mean).T  # (F, N)
+        return torch.linalg.solve_triangular(chol, centered, upper=False).T.to(q.dtype)  # (N, F)
+
+    def forward(self, q: Tensor) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # statistics and solve in fp32
+            return self._forward(q)
+
+    def _forward(self, q: Tensor) -> Tensor:
+        if self.training and q.shape[0] > 1:
+            qf = q.to(torch.promote_types(q.dtype, torch.float32))  # fp32 (fp64 in gradcheck)
+            mean = qf.mean(0)
+            cov = (qf - mean).T @ (qf - mean) / q.shape[0]
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_cov.lerp_(cov.detach().to(self.running_cov.dtype), self.momentum)
+            return self._whiten(q, mean, cov)
+        dtype = torch.promote_types(q.dtype, self.running_cov.dtype)
+        return self._whiten(q, self.running_mean.to(dtype), self.running_cov.to(dtype))
+
+
 class MemoryLayer(nn.Module):
     """One PKM/UltraMem layer: x [B, T, D] (normalized FFN input of its read block) -> y [B, T, D]."""
 
@@ -200,6 +252,12 @@ class MemoryLayer(nn.Module):
         self.rank = max(cfg.tucker_rank, 1)  # additive keys are stored as rank 1
         q_heads = 1 if cfg.share_query else cfg.heads
         self.w_q = nn.Linear(d_model, q_heads * 2 * cfg.d_k, bias=False)  # W_q: D -> 2·d_k (per head)
+        q_dim = q_heads * 2 * cfg.d_k
+        self.q_stats: nn.Module | None = None  # no affine: the q-norm gain (or the keys) scale the scores
+        if cfg.query_norm == "batchnorm":
+            self.q_stats = nn.BatchNorm1d(q_dim, momentum=cfg.query_stats_momentum, affine=False)
+        elif cfg.query_norm == "whiten":
+            self.q_stats = BatchWhitening(q_dim, cfg.query_stats_momentum)
         self.q_norm_row = RMSNorm(cfg.d_k) if cfg.qk_norm else None
         self.q_norm_col = RMSNorm(cfg.d_k) if cfg.qk_norm else None
         self.keys_row = nn.Parameter(torch.empty(cfg.heads, self.n_row, cfg.d_k, self.rank))
@@ -238,7 +296,10 @@ class MemoryLayer(nn.Module):
     # ----------------------------------------------------------------------------- retrieval
     def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Step 1: x [N, D] -> q_row, q_col [N, H or 1, d_k]."""
-        q = self.w_q(x).view(x.shape[0], -1, 2, self.cfg.d_k)  # (N, Hq, 2, d_k)
+        q = self.w_q(x)  # (N, Hq*2*d_k)
+        if self.q_stats is not None:
+            q = self.q_stats(q)
+        q = q.view(x.shape[0], -1, 2, self.cfg.d_k)  # (N, Hq, 2, d_k)
         q_row, q_col = q[:, :, 0], q[:, :, 1]
         if self.q_norm_row is not None and self.q_norm_col is not None:
             q_row, q_col = self.q_norm_row(q_row), self.q_norm_col(q_col)
@@ -301,6 +362,11 @@ class MemoryLayer(nn.Module):
         if self.training:
             self._record(virtual, scores, y, s_row, s_col)
         return y.view(b, t, d)
+
+    def after_optimizer_step(self) -> None:
+        """Per-step refresh: the TDQKR rank-1 filter from the new cores."""
+        if self.tucker is not None:
+            self.tucker.refresh_filter()
 
     def aux_loss(self) -> Tensor:
         """Tucker aux loss (0 unless tucker_rank >= 2 and aux_loss_alpha > 0)."""
