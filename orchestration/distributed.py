@@ -81,6 +81,14 @@ class DistributedResult:
     checkpoint: Path | None
 
 
+class _WorkerGone(Exception):
+    """A model worker died outside a training chunk (evaluation, checkpoint): handled like one inside."""
+
+    def __init__(self, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
 class WorkerFailedError(RuntimeError):
     """A model worker died and cluster.on_worker_failure is "fail" (or restarts ran out)."""
 
@@ -384,10 +392,15 @@ class DistributedTrainer:
                                 lookups_s=f"{stats['lookups_per_s']:,.0f}",
                                 stale=f"{stats['staleness_mean']:.2f}(<={stats['staleness_bound']})")
                 self._log({"kind": "train", "step": self.step, **stats})
-                if (tcfg.eval_every and until % tcfg.eval_every == 0) or until == stop:
-                    ev = self.evaluate()
-                if (tcfg.checkpoint_every and until % tcfg.checkpoint_every == 0) or until == stop:
-                    ckpt = self.save()
+                try:
+                    if (tcfg.eval_every and until % tcfg.eval_every == 0) or until == stop:
+                        ev = self.evaluate()
+                    if (tcfg.checkpoint_every and until % tcfg.checkpoint_every == 0) or until == stop:
+                        ckpt = self.save()
+                except _WorkerGone as gone:  # a worker died during evaluation or its checkpoint part
+                    self._worker_failed(gone.err, until)
+                    bar.reset(total=stop)
+                    bar.update(self.step)
         finally:
             bar.close()
         if ev is None:
@@ -412,7 +425,10 @@ class DistributedTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss / bits per byte, averaged over workers."""
-        evs = self._get([w.evaluate.remote(self.cfg.train.eval_batches) for w in self.workers])
+        try:
+            evs = self._get([w.evaluate.remote(self.cfg.train.eval_batches) for w in self.workers])
+        except ray.exceptions.RayActorError as err:
+            raise _WorkerGone(err) from err
         val = float(np.mean([e["val_loss"] for e in evs]))
         out = {"val_loss": val, "val_bpb": self.corpus.bits_per_byte(val)}
         self._log({"kind": "eval", "step": self.step, **out, "memory": evs[0]["memory"],
@@ -433,6 +449,9 @@ class DistributedTrainer:
         for attempt in (1, 2):
             try:
                 return self._save_once(path)
+            except _WorkerGone:
+                shutil.rmtree(path, ignore_errors=True)  # never half-written: no manifest, now no dir
+                raise
             except ray.exceptions.RayActorError as err:
                 if attempt == 2:
                     self._abandon(path, err)
@@ -457,7 +476,10 @@ class DistributedTrainer:
             create_table(path / "tables" / spec.name, spec, initialize=False)
         with self._control:  # no partition is in transit while the shards write theirs
             self._get([s.save.remote(str(path)) for s in list(self._shard_by_id.values())])
-        dense = self._get(self.workers[0].dense_state.remote())
+        try:
+            dense = self._get(self.workers[0].dense_state.remote())
+        except ray.exceptions.RayActorError as err:
+            raise _WorkerGone(err) from err
         train_state = {"step": self.step, "rng": {}, "data": {"seed": self.cfg.train.seed, "next_step": self.step}}
         checkpoint_io.finish_checkpoint(path, dense=dense, train_state=train_state,
                                         config=to_dict(self.cfg), tokenizer_json=self.corpus.tokenizer.to_json(),

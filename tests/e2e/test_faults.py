@@ -61,7 +61,8 @@ def test_a_shard_killed_mid_sync_run_loses_no_update(ray_session, e2e, local_tin
     finally:
         trainer.close()
     assert after["pid"] != before["pid"] and after["restarted"] and after["address"] != before["address"]
-    assert after["replayed"] > 0  # it came back from a checkpoint and re-applied logged pushes
+    # it came back from the last checkpoint and re-applied the pushes logged since (after["replayed"];
+    # none when the kill lands right at a checkpoint, as it can under load): nothing is lost either way
     assert trainer.shard_restarts == 1
     e2e.assert_same_state(result.checkpoint, local_tiny_run)
 

@@ -183,4 +183,6 @@ def test_planning_tables_larger_than_ram_allocates_none_of_them():
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["tables"][0]["table_bytes"] > 3 << 30
     peak_mib = int(out.stderr.strip().splitlines()[-1])
-    assert peak_mib < 800  # torch alone is ~320 MiB
+    # torch alone is ~320 MiB and the import set grows over time (837 MiB seen with Ray Serve
+    # installed); what matters is that none of the 3 GiB of tables was allocated
+    assert peak_mib < 1536
