@@ -24,6 +24,7 @@ demo: venv
 	$(VENV)/bin/ultramem demo
 
 test: venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: venv
