@@ -221,6 +221,8 @@ def serve(args: argparse.Namespace) -> int:
                 shards = ShardSet([a.strip() for a in args.shards.split(",") if a.strip()])
             elif args.address and tables:
                 shards = start_ray_shards(args.address, tables, args.local_shards, token=token)
+                for sig in previous:  # ray.init installs its own SIGTERM handler: ours must win
+                    signal.signal(sig, lambda *_: stop.set())
             elif tables:
                 shards = start_local_shards(tables, args.local_shards, token=token, token_file=args.token_file,
                                             in_process=args.in_process)
