@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -206,16 +206,16 @@ class LanguageModel(nn.Module):
             raise ValueError(f"sequence of {start + t} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         h = self.tok_emb(tokens)  # (B, T, D)
         aux = h.new_zeros((), dtype=torch.float32)
-        due: dict[int, list[Tensor]] = {}
+        due: dict[int, list[tuple[int, Any]]] = {}
         for i, block in enumerate(self.blocks):
             h, x, block_aux = block(h, self.rotary, cache, i)
             if block_aux is not None:
                 aux = aux + block_aux
             for k, (read, add) in enumerate(self.placements):
-                if read == i:  # memory reads the normalized FFN input of block i ...
-                    due.setdefault(add, []).append(self.memories[k](x))
-            for y in due.pop(i, []):  # ... and is added after block j (skip-layer)
-                h = h + y
+                if read == i:  # memory reads the normalized FFN input of block i (lookup in flight) ...
+                    due.setdefault(add, []).append((k, self.memories[k].begin(x)))
+            for k, pending in due.pop(i, []):  # ... and is added after block j (skip-layer): blocks
+                h = h + self.memories[k].finish(pending)  # i+1..j ran while the values travelled
         if cache is not None:
             if cache.positions is not None:
                 cache.positions += t

@@ -18,7 +18,9 @@ like a push, numbered and stepped, so `min_step` works the same.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -60,6 +62,8 @@ class RemoteBackend(ValueBackend):
         self.lookups = 0
         self.rows_fetched = 0
         self.staleness_sum = 0  # sum over lookups of the observed staleness (see _observe)
+        self._stats_lock = threading.Lock()  # lookups may finish on the lookup threads
+        self._lookups = ThreadPoolExecutor(max(1, len(self._specs)), thread_name_prefix="memory-lookup")
 
     def tables(self) -> dict[str, TableSpec]:
         return dict(self._specs)
@@ -75,6 +79,11 @@ class RemoteBackend(ValueBackend):
         values = self.client.gather(table, r, min_step=self.min_step(), wire_dtype=self.wire_dtype)
         self._observe(table, r.size)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+    def fetch_rows_async(self, table: str, rows: torch.Tensor) -> Future[torch.Tensor]:
+        """Gather on a lookup thread: the dense blocks between a layer's read and add blocks run
+        meanwhile (gRPC and torch both release the GIL while they work)."""
+        return self._lookups.submit(self.fetch_rows, table, rows.detach().cpu())
 
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
         """Send rows int64 [U] and grads [U, d_v]; sync waits until every shard has queued them."""
@@ -108,11 +117,12 @@ class RemoteBackend(ValueBackend):
     def _observe(self, table: str, rows: int) -> None:
         """Count a lookup and the staleness it saw: this worker's newest pushed step minus the newest
         step the answering shards had applied (0 when every push was visible; <= the bound)."""
-        self.lookups += 1
-        self.rows_fetched += rows
         applied = self.client.applied_step(table)
-        if self.last_pushed_step >= 0 and applied is not None:
-            self.staleness_sum += max(0, self.last_pushed_step - applied)
+        with self._stats_lock:
+            self.lookups += 1
+            self.rows_fetched += rows
+            if self.last_pushed_step >= 0 and applied is not None:
+                self.staleness_sum += max(0, self.last_pushed_step - applied)
 
     def mean_staleness(self) -> float:
         """Mean observed staleness (in this worker's steps) over the lookups so far."""

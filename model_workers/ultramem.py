@@ -18,6 +18,7 @@ Every ablation row of the paper (DESIGN §3.2) is a switch of MemoryConfig.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -236,6 +237,23 @@ class BatchWhitening(nn.Module):
         return self._whiten(q, self.running_mean.to(dtype), self.running_cov.to(dtype))
 
 
+@dataclass
+class _Read:
+    """A memory read between its read block (`MemoryLayer.begin`) and its add block (`finish`)."""
+
+    shape: torch.Size  # x's [B, T, D]
+    dtype: torch.dtype
+    virtual: Tensor  # [N, H*m] virtual slots
+    scores: Tensor  # [N, H*m, h]
+    projector: Tensor  # [N, H*m]
+    s_row: Tensor
+    s_col: Tensor
+    pooled: Tensor | None = None  # pooled mode: [N, E, d_v], already looked up
+    unique: Tensor | None = None  # rows mode: unique physical rows [U] ...
+    inverse: Tensor | None = None  # ... and where each selection's row sits in them [N, H*m]
+    values: Future | None = None  # ... and the lookup in flight -> [U, d_v]
+
+
 class MemoryLayer(nn.Module):
     """One PKM/UltraMem layer: x [B, T, D] (normalized FFN input of its read block) -> y [B, T, D]."""
 
@@ -343,6 +361,14 @@ class MemoryLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, D] -> y [B, T, D] (to be added to the residual after the add block)."""
+        return self.finish(self.begin(x))
+
+    def begin(self, x: Tensor) -> _Read:
+        """Steps 1-4 at the read block, and the value lookup started: x [B, T, D] -> a pending read.
+
+        In rows mode the rows are requested from the backend without waiting, so the dense blocks
+        before the add block run while the lookup travels (`finish` waits for it).
+        """
         b, t, d = x.shape
         xf = x.reshape(b * t, d)
         q_row, q_col = self.query(xf)  # step 1
@@ -352,15 +378,31 @@ class MemoryLayer(nn.Module):
         virtual = virtual.reshape(n, -1)  # (N, H*m)
         scores = scores.reshape(n, -1, h)  # (N, H*m, h)
         rows, projector = split_virtual(virtual, self.permutation, self.cfg.physical_rows)  # step 4
+        read = _Read(x.shape, x.dtype, virtual, scores, projector, s_row, s_col)
         if self.cfg.lookup == "pooled":  # steps 5-6 where the table lives: (N, E, d_v)
-            o = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion)
+            read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion)
         else:
-            values = self.fetch(rows)  # (N, H*m, d_v)
-            o = pooled_sum(values, projector, scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
-        o = o.reshape(n, -1).to(x.dtype)  # (N, E*d_v)
+            read.unique, read.inverse = torch.unique(rows, return_inverse=True)
+            read.values = self._backend().fetch_rows_async(self.table, read.unique.cpu())
+        return read
+
+    def finish(self, read: _Read) -> Tensor:
+        """Steps 5-7 after the add block: wait for the values, pool, project -> y [B, T, D]."""
+        b, t, d = read.shape
+        n = b * t
+        if read.pooled is not None:
+            o = read.pooled
+        else:
+            leaf = read.values.result().to(read.inverse.device)  # (U, d_v)
+            if torch.is_grad_enabled():
+                leaf.requires_grad_(True)
+                self._pending.append((read.unique.cpu(), leaf))
+            values = F.embedding(read.inverse, leaf)  # (N, H*m, d_v)
+            o = pooled_sum(values, read.projector, read.scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
+        o = o.reshape(n, -1).to(read.dtype)  # (N, E*d_v)
         y = self.w_out(o) if self.w_out is not None else o
         if self.training:
-            self._record(virtual, scores, y, s_row, s_col)
+            self._record(read.virtual, read.scores, y, read.s_row, read.s_col)
         return y.view(b, t, d)
 
     def after_optimizer_step(self) -> None:

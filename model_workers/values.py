@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,6 +63,17 @@ class ValueBackend(ABC):
     @abstractmethod
     def fetch_rows(self, table: str, rows: torch.Tensor) -> torch.Tensor:
         """rows int64 [U] (unique) -> a fresh float32 tensor [U, d_v] (the caller may require grad on it)."""
+
+    def fetch_rows_async(self, table: str, rows: torch.Tensor) -> Future[torch.Tensor]:
+        """`fetch_rows` started now, answered later: a memory layer issues it at its read block and
+        waits for it after its add block, so the dense blocks in between overlap the lookup
+        (DESIGN §3.1 skip-layer). In-process backends answer at once."""
+        done: Future[torch.Tensor] = Future()
+        try:
+            done.set_result(self.fetch_rows(table, rows))
+        except Exception as err:  # delivered where the caller waits, as a remote failure would be
+            done.set_exception(err)
+        return done
 
     @abstractmethod
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
