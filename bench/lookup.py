@@ -145,6 +145,24 @@ def _breakdown(client: Client, rows: np.ndarray, out: np.ndarray, d_v: int) -> d
             "sequential_chunks_s": t_rpc * n_chunks, "total_s": t_total}
 
 
+def _pooled_rate(client: Client, rows: np.ndarray, num_shards: int, d_v: int, wire_dtype: str, itemsize: int,
+                 repeats: int) -> dict[str, Any]:
+    """PooledGather of the same rows as decode-shaped lookups: 160 selections per token (H=2, m=80),
+    E = 4, h = 2. Bytes on the wire, by counting: per selection 3 int32 ids + 2 fp32 scores up,
+    per token and shard touched E*d_v sums down (random rows: every token touches every shard)."""
+    per_token, e, h = 160, 4, 2
+    tokens = rows.size // per_token
+    n = tokens * per_token
+    sel, token = rows[:n], np.repeat(np.arange(tokens, dtype=np.int64), per_token)
+    projector = np.random.default_rng(3).integers(0, e, n).astype(np.int64)
+    scores = np.random.default_rng(4).random((n, h), dtype=np.float32)
+    rate, times = _median_rate(lambda: client.pooled_gather("bench", sel, projector, token, scores, tokens, e,
+                                                             wire_dtype=wire_dtype), n, repeats)
+    wire = n * (3 * 4 + h * 4) + num_shards * tokens * e * d_v * itemsize  # bytes per lookup
+    return {"rows_per_s": rate, "wire_bytes_per_s": rate / n * wire, "times_s": times, "tokens": tokens,
+            "bytes_per_lookup": wire}
+
+
 def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
     """Measure everything, print a table, write <out_dir>/lookup.json; returns the results dict."""
     tuned = tune_malloc()
@@ -179,6 +197,9 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
                         results["grpc"][f"{wire_dtype}/{num_shards}"] = {
                             "rows_per_s": rate, "wire_bytes_per_s": rate * d_v * itemsize, "times_s": times}
                     results["grpc"][f"breakdown/{num_shards}"] = _breakdown(client, rows, buf, d_v)
+                    for wire_dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+                        results["grpc"][f"pooled-{wire_dtype}/{num_shards}"] = _pooled_rate(
+                            client, rows, num_shards, d_v, wire_dtype, itemsize, repeats)
             finally:
                 _stop(procs)
 
@@ -192,7 +213,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
         r["ratio_to_socket_bytes"] = r["wire_bytes_per_s"] / sock
         r["ratio_to_numpy_rows"] = r["rows_per_s"] / results["numpy_rows_per_s"]
         wire_dtype, shards = key.split("/")
-        print(f"  gRPC {wire_dtype:8s} {shards} shard(s)  {r['rows_per_s'] / 1e6:8.2f} M rows/s  "
+        print(f"  gRPC {wire_dtype:15s} {shards} shard(s)  {r['rows_per_s'] / 1e6:8.2f} M rows/s  "
               f"{r['wire_bytes_per_s'] / 1e9:6.2f} GB/s wire  = {r['ratio_to_socket_bytes']:.2f}x socket, "
               f"{r['ratio_to_numpy_rows']:.3f}x numpy")
     for shards in (1, 2):

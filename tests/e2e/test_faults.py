@@ -72,7 +72,7 @@ def test_an_async_run_with_a_killed_shard_finishes_and_learns(ray_session, e2e, 
     clean = distributed.train_distributed(cfg, tmp_path / "clean", progress=False)
     trainer = DistributedTrainer(cfg, tmp_path / "killed", progress=False)
     try:
-        killer = _kill_when(trainer, 13, _pid(trainer.shards[0]))
+        killer = _kill_when(trainer, 5, _pid(trainer.shards[0]))  # early: most of the run still needs it
         result = trainer.run()
         killer.join(5)
     finally:
@@ -96,7 +96,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_session, e2e,
     trainer = DistributedTrainer(e2e.tiny_config(shards=2, consistency="sync", on_worker_failure="restart"),
                                  tmp_path, progress=False)
     try:
-        _kill_when(trainer, 13, ray.get(trainer.workers[0].pid.remote(), timeout=60))
+        _kill_when(trainer, 11, ray.get(trainer.workers[0].pid.remote(), timeout=60))
         result = trainer.run()
     finally:
         trainer.close()
