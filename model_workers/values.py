@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from param_server.optimizers import SparseOptimizer, SparseOptimizerConfig, make_optimizer, sum_duplicates
-from param_server.shard import pooled_sum
+from param_server.shard import pooled_backward_terms, pooled_sum
 from storage.layout import TableSpec, init_partition_values, numpy_dtype, state_layout
 
 
@@ -222,7 +222,7 @@ class LocalBackend(ValueBackend):
 
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """dL/ds [n, h] and an immediate row update: the formula of Shard.pooled_backward_with_ack."""
+        """dL/ds [n, h] and an immediate row update (param_server.shard.pooled_backward_terms)."""
         step, lr = self.step_lr()
         t = self._table(table)
         g_out = _float32(grad_out)
@@ -231,15 +231,13 @@ class LocalBackend(ValueBackend):
         r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, g_out.shape[0], g_out.shape[1])
         if not np.isfinite(g_out).all():
             raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
-        n, h, d_v = r.shape[0], s.shape[1], t.spec.dim
-        g = g_out[tok, p].reshape(n, h, d_v // h)  # dL/do per entry, (n, h, d_v/h)
-        v = t.values[r].astype(np.float32).reshape(n, h, d_v // h)  # V before this step's update
-        grad_scores = np.einsum("nhk,nhk->nh", g, v)  # (n, h)
-        grad_rows = (g * s[:, :, None]).reshape(n, d_v)  # (n, d_v), rows may repeat
+        n = r.shape[0]
+        # V before this step's update; the same formula as the shard's PooledBackward
+        grad_scores, grad_rows = pooled_backward_terms(t.values[r], g_out[tok, p], s)
         if n:
             unique, summed = sum_duplicates(r, grad_rows)
             t.optimizer.step(t.values, t.state, unique, summed, lr)
-        return torch.from_numpy(grad_scores.astype(np.float32, copy=False))
+        return torch.from_numpy(grad_scores)
 
     def _pooled_args(self, t: _Table, rows: Any, projector: Any, token: Any, scores: Any, num_tokens: int,
                      num_projectors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -151,6 +151,20 @@ def _pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.nda
     return order, starts
 
 
+def pooled_backward_terms(values: np.ndarray, grad_out: np.ndarray, scores: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Backward of pooling for n entries: values [n, d_v] (V of each entry's row, before the update),
+    grad_out [n, d_v] (dL/do at each entry's (token, projector)), scores float32 [n, h] ->
+    (dL/ds [n, h], dL/dV per entry [n, d_v]; rows may repeat). d_v splits into h slices (MCS)."""
+    n, h = scores.shape
+    d_v = values.shape[1]
+    g = grad_out.reshape(n, h, d_v // h)  # [n, h, d_v/h]
+    v = values.astype(np.float32, copy=False).reshape(n, h, d_v // h)
+    grad_scores = np.einsum("nhk,nhk->nh", g, v)  # [n, h]
+    grad_rows = (g * scores[:, :, None]).reshape(n, d_v)  # [n, d_v]
+    return grad_scores.astype(np.float32, copy=False), grad_rows
+
+
 def pooled_sum(
     v: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray, e: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -360,7 +374,7 @@ class Shard:
         worker_id, seq, step, lr = self._push_header(worker_id, seq, step, lr)
         rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
                                                            allow_empty=True)
-        e, d_v, n, h = int(num_projectors), t.spec.dim, rows.shape[0], scores.shape[1]
+        e, d_v, n = int(num_projectors), t.spec.dim, rows.shape[0]
         touched = _ids("tokens_touched", tokens_touched)
         if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
             raise InvalidRequestError("tokens_touched must be sorted and unique")
@@ -371,12 +385,9 @@ class Shard:
         with self._cond:
             self._wait_unfrozen(t, rows)
             v = t.parts.read(rows)  # [n, d_v]
-        g = g_out[t_pos, projector].reshape(n, h, d_v // h)  # dL/do per entry, [n, h, d_v/h]
-        v = v.astype(np.float32).reshape(n, h, d_v // h)
-        grad_scores = np.einsum("nhk,nhk->nh", g, v)  # [n, h]
-        grad_rows = (g * scores[:, :, None]).reshape(n, d_v)  # [n, d_v], rows may repeat
+        grad_scores, grad_rows = pooled_backward_terms(v, g_out[t_pos, projector], scores)
         accepted = self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, rows, grad_rows))
-        return grad_scores.astype(np.float32, copy=False), accepted
+        return grad_scores, accepted
 
     def _admit(self, t: _Table, update: PendingUpdate) -> bool:
         """Queue a validated update once its partitions are not being handed off; count it pending."""
