@@ -21,11 +21,15 @@ acknowledged. A fresh launch starts an empty log; an actor that Ray restarts aft
 the newest checkpoint, replays the log segments written since it, then reports its new address to
 the coordinator (which bumps the map epoch; the driver installs the new map on every shard and
 worker). Each checkpoint cuts the log: pushes wait while the shard drains, starts segment
-`base-<step>` and writes its partitions.
+`base-<step>` and writes its partitions and its progress at the cut (`step-N/shards/shard-<id>.json`:
+applied-step clocks and last seq per worker). A restarted shard resumes that progress before the
+replay, so a kill right after a checkpoint (empty log) neither makes lookups wait for pushes the
+checkpoint already holds nor lets a re-sent push in twice.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -42,7 +46,7 @@ from param_server.partitions import Arrays
 from param_server.server import ServerConfig, ShardServer, create_server
 from param_server.shard import Shard, ShardConfig
 from param_server.update_log import INIT, UpdateLog
-from storage.checkpoint import latest_checkpoint, step_of
+from storage.checkpoint import atomic_write_json, latest_checkpoint, step_of
 from storage.table_store import open_table
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,12 @@ class ShardActorConfig:
     namespace: str = "ultramem"
     update_log_dir: str | None = None  # <run>/update-log: this shard logs to shard-<id>/ there (None: no log)
     log_fsync: bool = False  # fsync each log append (machine crashes too; a process crash needs only a flush)
+
+
+def progress_path(step_dir: Path | str, shard_id: int) -> Path:
+    """`step-N/shards/shard-<id>.json`: the shard's applied-step clocks and last seqs at the cut (a
+    restarted shard resumes them; the manifest, written after every shard saved, covers the file)."""
+    return Path(step_dir) / "shards" / f"shard-{shard_id}.json"
 
 
 def tables_dir(step_dir: Path | str) -> Path:
@@ -116,8 +126,8 @@ class ShardActor:
         self.config = config
         self.partitions = self._current_partitions()
         self.shard = Shard(config.shard, shard_id=config.shard_id)
-        self.loaded_from = self._load()
         self.restarted = _reconstructed()
+        self.loaded_from = self._load()
         self.replayed = 0  # logged pushes applied again after a restart
         self.log: UpdateLog | None = self._open_log()
         self.gate = PushGate()
@@ -190,6 +200,9 @@ class ShardActor:
             self.shard.load_table(store, self.partitions, work_store=work_store,
                                   initialize=self.config.initialize and step_dir is None)
         if step_dir is not None:
+            progress = progress_path(step_dir, self.config.shard_id)
+            if self.restarted and progress.exists():  # a fresh launch starts new clients: seq 1 again
+                self.shard.restore_progress(json.loads(progress.read_text()))
             return str(step_dir)
         return "initialised partitions" if self.config.initialize else "initial tables"
 
@@ -228,7 +241,8 @@ class ShardActor:
         """
         log = self.log
         cut = (lambda: log.rotate(step_of(step_dir))) if log is not None else None
-        self.shard.save(tables_dir(step_dir), cut=cut)
+        progress = self.shard.save(tables_dir(step_dir), cut=cut)
+        atomic_write_json(progress_path(step_dir, self.config.shard_id), progress)
         if log is not None and self.config.checkpoint_root is not None:
             valid = latest_checkpoint(self.config.checkpoint_root)
             if valid is not None:

@@ -94,6 +94,11 @@ class ApplyQueue:
         with self._cv:
             return self._last_seq.get(worker_id, 0)
 
+    def restore_last_seq(self, worker_id: int, seq: int) -> None:
+        """After a restart from a checkpoint: seqs up to `seq` of `worker_id` are in it (duplicates)."""
+        with self._cv:
+            self._last_seq[worker_id] = max(self._last_seq.get(worker_id, 0), seq)
+
     def depth(self) -> int:
         """Pushes queued or being applied."""
         with self._cv:

@@ -565,6 +565,29 @@ class Shard:
 
     # --- clocks, drain, checkpoint ---------------------------------------------------------------
 
+    def progress(self) -> dict[str, list]:
+        """What this shard has taken in, per worker, as JSON-able lists: `applied_step` [[worker, table,
+        step]] and `last_seq` [[worker, seq]]. `save` returns it as of the state it writes."""
+        with self._cond:
+            workers = set(self._applied_seq) | {w for w, _ in self._applied_step}
+            return {"applied_step": [[w, name, s] for (w, name), s in sorted(self._applied_step.items())],
+                    "last_seq": [[w, self._queue.last_seq(w)] for w in sorted(workers)]}
+
+    def restore_progress(self, progress: dict[str, list]) -> None:
+        """After Ray restarted this shard from a checkpoint (before `replay`): the workers go on with
+        their seq numbering and lookups wait on their clocks, so both resume where the checkpoint cut
+        them. Without this a lookup's min_step could wait for pushes the checkpoint already holds."""
+        clocks = [(int(w), str(name), int(s)) for w, name, s in progress.get("applied_step", [])]
+        seqs = [(int(w), int(q)) for w, q in progress.get("last_seq", [])]
+        with self._cond:
+            for w, name, s in clocks:
+                key = (w, name)
+                self._applied_step[key] = max(self._applied_step.get(key, -1), s)
+            for w, q in seqs:
+                self._queue.restore_last_seq(w, q)
+                self._applied_seq[w] = max(self._applied_seq.get(w, 0), q)
+            self._cond.notify_all()
+
     def applied_step(self, worker_id: int, table: str | None = None) -> int:
         """The highest step of `worker_id` whose push to `table` has been applied (-1 if none).
 
@@ -591,9 +614,9 @@ class Shard:
         with self._cond:
             return {p: t.parts.export(p) for p in t.parts.partitions}
 
-    def save(self, root_of_tables: Path | str, *, cut: Callable[[], None] | None = None) -> None:
+    def save(self, root_of_tables: Path | str, *, cut: Callable[[], None] | None = None) -> dict[str, list]:
         """Drain, then write every owned partition into the existing groups `root_of_tables/<table>`
-        (cached partitions: flushed, then copied chunk by chunk).
+        (cached partitions: flushed, then copied chunk by chunk); returns `progress()` at that state.
 
         No push is admitted from the drain until the partitions are written; `cut` runs after the
         drain, so the update log can start a new segment exactly at the state being saved.
@@ -605,6 +628,7 @@ class Shard:
             self.drain()
             if cut is not None:
                 cut()
+            progress = self.progress()
             for name in self.table_names():
                 t = self._table(name)
                 store = open_table(root / name, "r+")
@@ -617,6 +641,7 @@ class Shard:
                 self._admitting = True
                 self._cond.notify_all()
         logger.info("shard %s saved %s into %s", self.shard_id, self.table_names(), root)
+        return progress
 
     def flush(self) -> None:
         """Drain, then write every dirty cached chunk back to its store."""

@@ -4,10 +4,14 @@ checkpoint plus the log equals the shard that never crashed, applying each push 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from param_server.errors import WaitTimeoutError
 from param_server.shard import Shard, ShardConfig
 from param_server.update_log import INIT, LogRecord, UpdateLog, encode_record, read_segment
 from storage.layout import TableSpec
@@ -125,3 +129,33 @@ def test_replay_skips_rows_of_partitions_this_shard_no_longer_owns(tmp_path):
     after = shard.export_partitions("t")
     assert not np.array_equal(after[0]["values"], before[0]["values"])
     shard.close()
+
+
+def test_a_shard_restored_from_a_checkpoint_with_an_empty_log_resumes_clocks_and_seqs(tmp_path):
+    # killed right after a checkpoint: the log since is empty, so only the progress saved with the
+    # checkpoint says the worker's pushes up to step 4 (seq 5) are in it
+    from storage.table_store import create_table
+
+    live = _shard()
+    for seq in range(1, 6):
+        assert _push(live, 3, seq, seq - 1, [seq, 9], seed=seq)
+    create_table(tmp_path / "t", SPEC, initialize=False)
+    progress = live.save(tmp_path)
+    assert progress == {"applied_step": [[3, "t", 4]], "last_seq": [[3, 5]]}
+
+    cold = Shard(ShardConfig(wait_timeout_s=0.5))
+    cold.add_table(SPEC, live.export_partitions("t"))
+    with pytest.raises(WaitTimeoutError):  # what the restarted shard did before: wait for step 2 forever
+        cold.gather("t", [1], worker_id=3, min_step=2)
+
+    restored = Shard(ShardConfig(wait_timeout_s=0.5))
+    restored.add_table(SPEC, live.export_partitions("t"))
+    restored.restore_progress(json.loads(json.dumps(progress)))  # as the actor reads it back
+    np.testing.assert_array_equal(restored.gather("t", [1], worker_id=3, min_step=4), live.gather("t", [1]))
+    assert restored.applied_step(3, "t") == 4 and restored.last_seq(3) == 5
+    assert not _push(restored, 3, 5, 4, [1], seed=5)  # already in the checkpoint: a duplicate
+    assert _push(restored, 3, 6, 5, [1], seed=6)
+    restored.drain()
+    assert restored.applied_step(3, "t") == 5
+    for s in (live, cold, restored):
+        s.close()
