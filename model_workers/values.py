@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from param_server.optimizers import SparseOptimizer, SparseOptimizerConfig, make_optimizer, sum_duplicates
-from param_server.shard import pooled_backward_terms, pooled_sum
+from param_server.pooling import pooled_backward_terms, pooled_sum
 from storage.layout import TableSpec, init_partition_values, numpy_dtype, state_layout
 
 
@@ -211,7 +211,7 @@ class LocalBackend(ValueBackend):
 
     def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
-        """In-process pooled lookup with the shard's own math (param_server.shard.pooled_sum)."""
+        """In-process pooled lookup with the shard's own math (param_server.pooling.pooled_sum)."""
         t = self._table(table)
         r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, num_tokens, num_projectors)
         out = np.zeros((num_tokens, num_projectors, t.spec.dim), dtype=np.float32)
@@ -222,7 +222,7 @@ class LocalBackend(ValueBackend):
 
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """dL/ds [n, h] and an immediate row update (param_server.shard.pooled_backward_terms)."""
+        """dL/ds [n, h] and an immediate row update (param_server.pooling.pooled_backward_terms)."""
         step, lr = self.step_lr()
         t = self._table(table)
         g_out = _float32(grad_out)

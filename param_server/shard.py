@@ -24,17 +24,23 @@ and acknowledged; `replay` applies such records again after a restart from a che
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
 
 from param_server.apply_queue import ApplyQueue, PendingUpdate
+from param_server.checks import (
+    check_partition_arrays,
+    check_wait_args,
+    floats,
+    ids,
+    pooled_entries,
+    push_header,
+)
 from param_server.errors import (
     ConfigError,
     InvalidRequestError,
@@ -50,7 +56,6 @@ from param_server.optimizers import (
     SparseOptimizer,
     SparseOptimizerConfig,
     make_optimizer,
-    segment_sum,
     sum_duplicates,
 )
 from param_server.partitions import (
@@ -65,17 +70,15 @@ from param_server.partitions import (
     plan_tiers,
     zero_state,
 )
+from param_server.pooling import pooled_backward_terms, pooled_sum
 from param_server.update_log import LogRecord, UpdateLog
-from storage.layout import VALUES, TableSpec, state_layout
+from storage.layout import TableSpec
 from storage.table_store import TableStore, open_table
 
 if TYPE_CHECKING:
     from typing import Self
 
 logger = logging.getLogger(__name__)
-
-_FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16))
-
 
 @dataclass(frozen=True)
 class ShardConfig:
@@ -112,82 +115,6 @@ class _Table:
     store: TableStore | None = None  # writable home of the cached partitions (None: RAM only)
 
 
-# --- request checks (no state touched) -----------------------------------------------------------
-
-
-def _int_scalar(name: str, x: Any, minimum: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < minimum:
-        raise InvalidRequestError(f"{name} must be an int >= {minimum}, got {x!r}")
-    return int(x)
-
-
-def _ids(name: str, a: Any) -> np.ndarray:
-    """A 1-D integer array as int64 [n]."""
-    a = np.asarray(a)
-    if a.dtype.kind not in "iu" or a.ndim != 1:
-        raise InvalidRequestError(f"{name} must be a 1-D integer array, got {a.dtype} {a.shape}")
-    return a.astype(np.int64, copy=False)
-
-
-def _floats(name: str, a: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A finite float array of exactly `shape`, as float32."""
-    a = np.asarray(a)
-    if a.dtype not in _FLOAT_DTYPES:
-        raise InvalidRequestError(f"{name} must be float32/bfloat16/float16, got {a.dtype}")
-    if a.shape != shape:
-        raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(a.shape)}")
-    f = a.astype(np.float32, copy=False)
-    if not np.isfinite(f).all():
-        raise InvalidRequestError(f"{name} has non-finite entries")
-    return f
-
-
-def _pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order of the n entries by (token, projector) and the group starts: ([n], [G])."""
-    key = token * e + projector  # [n], < 2**63 (checked)
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    starts = np.concatenate(([0], np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1))
-    return order, starts
-
-
-def pooled_backward_terms(values: np.ndarray, grad_out: np.ndarray, scores: np.ndarray
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Backward of pooling for n entries: values [n, d_v] (V of each entry's row, before the update),
-    grad_out [n, d_v] (dL/do at each entry's (token, projector)), scores float32 [n, h] ->
-    (dL/ds [n, h], dL/dV per entry [n, d_v]; rows may repeat). d_v splits into h slices (MCS)."""
-    n, h = scores.shape
-    d_v = values.shape[1]
-    g = grad_out.reshape(n, h, d_v // h)  # [n, h, d_v/h]
-    v = values.astype(np.float32, copy=False).reshape(n, h, d_v // h)
-    grad_scores = np.einsum("nhk,nhk->nh", g, v)  # [n, h]
-    grad_rows = (g * scores[:, :, None]).reshape(n, d_v)  # [n, d_v]
-    return grad_scores.astype(np.float32, copy=False), grad_rows
-
-
-def pooled_sum(
-    v: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray, e: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """IVE grouping + MCS weighting + pooling (DESIGN §3.1 steps 4-6) over gathered rows.
-
-    v [n, d_v] (rows of the entries), projector/token int64 [n], scores float32 [n, h], e = E ->
-    (tokens touched, sorted unique int64 [Tt]; sums float32 [Tt, E, d_v]) with
-    o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[j, slice c].
-    """
-    n, d_v = v.shape
-    h = scores.shape[1]
-    weighted = (v.astype(np.float32).reshape(n, h, d_v // h) * scores[:, :, None]).reshape(n, d_v)
-    order, starts = _pool_keys(token, projector, e)
-    group_sums = segment_sum(np.take(weighted, order, axis=0), starts)  # [G, d_v]
-    group_tok = token[order][starts]  # [G], ascending
-    group_proj = projector[order][starts]
-    new_token = np.concatenate(([True], group_tok[1:] != group_tok[:-1]))
-    tokens = group_tok[new_token]  # [Tt]
-    out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
-    out[np.cumsum(new_token) - 1, group_proj] = group_sums  # each (token, projector) once
-    return tokens, out
-
-
 class Shard:
     """Owned partitions of some tables, served and updated (docs/internals.md "param_server/")."""
 
@@ -215,7 +142,7 @@ class Shard:
 
         Missing state arrays start at 0. The arrays are copied into the shard's flat layout.
         """
-        self._check_partition_arrays(spec, partitions)
+        check_partition_arrays(spec, partitions)
         parts = TieredPartitions(spec, ResidentPartitions(spec, {int(p): a for p, a in partitions.items()}), None)
         self._install(spec, parts, None, partition_nbytes(spec) * len(partitions))
 
@@ -297,7 +224,7 @@ class Shard:
         """
         t = self._table(table)
         rows = self._rows(t, rows, allow_empty=False)
-        self._check_wait_args(worker_id, min_step)
+        check_wait_args(worker_id, min_step)
         shape, dtype = (rows.shape[0], t.spec.dim), t.parts.resident.values.dtype
         if out is not None and (out.shape != shape or out.dtype != dtype):
             raise InvalidRequestError(f"out must be {dtype} {list(shape)}")
@@ -323,7 +250,7 @@ class Shard:
         t = self._table(table)
         rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
                                                            allow_empty=False)
-        self._check_wait_args(worker_id, min_step)
+        check_wait_args(worker_id, min_step)
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._check_owned(t, rows)
@@ -341,11 +268,11 @@ class Shard:
         """
         self._check_writable()
         t = self._table(table)
-        worker_id, seq, step, lr = self._push_header(worker_id, seq, step, lr)
+        worker_id, seq, step, lr = push_header(worker_id, seq, step, lr)
         rows = self._rows(t, rows, allow_empty=True)
         if rows.shape[0] == 0 and np.shape(grads) == (0,):
             grads = np.zeros((0, t.spec.dim), dtype=np.float32)
-        g = _floats("grads", grads, (rows.shape[0], t.spec.dim))
+        g = floats("grads", grads, (rows.shape[0], t.spec.dim))
         g = np.array(g, dtype=np.float32, copy=True)  # the queue owns its copy
         return self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, rows, g))
 
@@ -371,14 +298,14 @@ class Shard:
         """
         self._check_writable()
         t = self._table(table)
-        worker_id, seq, step, lr = self._push_header(worker_id, seq, step, lr)
+        worker_id, seq, step, lr = push_header(worker_id, seq, step, lr)
         rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
                                                            allow_empty=True)
         e, d_v, n = int(num_projectors), t.spec.dim, rows.shape[0]
-        touched = _ids("tokens_touched", tokens_touched)
+        touched = ids("tokens_touched", tokens_touched)
         if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
             raise InvalidRequestError("tokens_touched must be sorted and unique")
-        g_out = _floats("grad_out", grad_out, (touched.shape[0], e, d_v))
+        g_out = floats("grad_out", grad_out, (touched.shape[0], e, d_v))
         t_pos = np.searchsorted(touched, token)  # [n]
         if n and (t_pos.max() >= touched.shape[0] or np.any(touched[t_pos] != token)):
             raise InvalidRequestError("every token must appear in tokens_touched")
@@ -519,7 +446,7 @@ class Shard:
         with self._cond:
             for name, parts in tables.items():
                 t = self._table(name)
-                self._check_partition_arrays(t.spec, {p: a for p, a in parts.items() if a is not None})
+                check_partition_arrays(t.spec, {p: a for p, a in parts.items() if a is not None})
                 for p, arrays in sorted(parts.items()):
                     if t.owned[p]:
                         raise InvalidRequestError(f"shard {self.shard_id} already owns partition {p} of {name}")
@@ -703,21 +630,6 @@ class Shard:
         if self.config.read_only:
             raise ReadOnlyError(f"shard {self.shard_id} is read-only")
 
-    @staticmethod
-    def _check_partition_arrays(spec: TableSpec, partitions: dict[int, dict[str, np.ndarray]]) -> None:
-        r, layout = spec.rows_per_partition, state_layout(spec)
-        for p, arrays in partitions.items():
-            if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < spec.num_partitions:
-                raise InvalidRequestError(f"table {spec.name}: partition {p!r} not in [0, {spec.num_partitions})")
-            unknown = sorted(set(arrays) - {VALUES, *layout})
-            if VALUES not in arrays or unknown:
-                raise InvalidRequestError(f"table {spec.name} partition {p}: needs 'values', unknown {unknown}")
-            if np.shape(arrays[VALUES]) != (r, spec.dim):
-                raise InvalidRequestError(f"table {spec.name} partition {p}: values must be [{r}, {spec.dim}]")
-            for name, (trailing, _) in layout.items():
-                if name in arrays and np.shape(arrays[name]) != (r, *trailing):
-                    raise InvalidRequestError(f"table {spec.name} partition {p}: {name} must be {[r, *trailing]}")
-
     def _check_owned(self, t: _Table, rows: np.ndarray) -> None:
         """With self._cond held: every row's partition is owned here (WrongShardError if not)."""
         part = rows % t.spec.num_partitions
@@ -735,7 +647,7 @@ class Shard:
 
     def _rows(self, t: _Table, rows: Any, *, allow_empty: bool) -> np.ndarray:
         """Validated global rows int64 [n]: in range and owned here."""
-        rows = _ids("rows", rows)
+        rows = ids("rows", rows)
         n = rows.shape[0]
         if n == 0 and not allow_empty:
             raise InvalidRequestError("empty lookup: rows must hold at least one row")
@@ -752,39 +664,7 @@ class Shard:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Validated (rows [n], projector [n], token [n], scores float32 [n, h])."""
         rows = self._rows(t, rows, allow_empty=allow_empty)
-        n = rows.shape[0]
-        e = _int_scalar("num_projectors", num_projectors, 1)
-        projector, token = _ids("projector", projector), _ids("token", token)
-        if projector.shape[0] != n or token.shape[0] != n:
-            raise InvalidRequestError(f"rows, projector, token lengths differ: {n}, {projector.shape[0]}, "
-                                      f"{token.shape[0]}")
-        if n and (projector.min() < 0 or projector.max() >= e):
-            raise InvalidRequestError(f"projector ids must be in [0, {e})")
-        if n and (token.min() < 0 or token.max() >= (2**63 - 1) // e):
-            raise InvalidRequestError("token ids must be >= 0 (and token * E must fit in int64)")
-        s = np.asarray(scores)
-        h = s.shape[1] if s.ndim == 2 else 0
-        if h < 1 or t.spec.dim % h:
-            raise InvalidRequestError(f"scores must be [n, h] with h >= 1 dividing d_v={t.spec.dim}, got {s.shape}")
-        return rows, projector, token, _floats("scores", s, (n, h))
-
-    @staticmethod
-    def _push_header(worker_id: Any, seq: Any, step: Any, lr: Any) -> tuple[int, int, int, float]:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
-            raise InvalidRequestError(f"lr must be a float, got {lr!r}")
-        if not (math.isfinite(lr) and lr >= 0):
-            raise InvalidRequestError(f"lr must be finite and >= 0, got {lr}")
-        # step >= -1, not >= 0: a client marks all but the last chunk of a split push with step - 1,
-        # so a min_step lookup waits for the whole push (DESIGN §4.3). At step 0 that is -1, which
-        # is also the clock's "nothing applied" value, so such a chunk advances no clock.
-        return (_int_scalar("worker_id", worker_id, 0), _int_scalar("seq", seq, 1),
-                _int_scalar("step", step, -1), float(lr))
-
-    @staticmethod
-    def _check_wait_args(worker_id: Any, min_step: Any) -> None:
-        _int_scalar("worker_id", worker_id, 0)
-        if min_step is not None:
-            _int_scalar("min_step", min_step, -(2**63))
+        return (rows, *pooled_entries(rows.shape[0], projector, token, scores, num_projectors, t.spec.dim))
 
     def _wait_for_step(self, worker_id: int, table: str, min_step: int | None) -> None:
         """With self._cond held: wait until the worker's applied step on `table` >= min_step and no

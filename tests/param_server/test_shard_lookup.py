@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from param_server.shard import Shard, ShardConfig, pooled_sum
+from param_server.pooling import pooled_sum
+from param_server.shard import Shard, ShardConfig
 
 
 def pooled_oracle(values, rows, projector, token, scores, e):
