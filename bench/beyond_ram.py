@@ -25,15 +25,14 @@ cached step time within 2x of the disk floor. Writes <out>/beyond_ram.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +43,19 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench._shards import start_shards, stop_shards  # noqa: E402 (after the sys.path line)
 from param_server.client import Client  # noqa: E402 (after the sys.path line)
 from param_server.partitions import partition_nbytes  # noqa: E402 (after the sys.path line)
 from param_server.shard import Shard, ShardConfig  # noqa: E402 (after the sys.path line)
 from storage.layout import TableSpec  # noqa: E402 (after the sys.path line)
-from storage.table_store import TableStore, create_table, open_table  # noqa: E402 (after the sys.path line)
+from storage.table_store import create_table, open_table  # noqa: E402 (after the sys.path line)
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}  # DESIGN §8
 OVERSUBSCRIPTION = 4  # table bytes / shards' RAM budget
 TARGET_SKEWED = 0.5  # cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups
 TARGET_FLOOR = 2.0  # elsewhere: cached step time <= 2x the disk floor for the bytes it moved
 LR = 1e-3
+LARGE = 16  # the large-table leg: 16x the rows at the same selections per step (a step touches a small share)
+CACHE_SHARE = 1.0  # in-process cached legs give the whole budget to the caches (rows + chunks), no resident partitions
 
 
 # -- the streams ---------------------------------------------------------------------------------
@@ -66,6 +67,7 @@ def record_model_stream(steps: int, train: bool) -> tuple[TableSpec, list[np.nda
     """
     import torch
 
+    import model_workers.ultramem as ultramem_module
     from model_workers.data import get_batch, prepare_corpus
     from model_workers.model import LanguageModel
     from model_workers.trainer import autocast_dtype, make_optimizer, resolve_device, train_step
@@ -75,15 +77,15 @@ def record_model_stream(steps: int, train: bool) -> tuple[TableSpec, list[np.nda
     corpus = prepare_corpus(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = LanguageModel(cfg.model)  # LocalBackend: the values live in this process
-    layer = model.memories[0]
     entries: list[np.ndarray] = []
-    fetch = layer.fetch
+    split = ultramem_module.split_virtual
 
-    def recording_fetch(rows: torch.Tensor) -> torch.Tensor:
+    def recording_split(*args: Any, **kw: Any) -> Any:  # IVE step 4: every selected physical row, repeats kept
+        rows, projector = split(*args, **kw)
         entries.append(rows.detach().cpu().numpy().reshape(-1).astype(np.int64))
-        return fetch(rows)
+        return rows, projector
 
-    layer.fetch = recording_fetch  # type: ignore[method-assign]
+    ultramem_module.split_virtual = recording_split  # type: ignore[assignment]
     opt = make_optimizer(model, cfg.train)
     amp = autocast_dtype(cfg.train, resolve_device(cfg.train))
     for step in range(steps):
@@ -94,6 +96,8 @@ def record_model_stream(steps: int, train: bool) -> tuple[TableSpec, list[np.nda
         else:
             with torch.no_grad():
                 model.eval()(x)
+    ultramem_module.split_virtual = split
+    assert len(model.memory_tables()) == 1, "the small preset has one memory layer"
     return model.memory_tables()[0], entries, cfg.data.batch_size * cfg.data.seq_len
 
 
@@ -176,70 +180,53 @@ def disk_floor(directory: Path, file_bytes: int, block_sizes: tuple[int, ...], p
 
 
 # -- in-process replay: resident vs beyond RAM ----------------------------------------------------
-class _StoreTimer:
-    """Wraps a TableStore's read_rows/write_rows to add up seconds and bytes (the Zarr side of the cache)."""
-
-    def __init__(self, store: TableStore) -> None:
-        self.seconds = {"read": 0.0, "write": 0.0}
-        self.bytes = {"read": 0, "write": 0}
-        for op, name in (("read", "read_rows"), ("write", "write_rows")):
-            setattr(store, name, self._wrap(op, getattr(store, name)))
-
-    def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            out = fn(*args, **kw)
-            self.seconds[op] += time.perf_counter() - t0
-            arrays = out if op == "read" else args[2]
-            self.bytes[op] += sum(a.nbytes for a in arrays.values())
-            return out
-        return call
-
-    def take(self) -> dict[str, float]:
-        out = {f"zarr_{op}_s": s for op, s in self.seconds.items()} | {f"zarr_{op}_bytes": float(b)
-                                                                       for op, b in self.bytes.items()}
-        self.seconds, self.bytes = dict.fromkeys(self.seconds, 0.0), dict.fromkeys(self.bytes, 0)
-        return out
-
-
 class _Leg:
-    """One in-process shard replaying streams; times each pass and counts cache traffic."""
+    """One in-process shard replaying streams; times each pass and reads the cached tier's counters."""
 
     def __init__(self, spec: TableSpec, path: Path, budget: int | None, dim: int) -> None:
         store = open_table(path, "r+" if budget else "r")
-        self.timer = _StoreTimer(store)
-        self.shard = Shard(ShardConfig(ram_budget_bytes=budget, max_pending=4), shard_id=0)
+        self.shard = Shard(ShardConfig(ram_budget_bytes=budget, cache_share=CACHE_SHARE, max_pending=4), shard_id=0)
         self.shard.load_table(store, range(spec.num_partitions))
-        self.timer.take()
         self.name, self.seq, self.step = spec.name, 0, 0
         self.grads = np.random.default_rng(3).standard_normal((spec.rows, dim)).astype(np.float32) * 1e-3
         self.passes: dict[str, list[dict[str, float]]] = {}
 
+    def tier_metrics(self) -> dict[str, float]:
+        """The shard's tier counters (chunk and row cache, chunk I/O seconds and bytes)."""
+        return self.shard.metrics()
+
     def replay(self, label: str, steps: list[np.ndarray], timed: bool) -> None:
-        m0, c0, t0 = self.shard.metrics(), time.process_time(), time.perf_counter()
+        m0, c0, t0 = self.tier_metrics(), time.process_time(), time.perf_counter()
         for u in steps:
             self.shard.gather(self.name, u)
             self.seq += 1
             self.shard.push(self.name, 0, self.seq, self.step, LR, u, self.grads[: u.size])
             self.shard.drain()
             self.step += 1
-        wall, cpu, m1 = time.perf_counter() - t0, time.process_time() - c0, self.shard.metrics()
-        zarr = self.timer.take()
+        wall, cpu, m1 = time.perf_counter() - t0, time.process_time() - c0, self.tier_metrics()
         if timed:
-            hits, misses = (m1[k] - m0[k] for k in ("cache_hits", "cache_misses"))
+            d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in (
+                "cache_hits", "cache_misses", "cache_row_hits", "cache_row_misses", "cache_io_read_s",
+                "cache_io_write_s", "cache_bytes_loaded", "cache_bytes_written_back")}
             self.passes.setdefault(label, []).append(
-                {"seconds": wall, "cpu_s": cpu, "rows": float(sum(u.size for u in steps)), "cache_hits": hits,
-                 "cache_misses": misses, **zarr})
+                {"seconds": wall, "cpu_s": cpu, "rows": float(sum(u.size for u in steps)), **d})
 
-    def summary(self, label: str, tokens_per_step: int, n_steps: int) -> dict[str, float]:
+    def summary(self, label: str, tokens_per_step: int, n_steps: int) -> dict[str, float | None]:
         p = self.passes[label]
         sec = statistics.median(x["seconds"] for x in p)
-        hits, misses = sum(x["cache_hits"] for x in p), sum(x["cache_misses"] for x in p)
-        out = {"median_pass_s": sec, "steps_per_s": n_steps / sec, "tokens_per_s": n_steps * tokens_per_step / sec,
-               "rows_per_s": p[0]["rows"] / sec, "cache_hit_rate": hits / (hits + misses) if hits + misses else None,
-               "cpu_s_per_million_rows": statistics.median(x["cpu_s"] / x["rows"] * 1e6 for x in p)}
-        for k in ("zarr_read_s", "zarr_write_s", "zarr_read_bytes", "zarr_write_bytes"):
-            out[f"{k}_per_step"] = statistics.median(x[k] for x in p) / n_steps
+
+        def rate(hit: str, miss: str) -> float | None:
+            h, m = sum(x[hit] for x in p), sum(x[miss] for x in p)
+            return h / (h + m) if h + m else None
+
+        out: dict[str, float | None] = {
+            "median_pass_s": sec, "steps_per_s": n_steps / sec, "tokens_per_s": n_steps * tokens_per_step / sec,
+            "rows_per_s": p[0]["rows"] / sec, "cache_hit_rate": rate("cache_hits", "cache_misses"),
+            "row_hit_rate": rate("cache_row_hits", "cache_row_misses"),
+            "cpu_s_per_million_rows": statistics.median(x["cpu_s"] / x["rows"] * 1e6 for x in p)}
+        for k, name in (("cache_io_read_s", "io_read_s"), ("cache_io_write_s", "io_write_s"),
+                        ("cache_bytes_loaded", "io_read_bytes"), ("cache_bytes_written_back", "io_write_bytes")):
+            out[f"{name}_per_step"] = statistics.median(x[k] for x in p) / n_steps
         return out
 
     def close(self) -> None:
@@ -247,38 +234,11 @@ class _Leg:
 
 
 # -- shard processes over gRPC ----------------------------------------------------------------------
-def _start_shards(table: Path, num_shards: int, budget_mb: float | None) -> tuple[list[subprocess.Popen], list[str]]:
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
-    extra = ["--ram-budget-mb", f"{budget_mb:.6f}"] if budget_mb else []
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestration.cli", "shard", "serve", "--table", str(table),
-                               "--shard-id", str(s), "--num-shards", str(num_shards), *extra],
-                              stdout=subprocess.PIPE, text=True, env=env, cwd=REPO) for s in range(num_shards)]
-    addresses = []
-    for proc in procs:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            _stop(procs)
-            raise RuntimeError(f"shard did not start: {line!r}")
-        addresses.append(line.removeprefix("listening on "))
-    return procs, addresses
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_shards: int, budget: int | None,
                   rounds: int) -> dict[str, float]:
     """Replay `stream` through `num_shards` shard processes: rows/s and CPU-s per million rows per shard."""
-    procs, addresses = _start_shards(path, num_shards, budget / num_shards / (1 << 20) if budget else None)
+    extra = ["--ram-budget-mb", f"{budget / num_shards / (1 << 20):.6f}"] if budget else []
+    procs, addresses = start_shards([path], num_shards, extra_args=extra)
     grads = np.random.default_rng(3).standard_normal((spec.rows, spec.dim)).astype(np.float32) * 1e-3
     try:
         with Client(addresses) as client:
@@ -297,7 +257,7 @@ def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_sha
                     times.append(dt)
                     cpu.append([(b.user + b.system) - (a.user + a.system) for a, b in zip(c0, c1, strict=True)])
     finally:
-        _stop(procs)
+        stop_shards(procs)
     rows = sum(u.size for u in stream)
     sec = statistics.median(times)
     shard_of = np.concatenate(stream) % spec.num_partitions % num_shards
@@ -309,62 +269,91 @@ def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_sha
 
 
 # -- the run ----------------------------------------------------------------------------------------
+def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]], budget: int, rounds: int,
+                 tokens_per_step: int, n_steps: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Resident vs cached (budget) in-process shards over fresh copies of one table, rounds interleaved."""
+    paths = {leg: create_table(tmp / f"{spec.name}-{leg}" / spec.name, spec).path for leg in ("resident", "cached")}
+    unique = {k: [np.unique(e) for e in s] for k, s in streams.items()}
+    legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
+            "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
+    out: dict[str, Any] = {}
+    try:
+        for r in range(rounds + 1):  # round 0 warms up; interleaved, so load changes hit every leg alike
+            for label, stream in unique.items():
+                for leg in legs.values():
+                    leg.replay(label, stream, timed=r > 0)
+        for label in streams:
+            res = {name: leg.summary(label, tokens_per_step, n_steps) for name, leg in legs.items()}
+            res["cached_over_resident"] = res["cached"]["steps_per_s"] / res["resident"]["steps_per_s"]
+            out[label] = res
+        tier = legs["cached"].tier_metrics()
+    finally:
+        for leg in legs.values():
+            leg.close()
+    return out, tier
+
+
+def _verdicts(res: dict[str, Any], floor: dict[str, Any], chunk_bytes: int) -> None:
+    """Disk floor per step for the bytes the cached leg moved, and the verdict of the target that applies."""
+    c, f = res["cached"], floor[str(chunk_bytes)]
+    floor_s = (c["io_read_bytes_per_step"] / f["read_bytes_per_s"]
+               + c["io_write_bytes_per_step"] / f["write_bytes_per_s"])
+    res["floor_s_per_step"] = floor_s
+    res["cached_over_floor_time"] = (1 / c["steps_per_s"]) / floor_s if floor_s else None
+    skewed = res["skew"]["top25_rows_share"] >= 0.75
+    res["target"] = (f"cached >= {TARGET_SKEWED}x resident (skewed)" if skewed
+                     else f"cached step time <= {TARGET_FLOOR}x disk floor")
+    res["target_met"] = bool(res["cached_over_resident"] >= TARGET_SKEWED if skewed
+                             else res["cached_over_floor_time"] is not None
+                             and res["cached_over_floor_time"] <= TARGET_FLOOR)
+
+
 def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
     """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict."""
-    steps, rounds, grpc_rounds = (4, 2, 1) if quick else (16, 4, 2)
+    steps, rounds, grpc_rounds, large_steps = (4, 2, 1, 2) if quick else (16, 4, 2, 8)
     spec, model_entries, tokens_per_step = record_model_stream(steps, train=not quick)
-    streams = {"model": model_entries,
-               "zipf": zipf_stream(spec.rows, int(np.median([e.size for e in model_entries])), steps)}
-    unique = {k: [np.unique(e) for e in s] for k, s in streams.items()}
+    entries = int(np.median([e.size for e in model_entries]))
+    streams = {"model": model_entries, "zipf": zipf_stream(spec.rows, entries, steps)}
+    large = dataclasses.replace(spec, name=f"{spec.name}-x{LARGE}", rows=spec.rows * LARGE)
+    large_streams = {"zipf": zipf_stream(large.rows, entries, large_steps, seed=1)}
     table_bytes = partition_nbytes(spec) * spec.num_partitions
     budget = table_bytes // OVERSUBSCRIPTION
+    large_budget = partition_nbytes(large) * large.num_partitions // OVERSUBSCRIPTION
     results: dict[str, Any] = {
         "preset": "small", "table": {"rows": spec.rows, "dim": spec.dim, "optimizer": spec.optimizer,
                                      "partitions": spec.num_partitions, "bytes_with_state": table_bytes},
+        "large_table": {"rows": large.rows, "bytes_with_state": partition_nbytes(large) * large.num_partitions,
+                        "budget_bytes": large_budget, "steps": large_steps},
         "budget_bytes": budget, "oversubscription": OVERSUBSCRIPTION, "steps_per_stream": steps,
-        "tokens_per_step": tokens_per_step, "recorded_from": "forward passes (untrained)" if quick else
-        f"a {steps}-step training run", "rounds": rounds, "quick": quick, "cpus": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(), "streams": {}, "shards": {}}
-    with tempfile.TemporaryDirectory(prefix="ultramem-bench-beyond-") as tmp:
-        paths = {leg: create_table(Path(tmp) / leg / spec.name, spec).path for leg in ("resident", "cached")}
-        chunk_rows = open_table(paths["cached"]).chunk_shape("values")[1]
-        results["table"]["chunk_rows"] = chunk_rows
-        results["table"]["chunk_bytes"] = chunk_rows * spec.dim * 4
-        legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
-                "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
-        try:
-            for r in range(rounds + 1):  # round 0 warms up; interleaved, so load changes hit every leg alike
-                for label, stream in unique.items():
-                    for leg in legs.values():
-                        leg.replay(label, stream, timed=r > 0)
-            for label, stream in streams.items():
-                res = {"skew": skew(stream, spec, chunk_rows),
-                       **{name: leg.summary(label, tokens_per_step, steps) for name, leg in legs.items()}}
-                res["cached_over_resident"] = res["cached"]["steps_per_s"] / res["resident"]["steps_per_s"]
-                results["streams"][label] = res
-            results["cached_metrics"] = legs["cached"].shard.metrics()
-        finally:
-            for leg in legs.values():
-                leg.close()
-        floor = disk_floor(Path(tmp), (64 if quick else 512) << 20, (4096, results["table"]["chunk_bytes"]),
-                           0.5 if quick else 2.0)
+        "cache_share_in_process": CACHE_SHARE, "tokens_per_step": tokens_per_step,
+        "recorded_from": "forward passes (untrained)" if quick else f"a {steps}-step training run",
+        "rounds": rounds, "quick": quick, "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
+        "streams": {}, "large_streams": {}, "shards": {}}
+    with tempfile.TemporaryDirectory(prefix="ultramem-bench-beyond-") as tmp_name:
+        tmp = Path(tmp_name)
+        small_res, results["cached_metrics"] = _replay_legs(spec, tmp, streams, budget, rounds, tokens_per_step, steps)
+        large_res, results["large_cached_metrics"] = _replay_legs(large, tmp, large_streams, large_budget, rounds,
+                                                                  tokens_per_step, large_steps)
+        chunk_rows = open_table(tmp / f"{spec.name}-cached" / spec.name).chunk_shape("values")[1]
+        large_chunk_rows = open_table(tmp / f"{large.name}-cached" / large.name).chunk_shape("values")[1]
+        results["table"].update(chunk_rows=chunk_rows, chunk_bytes=chunk_rows * spec.dim * 4)
+        results["large_table"].update(chunk_rows=large_chunk_rows, chunk_bytes=large_chunk_rows * spec.dim * 4)
+        for label, stream in streams.items():
+            results["streams"][label] = {"skew": skew(stream, spec, chunk_rows), **small_res[label]}
+        for label, stream in large_streams.items():
+            results["large_streams"][label] = {"skew": skew(stream, large, large_chunk_rows), **large_res[label]}
+        sizes = sorted({4096, results["table"]["chunk_bytes"], results["large_table"]["chunk_bytes"]})
+        floor = disk_floor(tmp, (64 if quick else 512) << 20, tuple(sizes), 0.5 if quick else 2.0)
         results["disk_floor"] = floor
         for res in results["streams"].values():
-            c, f = res["cached"], floor[str(results["table"]["chunk_bytes"])]
-            floor_s = c["zarr_read_bytes_per_step"] / f["read_bytes_per_s"] + \
-                c["zarr_write_bytes_per_step"] / f["write_bytes_per_s"]
-            res["floor_s_per_step"] = floor_s
-            res["cached_over_floor_time"] = (1 / c["steps_per_s"]) / floor_s if floor_s else None
-            skewed = res["skew"]["top25_rows_share"] >= 0.75
-            res["target"] = (f"cached >= {TARGET_SKEWED}x resident (skewed)" if skewed
-                             else f"cached step time <= {TARGET_FLOOR}x disk floor")
-            res["target_met"] = bool(res["cached_over_resident"] >= TARGET_SKEWED if skewed
-                                     else res["cached_over_floor_time"] is not None
-                                     and res["cached_over_floor_time"] <= TARGET_FLOOR)
-        scale_path = create_table(Path(tmp) / "grpc" / spec.name, spec).path
+            _verdicts(res, floor, results["table"]["chunk_bytes"])
+        for res in results["large_streams"].values():
+            _verdicts(res, floor, results["large_table"]["chunk_bytes"])
+        scale_path = create_table(tmp / "grpc" / spec.name, spec).path
+        unique_model = [np.unique(e) for e in model_entries]
         for s in (1, 2, 4):
-            results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique["model"], s, budget, grpc_rounds)
-        results["shards"]["resident/1"] = shard_scaling(spec, scale_path, unique["model"], 1, None, grpc_rounds)
+            results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique_model, s, budget, grpc_rounds)
+        results["shards"]["resident/1"] = shard_scaling(spec, scale_path, unique_model, 1, None, grpc_rounds)
     one = results["shards"]["cached/1"]["rows_per_s"]
     for r in results["shards"].values():
         r["rows_per_s_over_1_cached_shard"] = r["rows_per_s"] / one
@@ -376,27 +365,36 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     return results
 
 
+def _print_stream(label: str, r: dict[str, Any]) -> None:
+    s = r["skew"]
+    print(f"  [{label}] {s['unique_rows_per_step']:.0f} unique rows/step "
+          f"({100 * s['unique_share_of_table_per_step']:.0f}% of the table); hottest 10% / 25% of rows take "
+          f"{100 * s['top10_rows_share']:.0f}% / {100 * s['top25_rows_share']:.0f}% of lookups; hottest 25% of "
+          f"chunks {100 * s['top25_chunks_share']:.0f}% of chunk accesses")
+    for leg in ("resident", "cached"):
+        x = r[leg]
+        hit = (f", row hit rate {x['row_hit_rate']:.2f}, chunk hit rate {x['cache_hit_rate']:.2f}"
+               if x["cache_hit_rate"] is not None else "")
+        print(f"    {leg:8s} {x['tokens_per_s']:10,.0f} tokens/s (memory path)  {x['steps_per_s']:6.2f} steps/s  "
+              f"{x['cpu_s_per_million_rows']:.2f} CPU-s/M rows{hit}; chunk I/O {x['io_read_s_per_step'] * 1e3:.1f} ms "
+              f"read + {x['io_write_s_per_step'] * 1e3:.1f} ms write per step")
+    print(f"    cached / resident = {r['cached_over_resident']:.3f}x; disk floor for the bytes moved "
+          f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {r['cached_over_floor_time']:.1f}x floor; "
+          f"target {r['target']}: {'met' if r['target_met'] else 'MISSED'}")
+
+
 def _print(results: dict[str, Any]) -> None:
-    t = results["table"]
+    t, lt = results["table"], results["large_table"]
     print(f"beyond-ram bench: `small` preset table P={t['rows']} d_v={t['dim']} {t['optimizer']} "
           f"({t['bytes_with_state'] / 2**20:.1f} MiB with state, chunks of {t['chunk_rows']} rows), RAM budget "
           f"1/{results['oversubscription']} of it; stream from {results['recorded_from']}, "
           f"{results['steps_per_stream']} steps x {results['tokens_per_step']} tokens, median of {results['rounds']}")
     for label, r in results["streams"].items():
-        s = r["skew"]
-        print(f"  [{label}] {s['unique_rows_per_step']:.0f} unique rows/step "
-              f"({100 * s['unique_share_of_table_per_step']:.0f}% of the table); hottest 10% / 25% of rows take "
-              f"{100 * s['top10_rows_share']:.0f}% / {100 * s['top25_rows_share']:.0f}% of lookups; hottest 25% of "
-              f"chunks {100 * s['top25_chunks_share']:.0f}% of chunk accesses")
-        for leg in ("resident", "cached"):
-            x = r[leg]
-            hit = f", hit rate {x['cache_hit_rate']:.2f}" if x["cache_hit_rate"] is not None else ""
-            print(f"    {leg:8s} {x['tokens_per_s']:10,.0f} tokens/s (memory path)  {x['steps_per_s']:6.1f} steps/s  "
-                  f"{x['cpu_s_per_million_rows']:.2f} CPU-s/M rows{hit}; zarr {x['zarr_read_s_per_step'] * 1e3:.1f} ms "
-                  f"read + {x['zarr_write_s_per_step'] * 1e3:.1f} ms write per step")
-        print(f"    cached / resident = {r['cached_over_resident']:.3f}x; disk floor for the bytes moved "
-              f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {r['cached_over_floor_time']:.1f}x floor; "
-              f"target {r['target']}: {'met' if r['target_met'] else 'MISSED'}")
+        _print_stream(label, r)
+    print(f"  large table: P={lt['rows']} ({lt['bytes_with_state'] / 2**20:.0f} MiB with state, chunks of "
+          f"{lt['chunk_rows']} rows), budget 1/{results['oversubscription']}, {lt['steps']} steps")
+    for label, r in results["large_streams"].items():
+        _print_stream(f"large {label}", r)
     f = results["disk_floor"]
     for size in (k for k in f if k.isdigit()):
         print(f"  disk ({f['mode']}) random {int(size) // 1024} KiB: read {f[size]['read_bytes_per_s'] / 1e6:.0f} MB/s "

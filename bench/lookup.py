@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,14 +28,16 @@ from typing import Any
 
 import numpy as np
 
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # bench/_shards.py, when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._shards import MALLOC_ENV, start_shards, stop_shards  # noqa: E402 (after the sys.path line)
 from param_server.client import Client, ClientConfig
 from param_server.server import DEFAULT_MAX_MESSAGE_BYTES
 from storage.layout import TableSpec
 from storage.table_store import create_table
 
 REPO = Path(__file__).resolve().parent.parent
-# DESIGN §8: fixed thresholds stop glibc from mmap/munmap-ing every ~1 MB message buffer.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -93,36 +94,6 @@ def socket_rate(nbytes: int, repeats: int) -> float:
     thread.join(timeout=5)
     listener.close()
     return rate
-
-
-# -- shard processes -------------------------------------------------------------------------------
-def _start_shards(table: Path, num_shards: int) -> tuple[list[subprocess.Popen], list[str]]:
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
-    procs, addresses = [], []
-    for s in range(num_shards):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestration.cli", "shard", "serve", "--table", str(table),
-             "--shard-id", str(s), "--num-shards", str(num_shards)],
-            stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
-        procs.append(proc)
-    for proc in procs:
-        line = proc.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            _stop(procs)
-            raise RuntimeError(f"shard did not start: {line!r}")
-        addresses.append(line.removeprefix("listening on "))
-    return procs, addresses
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _breakdown(client: Client, rows: np.ndarray, out: np.ndarray, d_v: int) -> dict[str, float]:
@@ -188,7 +159,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
         config = ClientConfig(chunk_bytes=1 << 20, max_in_flight=8, channels_per_shard=4,
                               max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
         for num_shards in (1, 2):
-            procs, addresses = _start_shards(Path(tmp) / "bench", num_shards)
+            procs, addresses = start_shards([Path(tmp) / "bench"], num_shards)
             try:
                 with Client(addresses, config=config) as client:
                     for wire_dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
@@ -201,7 +172,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
                         results["grpc"][f"pooled-{wire_dtype}/{num_shards}"] = _pooled_rate(
                             client, rows, num_shards, d_v, wire_dtype, itemsize, repeats)
             finally:
-                _stop(procs)
+                stop_shards(procs)
 
     sock = results["socket_bytes_per_s"]
     print(f"lookup bench: {n_rows} unique rows x d_v={d_v} per request, median of {repeats}")

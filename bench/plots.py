@@ -74,10 +74,12 @@ def _wire(r: dict[str, Any], fig: plt.Figure) -> None:
 
 def _beyond_ram(r: dict[str, Any], fig: plt.Figure) -> None:
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    streams = list(r["streams"])
-    _bars(ax1, streams, [r["streams"][s]["cached_over_resident"] for s in streams],
+    legs = {**r["streams"], **{f"{k} x{r['large_table']['rows'] // r['table']['rows']} rows": v
+                               for k, v in r.get("large_streams", {}).items()}}
+    streams = list(legs)
+    _bars(ax1, streams, [legs[s]["cached_over_resident"] for s in streams],
           f"steps/s: table {r['oversubscription']}x RAM budget / resident", 0.5, "target (skewed)")
-    _bars(ax2, streams, [r["streams"][s]["cached_over_floor_time"] or 0.0 for s in streams],
+    _bars(ax2, streams, [legs[s]["cached_over_floor_time"] or 0.0 for s in streams],
           "cached step time / disk floor", 2.0, "target (elsewhere)")
     shards = list(r["shards"])
     _bars(ax3, shards, [r["shards"][s]["rows_per_s_over_1_cached_shard"] for s in shards],

@@ -34,6 +34,10 @@ from typing import Any
 
 import torch
 
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # bench/_shards.py, when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._shards import start_shards, stop_shards  # noqa: E402 (after the sys.path line)
 from model_workers.model import LanguageModel, ModelConfig
 from model_workers.remote import RemoteBackend
 from model_workers.trainer import TrainConfig, autocast_dtype, make_optimizer, resolve_device, train_step
@@ -43,38 +47,17 @@ from storage.layout import TableSpec
 from storage.table_store import create_table
 
 REPO = Path(__file__).resolve().parent.parent
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}  # DESIGN §8
 NUM_SHARDS = 2
 TARGET = 0.7  # remote pooled tokens/s >= 0.7x local (issue 7)
 ROUND = 5  # timed steps a leg runs before the next leg takes its turn
 
 
 def _start_shards(tables: list[Path]) -> tuple[list[subprocess.Popen], list[str]]:
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
-    table_args = [arg for t in tables for arg in ("--table", str(t))]
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestration.cli", "shard", "serve", *table_args,
-                               "--shard-id", str(s), "--num-shards", str(NUM_SHARDS)],
-                              stdout=subprocess.PIPE, text=True, env=env, cwd=REPO) for s in range(NUM_SHARDS)]
-    addresses = []
-    for proc in procs:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        if not line.startswith("listening on "):
-            _stop(procs)
-            raise RuntimeError(f"shard did not start: {line!r}")
-        addresses.append(line.removeprefix("listening on "))
-    return procs, addresses
+    """NUM_SHARDS shard processes serving `tables` (bench/overlap.py starts its shards through this too)."""
+    return start_shards(tables, NUM_SHARDS)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+_stop = stop_shards
 
 
 def _batch(step: int, vocab: int, batch: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

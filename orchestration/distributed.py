@@ -189,8 +189,8 @@ class DistributedTrainer:
         (self.run_dir / "job.json").write_text(json.dumps({"job": self.job, "coordinator": name,
                                                            "namespace": NAMESPACE}) + "\n")
         pmap = PartitionMap.round_robin(["?"] * self.dist.shards, np_)
-        self._shard_cls = ray.remote(ShardActor).options(**shard_options(resources,
-                                                                         max_restarts=self.dist.max_restarts))
+        self._shard_cls = ray.remote(ShardActor).options(**shard_options(
+            resources, max_restarts=self.dist.max_restarts, budgeted=self.shard_budget_bytes is not None))
         self._table_paths = table_paths
         self._initialize = ckpt is None
         self.shards = [self._spawn_shard(i, tuple(pmap.partitions_of(i))) for i in range(self.dist.shards)]

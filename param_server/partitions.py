@@ -9,9 +9,11 @@ over), write them into a checkpoint, report bytes and counters. Rows are always 
   partition p sits at slot `slot_of[p]`, so global row r is at `slot_of[r % NP] * R + r // NP`.
   Added partitions take a free slot (capacity grows by a quarter when none is left), removed ones
   free theirs, so a rescale never rebuilds the whole table.
-- `CachedTablePartitions`: `storage.chunk_cache.CachedPartitions` over a writable table store, at
-  most `budget_bytes` of chunk data in RAM (values and optimizer state alike). An optimizer step
-  reads the unique rows' values and state, steps them as a compact [U, ...] block, writes them back.
+- `CachedTablePartitions`: at most `budget_bytes` in RAM over a writable table store, in two levels:
+  a row-granular `storage.row_cache.HotRowCache` (hot rows with their optimizer state, admitted by
+  access frequency; `row_share` of the budget) over a `storage.chunk_cache.CachedPartitions` of whole
+  chunks (the rest, at least one chunk; TensorStore I/O). An optimizer step updates cached rows in
+  place and the others as a compact [U, ...] block read from and written back through the caches.
 - `TieredPartitions`: what a shard with a RAM budget holds: the partitions that fit are resident,
   the rest go through the cache (`plan_tiers` decides). Both sub-stores obey the same contract, so
   a shard gives identical answers whichever tier a partition is in (tests/param_server/test_cached_shard.py).
@@ -31,6 +33,7 @@ from param_server.errors import ConfigError
 from param_server.optimizers import SparseOptimizer
 from storage.chunk_cache import CachedPartitions
 from storage.layout import VALUES, TableSpec, init_partition_values, numpy_dtype, state_layout, table_arrays
+from storage.row_cache import HotRowCache
 from storage.table_store import TableStore
 
 logger = logging.getLogger(__name__)
@@ -162,7 +165,8 @@ class TablePartitions(ABC):
 class ResidentPartitions(TablePartitions):
     """Owned partitions in RAM as flat arrays with a slot per partition (see the module docstring)."""
 
-    def __init__(self, spec: TableSpec, partitions: Mapping[int, Arrays] | None = None) -> None:
+    def __init__(self, spec: TableSpec, partitions: Mapping[int, Arrays] | None = None, *, slots: int = 0) -> None:
+        """`slots`: room for this many partitions up front (add them one by one without regrowing)."""
         self.spec = spec
         self._r = spec.rows_per_partition
         self._state_layout = state_layout(spec)
@@ -171,7 +175,7 @@ class ResidentPartitions(TablePartitions):
         self.values = np.empty((0, spec.dim), dtype=numpy_dtype(spec.dtype))
         self.state = {n: np.zeros((0, *t), dtype=dt) for n, (t, dt) in self._state_layout.items()}
         items = dict(partitions or {})
-        self._grow(len(items))
+        self._grow(max(len(items), slots))
         for p in sorted(items):
             self.add(p, items[p])
 
@@ -214,13 +218,16 @@ class ResidentPartitions(TablePartitions):
         self.slot_of[p] = -1
         self._free.append(slot)
 
-    def export(self, p: int) -> Arrays:
+    def _view(self, p: int) -> Arrays:
         span = slice(int(self.slot_of[p]) * self._r, (int(self.slot_of[p]) + 1) * self._r)
-        return {VALUES: self.values[span].copy(), **{n: a[span].copy() for n, a in self.state.items()}}
+        return {VALUES: self.values[span], **{n: a[span] for n, a in self.state.items()}}
+
+    def export(self, p: int) -> Arrays:
+        return {n: a.copy() for n, a in self._view(p).items()}
 
     def save(self, target: TableStore) -> None:
-        for p in self.partitions:
-            target.write_partition(p, self.export(p))
+        for p in self.partitions:  # views, not copies: the caller holds the shard's lock
+            target.write_partition(p, self._view(p))
 
     def resident_bytes(self) -> int:
         held = len(self.partitions) * self._r
@@ -229,16 +236,45 @@ class ResidentPartitions(TablePartitions):
         return held * per_row
 
 
-class CachedTablePartitions(TablePartitions):
-    """Owned partitions served through a bounded write-back chunk cache over `store` (DESIGN §5)."""
+ROW_SHARE = 0.75  # share of a cached tier's budget given to the hot-row cache (bench/beyond_ram.py)
+# counters carried over when add/remove rebuild the caches (the chunk I/O, and its io_* counters, is kept)
+_SUMMED = ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back", "row_hits",
+           "row_misses", "row_admissions", "row_evictions", "row_writebacks", "row_agings")
 
-    def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int) -> None:
+
+class CachedTablePartitions(TablePartitions):
+    """Owned partitions served through a hot-row cache over a write-back chunk cache over `store` (DESIGN §5)."""
+
+    def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int, *,
+                 row_share: float = ROW_SHARE, io: str | None = None) -> None:
+        """Serve `partitions` of `store` in at most `budget_bytes` of RAM.
+
+        Args:
+            store: writable home of the partitions (dirty data is written back there).
+            partitions: the partitions to serve.
+            budget_bytes: RAM for rows and chunks together (bookkeeping of the row cache included).
+            row_share: share of the budget for the hot-row cache; the chunk cache gets the rest, at
+                least one chunk of the largest array (0: chunks only).
+            io: chunk I/O engine, "tensorstore" (default) or "zarr" (storage/chunk_io.py).
+        Raises: ConfigError for a row_share outside [0, 1).
+        """
+        if not 0 <= row_share < 1:
+            raise ConfigError(f"row_share must be in [0, 1), got {row_share}")
         self.spec = store.spec
         self.store = store
         self.budget_bytes = int(budget_bytes)
-        self._cache = CachedPartitions(store, sorted(int(p) for p in partitions), self.budget_bytes)
+        self.row_share = row_share
+        self._io = io
         self._names = store.array_names
         self._retired: dict[str, float] = {}  # counters of caches replaced by add/remove
+        self._build(sorted(int(p) for p in partitions))
+
+    def _build(self, partitions: list[int]) -> None:
+        chunk_bytes = max(min_cache_bytes(self.store), int(self.budget_bytes * (1 - self.row_share)))
+        chunk_bytes = min(chunk_bytes, self.budget_bytes)
+        io = self._cache.lower.io if hasattr(self, "_cache") else self._io  # one ChunkIO for the table's life
+        lower = CachedPartitions(self.store, partitions, chunk_bytes, io=io)
+        self._cache = HotRowCache(lower, self.budget_bytes - chunk_bytes)
 
     @property
     def partitions(self) -> tuple[int, ...]:
@@ -248,18 +284,27 @@ class CachedTablePartitions(TablePartitions):
         return self._cache.read_rows(rows, names=[VALUES])[VALUES]
 
     def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        block = self._cache.read_rows(rows)  # {name: [U, ...]} compact copies
-        values = block.pop(VALUES)
-        optimizer.step(values, block, np.arange(rows.shape[0]), grads, lr)
-        self._cache.write_rows(rows, {VALUES: values, **block})
+        rc = self._cache
+        slots = rc.slots(rows)
+        hit = slots >= 0
+        if hit.any():  # hot rows: stepped in place in the row cache's arrays
+            values, state = rc.arrays[VALUES], {n: a for n, a in rc.arrays.items() if n != VALUES}
+            optimizer.step(values, state, slots[hit], grads[hit], lr)
+            rc.mark_dirty(slots[hit])
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            block = rc.read_rows(rows[miss], count=False)  # {name: [k, ...]} compact copies
+            values = block.pop(VALUES)
+            optimizer.step(values, block, np.arange(miss.size), grads[miss], lr)
+            rc.write_rows(rows[miss], {VALUES: values, **block})
 
     def _rebuild(self, partitions: Iterable[int]) -> None:
-        """A cache over another partition set (the old one flushed first; its chunks are dropped)."""
+        """A cache over another partition set (the old one flushed first; its rows and chunks are dropped)."""
         self._cache.flush()
-        for k, v in self._cache.metrics().items():
-            if k in ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back"):
+        for k, v in self._raw_metrics().items():
+            if k in _SUMMED:
                 self._retired[k] = self._retired.get(k, 0.0) + float(v)
-        self._cache = CachedPartitions(self.store, sorted(partitions), self.budget_bytes)
+        self._build(sorted(partitions))
 
     def add(self, p: int, arrays: Arrays | None) -> None:
         """Hold p; arrays None means the store already holds p's current state (a shared store)."""
@@ -285,14 +330,26 @@ class CachedTablePartitions(TablePartitions):
         self._cache.flush()
 
     def resident_bytes(self) -> int:
-        return int(self._cache.metrics()["cache_bytes"])
+        return int(self.metrics()["cache_bytes"])
+
+    def _raw_metrics(self) -> dict[str, float]:
+        chunk = {k: float(v) for k, v in self._cache.lower.metrics().items()}
+        return {**chunk, **self._cache.metrics()}
 
     def metrics(self) -> dict[str, float]:
-        m = {k: float(v) for k, v in self._cache.metrics().items()}
+        """Chunk-cache counters (hits, misses, hit_rate, evictions, dirty_chunks, ...), the row cache's
+        (row_hits, row_hit_rate, ...), and cache_bytes / budget_bytes covering both levels."""
+        m = self._raw_metrics()
         for k, v in self._retired.items():
             m[k] += v
+        m["chunk_bytes"] = m["cache_bytes"]
+        m["cache_bytes"] = m["chunk_bytes"] + m["row_bytes"]
+        m["chunk_budget_bytes"] = m["budget_bytes"]
+        m["budget_bytes"] = float(self.budget_bytes)
         accesses = m["hits"] + m["misses"]
         m["hit_rate"] = m["hits"] / accesses if accesses else 0.0
+        looked = m["row_hits"] + m["row_misses"]
+        m["row_hit_rate"] = m["row_hits"] / looked if looked else 0.0
         return m
 
 

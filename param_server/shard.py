@@ -170,8 +170,9 @@ class Shard:
                 zero_state(home, p)
             elif home is not store:
                 copy_partition(store, home, p)
-        resident = ResidentPartitions(spec, {p: initial_arrays(spec, p) if initialize else store.read_partition(p)
-                                             for p in plan.resident})
+        resident = ResidentPartitions(spec, slots=len(plan.resident))  # one partition in flight at a time
+        for p in plan.resident:
+            resident.add(p, initial_arrays(spec, p) if initialize else store.read_partition(p))
         cached = CachedTablePartitions(home, plan.cached, plan.cache_bytes) if plan.cached else None
         self._install(spec, TieredPartitions(spec, resident, cached), home if cached else work_store, plan.used_bytes)
 
@@ -596,6 +597,11 @@ class Shard:
                        cache_writebacks=sums.get("cache_writebacks", 0.0),
                        resident_partitions=sums.get("resident_partitions", 0.0),
                        cached_partitions=sums.get("cached_partitions", 0.0))
+            # the two cache levels (hot rows, chunks) and their I/O, summed; the row hit rate recomputed
+            out.update({k: v for k, v in sums.items()
+                        if k.startswith(("cache_row_", "cache_io_", "cache_chunk_", "cache_bytes_"))})
+            row_hits, row_misses = sums.get("cache_row_hits", 0.0), sums.get("cache_row_misses", 0.0)
+            out["cache_row_hit_rate"] = row_hits / (row_hits + row_misses) if row_hits + row_misses else 0.0
             for (w, name), s in self._applied_step.items():
                 out[f"applied_step.worker.{w}.{name}"] = float(s)
         q = self._queue

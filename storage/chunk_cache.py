@@ -12,10 +12,11 @@ Values and optimizer state go through the same cache; each array has its own chu
 (`TableStore.chunk_shape`), so a cache entry is one (array, partition, chunk) and the budget
 covers them all. Requests are vectorised: rows are grouped by chunk with `np.unique`, chunks
 already resident are served first (so loading a miss never evicts a chunk this request still
-needs), then each missing chunk is read with one whole-chunk slice (one Zarr chunk op, ~1 ms,
-DESIGN §8) and gathered or scattered with numpy fancy indexing. Measured on the 2-core machine,
-zarr-python and TensorStore read a whole 2 MiB chunk in about the same time (0.6-0.9 ms vs
-0.5 ms), so the miss path uses the store's own reader and needs no second copy of the layout.
+needs), then the missing chunks are loaded in batches that fit the budget: the least recently used
+chunks are evicted (the dirty ones written back in one batch), the batch is read in one call, and
+rows are gathered or scattered with numpy fancy indexing. The batched I/O is `storage/chunk_io.py`:
+TensorStore by default (whole-chunk reads ~5x and writes ~2-3x faster than zarr-python on the same
+Zarr v3 files, measured there), zarr-python as the fallback.
 
 Rows are global rows (row r of the table lives in partition r % NP at local row r // NP,
 DESIGN §4.1), the same numbering the shard receives on the wire. One lock makes every public
@@ -34,6 +35,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from storage.chunk_io import ChunkIO, Engine, open_chunk_io
 from storage.errors import LayoutError, ReadOnlyTableError
 from storage.layout import check_partition, table_arrays
 from storage.table_store import TableStore
@@ -57,14 +59,17 @@ class CachedPartitions:
     `flush()` the Zarr store holds exactly what the oracle holds.
     """
 
-    def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int) -> None:
+    def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int, *,
+                 io: ChunkIO | Engine | None = None) -> None:
         """Cache the given partitions of `store` in at most `budget_bytes` of chunk data.
 
         Args:
             store: the table's durable home; must be open "r+" for writes to be accepted.
             partitions: partition ids owned here (the cache refuses rows of any other).
             budget_bytes: most bytes of chunk data held at once; at least one chunk of the largest
-                array (a request touching more chunks than fit is served chunk by chunk).
+                array (a request touching more chunks than fit is served in several batches).
+            io: the chunk I/O (a `ChunkIO` over `store`, or an engine name; default TensorStore,
+                zarr-python when TensorStore is missing).
 
         Raises: LayoutError for a bad partition id or a budget smaller than one chunk.
         """
@@ -89,6 +94,7 @@ class CachedPartitions:
                 f"({largest} B); give at least one chunk of the largest array"
             )
         self.budget_bytes = int(budget_bytes)
+        self.io = io if isinstance(io, ChunkIO) else open_chunk_io(store, io)
         # chunks per partition of each array: chunk c of partition p has key (name, p * n + c)
         R = self.spec.rows_per_partition
         self._chunks_per_partition = {n: -(-R // self._chunk_rows[n]) for n in self._names}
@@ -99,6 +105,11 @@ class CachedPartitions:
             ("hits", "misses", "evictions", "writebacks", "rows_read", "rows_written",
              "bytes_loaded", "bytes_written_back"), 0,
         )
+
+    @property
+    def templates(self) -> dict[str, np.ndarray]:
+        """Per array an empty [0, *trailing] array of its logical dtype (shape and dtype of a row)."""
+        return dict(self._templates)
 
     def __repr__(self) -> str:
         return (f"CachedPartitions({self.spec.name!r}, {len(self.partitions)} partitions, "
@@ -119,8 +130,8 @@ class CachedPartitions:
         the logical dtypes (bfloat16 values as ml_dtypes.bfloat16).
         Raises: LayoutError (nothing read) for a row out of [0, P) or in a partition not cached here.
         """
-        names = self._check_names(names)
-        part, local = self._check_rows(rows)
+        names = self.check_names(names)
+        part, local = self.check_rows(rows)
         with self._lock:
             out = {}
             for name in names:
@@ -141,10 +152,10 @@ class CachedPartitions:
         """
         if self.store.read_only:
             raise ReadOnlyTableError(f"table {self.spec.name} at {self.store.path} is open read-only")
-        part, local = self._check_rows(rows)
+        part, local = self.check_rows(rows)
         if len(np.unique(part * self.spec.rows_per_partition + local)) != len(part):
             raise LayoutError(f"table {self.spec.name}: write_rows got duplicate rows")
-        checked = self._check_arrays(arrays, len(part))
+        checked = self.check_arrays(arrays, len(part))
         with self._lock:
             for name, data in checked:
                 self._visit(name, part, local, data, write=True)
@@ -153,13 +164,10 @@ class CachedPartitions:
     def flush(self) -> None:
         """Write every dirty chunk back to the store (whole chunks); they stay cached, now clean."""
         with self._lock:
-            n = 0
-            for key, chunk in self._chunks.items():
-                if chunk.dirty:
-                    self._write_back(key, chunk)
-                    n += 1
-            if n:
-                logger.debug("table %s: flushed %d dirty chunks", self.spec.name, n)
+            dirty = [(key, chunk) for key, chunk in self._chunks.items() if chunk.dirty]
+            self._write_back(dirty)
+            if dirty:
+                logger.debug("table %s: flushed %d dirty chunks", self.spec.name, len(dirty))
 
     def copy_to(self, target: TableStore) -> None:
         """Flush, then copy the owned partitions into `target` (same spec), one chunk at a time.
@@ -184,11 +192,15 @@ class CachedPartitions:
     def metrics(self) -> dict[str, float]:
         """Counters: cache_bytes (chunk data held), budget_bytes, chunks, dirty_chunks, hits, misses
         (one per (array, chunk) a request touches), hit_rate, evictions, writebacks, rows_read,
-        rows_written, bytes_loaded, bytes_written_back."""
+        rows_written, bytes_loaded, bytes_written_back, and the chunk I/O's io_read_s, io_write_s
+        (seconds spent in the store), io_read_ops, io_write_ops."""
         with self._lock:
             c = dict(self._counters)
             accesses = c["hits"] + c["misses"]
+            io = self.io.counters
             return {
+                "io_read_s": io["read_s"], "io_write_s": io["write_s"],
+                "io_read_ops": io["read_ops"], "io_write_ops": io["write_ops"],
                 "cache_bytes": self._bytes,
                 "budget_bytes": self.budget_bytes,
                 "chunks": len(self._chunks),
@@ -210,65 +222,87 @@ class CachedPartitions:
         order = np.argsort(inverse, kind="stable")  # request positions grouped by chunk
         bounds = np.concatenate(([0], np.cumsum(counts)))
         offset = local - within * chunk_rows  # row inside its chunk
-        resident = [(name, int(code)) in self._chunks for code in unique]
-        # hits first: loading a miss may evict, and must never evict a chunk still to be served
-        for i in sorted(range(len(unique)), key=lambda i: not resident[i]):
-            key = (name, int(unique[i]))
+
+        def serve(i: int, chunk: _Chunk) -> None:
             sel = order[bounds[i] : bounds[i + 1]]
-            if resident[i]:
-                chunk = self._chunks[key]
-                self._chunks.move_to_end(key)
-                self._counters["hits"] += 1
-            else:
-                chunk = self._load(key)
-                self._counters["misses"] += 1
             if write:
                 chunk.data[offset[sel]] = data[sel]
                 chunk.dirty = True
             else:
                 data[sel] = chunk.data[offset[sel]]
 
-    def _load(self, key: tuple[str, int]) -> _Chunk:
-        """Read one whole chunk from the store and insert it (most recently used), evicting to fit."""
-        name, code = key
-        p, c = divmod(code, self._chunks_per_partition[name])
-        start, stop = self._chunk_span(name, p, c)
-        nbytes = (stop - start) * self._row_bytes[name]
-        self._make_room(nbytes)
-        valid_stop = min(stop, self.spec.valid_rows(p))
-        rows = np.arange(start, valid_stop)
-        read = self.store.read_rows(p, rows, names=[name])[name]  # one slice: one chunk op
-        if valid_stop < stop:  # the padding row is never served; keep it 0 as on disk
-            data = np.zeros((stop - start, *read.shape[1:]), dtype=read.dtype)
-            data[: len(read)] = read
-        else:
-            data = read
-        chunk = _Chunk(np.ascontiguousarray(data))
-        self._chunks[key] = chunk
-        self._bytes += nbytes
-        self._counters["bytes_loaded"] += nbytes
+        # hits first: loading a miss may evict, and must never evict a chunk still to be served
+        missing = []
+        for i, code in enumerate(unique.tolist()):
+            chunk = self._chunks.get((name, code))
+            if chunk is None:
+                missing.append(i)
+                continue
+            self._chunks.move_to_end((name, code))
+            self._counters["hits"] += 1
+            serve(i, chunk)
+        self._counters["misses"] += len(missing)
+        chunk_bytes = chunk_rows * self._row_bytes[name]
+        per_batch = max(1, self.budget_bytes // chunk_bytes)
+        for b in range(0, len(missing), per_batch):  # as many misses as the budget holds, read in one call
+            batch = missing[b : b + per_batch]
+            for i, chunk in zip(batch, self._load(name, [int(unique[i]) for i in batch]), strict=True):
+                serve(i, chunk)
+
+    def _load(self, name: str, codes: list[int]) -> list[_Chunk]:
+        """Read whole chunks of one array from the store in one batch and insert them, evicting to fit."""
+        spans, sizes = [], []
+        for code in codes:
+            p, c = divmod(code, self._chunks_per_partition[name])
+            start, stop = self._chunk_span(name, p, c)
+            spans.append((p, start, min(stop, self.spec.valid_rows(p))))  # never the padding row
+            sizes.append((stop - start) * self._row_bytes[name])
+        self._make_room(sum(sizes))
+        loaded = []
+        for code, (_, start, valid_stop), nbytes, read in zip(codes, spans, sizes, self.io.read(name, spans),
+                                                              strict=True):
+            rows = nbytes // self._row_bytes[name]
+            if valid_stop - start < rows:  # the padding row is never served; keep it 0 as on disk
+                data = np.zeros((rows, *read.shape[1:]), dtype=read.dtype)
+                data[: len(read)] = read
+            else:
+                data = read
+            chunk = _Chunk(np.ascontiguousarray(data))
+            self._chunks[(name, code)] = chunk
+            loaded.append(chunk)
+            self._bytes += nbytes
+            self._counters["bytes_loaded"] += nbytes
         assert self._bytes <= self.budget_bytes, (self._bytes, self.budget_bytes)
-        return chunk
+        return loaded
 
     def _make_room(self, nbytes: int) -> None:
-        """Evict least recently used chunks (writing dirty ones back) until nbytes more fit."""
-        while self._bytes + nbytes > self.budget_bytes:
-            key, chunk = next(iter(self._chunks.items()))
-            if chunk.dirty:
-                self._write_back(key, chunk)  # before dropping it: a failed write loses nothing
+        """Evict least recently used chunks until nbytes more fit; the dirty ones are written back first."""
+        victims = []
+        freed = 0
+        for key, chunk in self._chunks.items():
+            if self._bytes - freed + nbytes <= self.budget_bytes:
+                break
+            victims.append((key, chunk))
+            freed += chunk.data.nbytes
+        self._write_back([(k, c) for k, c in victims if c.dirty])  # before dropping: a failed write loses nothing
+        for key, chunk in victims:
             del self._chunks[key]
             self._bytes -= chunk.data.nbytes
             self._counters["evictions"] += 1
 
-    def _write_back(self, key: tuple[str, int], chunk: _Chunk) -> None:
-        name, code = key
-        p, c = divmod(code, self._chunks_per_partition[name])
-        start, _ = self._chunk_span(name, p, c)
-        n = min(len(chunk.data), self.spec.valid_rows(p) - start)  # never the padding row
-        self.store.write_rows(p, np.arange(start, start + n), {name: chunk.data[:n]})
-        chunk.dirty = False
-        self._counters["writebacks"] += 1
-        self._counters["bytes_written_back"] += n * self._row_bytes[name]
+    def _write_back(self, chunks: list[tuple[tuple[str, int], _Chunk]]) -> None:
+        """Write dirty chunks back whole (never the padding row), in one batch; they become clean."""
+        items = []
+        for (name, code), chunk in chunks:
+            p, c = divmod(code, self._chunks_per_partition[name])
+            start, _ = self._chunk_span(name, p, c)
+            n = min(len(chunk.data), self.spec.valid_rows(p) - start)
+            items.append((name, p, start, chunk.data[:n]))
+        self.io.write(items)
+        for (_, chunk), (name, _, _, data) in zip(chunks, items, strict=True):
+            chunk.dirty = False
+            self._counters["writebacks"] += 1
+            self._counters["bytes_written_back"] += len(data) * self._row_bytes[name]
 
     def _chunk_span(self, name: str, p: int, c: int) -> tuple[int, int]:
         """Local rows [start, stop) of chunk c of partition p (the last chunk may be shorter)."""
@@ -277,7 +311,7 @@ class CachedPartitions:
 
     # --- validation (no state touched) ---------------------------------------------------------
 
-    def _check_names(self, names: Sequence[str] | None) -> tuple[str, ...]:
+    def check_names(self, names: Sequence[str] | None) -> tuple[str, ...]:
         if names is None:
             return self._names
         if isinstance(names, str):
@@ -287,8 +321,9 @@ class CachedPartitions:
                 raise LayoutError(f"table {self.spec.name}: unknown array {n!r}; arrays: {self._names}")
         return tuple(names)
 
-    def _check_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Global rows int [N] -> (partition int64 [N], local row int64 [N]); LayoutError if invalid."""
+    def check_rows(self, rows: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows int [N] -> (partition int64 [N], local row int64 [N]); LayoutError if out of
+        [0, P) or in a partition not cached here. Touches no state."""
         r = np.asarray(rows)
         if r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
             raise LayoutError(f"rows must be a 1-D integer array, got {r.dtype} {r.shape}")
@@ -301,12 +336,12 @@ class CachedPartitions:
             raise LayoutError(f"table {self.spec.name}: partitions {foreign} are not cached here")
         return part, local
 
-    def _check_arrays(self, arrays: Mapping[str, np.ndarray], n: int) -> list[tuple[str, np.ndarray]]:
+    def check_arrays(self, arrays: Mapping[str, np.ndarray], n: int) -> list[tuple[str, np.ndarray]]:
         if not isinstance(arrays, Mapping) or not arrays:
             raise LayoutError(f"table {self.spec.name}: expected a non-empty dict of arrays")
         checked = []
         for name, data in arrays.items():
-            template = self._templates[self._check_names([name])[0]]
+            template = self._templates[self.check_names([name])[0]]
             expected = (n, *template.shape[1:])
             if not isinstance(data, np.ndarray) or data.dtype != template.dtype or data.shape != expected:
                 got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__

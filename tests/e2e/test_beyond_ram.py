@@ -21,6 +21,7 @@ import ray
 
 from model_workers.model import LanguageModel
 from orchestration.distributed import train_distributed
+from orchestration.placement import shard_env
 from param_server.actor import ShardActor, ShardActorConfig
 from param_server.client import Client
 from param_server.partitions import partition_nbytes
@@ -63,10 +64,9 @@ def _check_cached(trainer) -> None:
 
 
 def _actor(spec: TableSpec, path, shard_id: int, partitions, budget: int):
-    # two malloc arenas (DESIGN §8 launcher advice): freed request buffers of 16 gRPC threads are
-    # reused instead of each thread keeping its own arena's high-water mark resident
+    # the malloc settings every budgeted shard gets from its launcher (orchestration/placement.py)
     cls = ray.remote(ShardActor).options(num_cpus=0, max_concurrency=4,
-                                         runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}})
+                                         runtime_env={"env_vars": shard_env(budgeted=True)})
     return cls.remote(ShardActorConfig(shard_id=shard_id, table_paths={spec.name: str(path)},
                                        partitions=tuple(partitions), work_paths={spec.name: str(path)},
                                        initialize=True, shard=ShardConfig(ram_budget_bytes=budget)))

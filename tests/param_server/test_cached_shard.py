@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from param_server.errors import ConfigError, WrongShardError
-from param_server.partitions import partition_nbytes
+from param_server.optimizers import SparseOptimizerConfig, make_optimizer
+from param_server.partitions import CachedTablePartitions, partition_nbytes
 from param_server.shard import Shard, ShardConfig
 from storage.layout import TableSpec
 from storage.table_store import create_table, open_table
@@ -53,11 +54,16 @@ ops = st.lists(
     min_size=1, max_size=10)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=ops, optimizer=st.sampled_from(["adamw", "adagrad", "sgd"]))
-def test_cached_and_resident_shards_give_identical_answers_and_state(tmp_path, ops, optimizer):
+# 3 chunks (8x less than the table): too small for the hot-row cache's index, so chunks only;
+# 4 KiB: a chunk cache of 2 chunks under a hot-row cache of 16 rows (adamw) to 40 (sgd)
+BUDGETS = (3 * 16 * DIM * 4, 4096)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=ops, optimizer=st.sampled_from(["adamw", "adagrad", "sgd"]), budget=st.sampled_from(BUDGETS))
+def test_cached_and_resident_shards_give_identical_answers_and_state(tmp_path, ops, optimizer, budget):
     spec, path = _table(tmp_path, optimizer)
-    resident, cached = _pair(path, budget=3 * 16 * DIM * 4)  # 3 chunks: 8x less than the table
+    resident, cached = _pair(path, budget=budget)
     assert cached.cached_partitions(spec.name) == list(range(NP))
     last = None  # the step of the newest push: lookups wait for it (sync mode)
     try:
@@ -97,7 +103,7 @@ def test_cached_and_resident_shards_give_identical_answers_and_state(tmp_path, o
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         m = cached.metrics()
-        assert m["cache_bytes"] <= m["cache_budget_bytes"] == 3 * 16 * DIM * 4
+        assert m["cache_bytes"] <= m["cache_budget_bytes"] == budget
     finally:
         resident.close()
         cached.close()
@@ -145,14 +151,17 @@ def test_partitions_that_fit_stay_resident_and_the_rest_is_cached(tmp_path):
         Shard(ShardConfig(ram_budget_bytes=100)).load_table(open_table(path, "r+"), range(NP))
 
 
-def test_checkpoint_of_a_cached_shard_equals_the_resident_one(tmp_path):
+@pytest.mark.parametrize("budget", [2 * 16 * DIM * 4, 4096], ids=["chunks", "rows+chunks"])
+def test_checkpoint_of_a_cached_shard_equals_the_resident_one(tmp_path, budget):
     spec, path = _table(tmp_path, dtype="bfloat16")
-    resident, cached = _pair(path, budget=2 * 16 * DIM * 4)
+    resident, cached = _pair(path, budget=budget)
     rows = np.arange(0, ROWS, 3)
     grads = np.random.default_rng(1).normal(size=(rows.size, DIM)).astype(np.float32)
     try:
         for s in (resident, cached):
             s.push(spec.name, 0, 1, 0, 0.1, rows, grads)
+        if budget == 4096:
+            assert cached.metrics()["cache_bytes"] <= budget
         for name, s in (("a", resident), ("b", cached)):
             create_table(tmp_path / name / spec.name, spec, initialize=False)
             s.save(tmp_path / name)
@@ -186,7 +195,7 @@ def test_lazily_initialised_shard_equals_one_loaded_from_an_initialised_table(tm
         disk.close()
 
 
-@pytest.mark.parametrize("budget", [None, 2 * 16 * DIM * 4], ids=["resident", "cached"])
+@pytest.mark.parametrize("budget", [None, 2 * 16 * DIM * 4, 4096], ids=["resident", "cached", "rows+chunks"])
 def test_handoff_moves_a_partition_without_losing_or_repeating_an_update(tmp_path, budget):
     spec, path = _table(tmp_path)
     reference = Shard()
@@ -256,3 +265,20 @@ def test_min_step_lookup_waits_for_a_queued_push_of_that_step(tmp_path):
         np.testing.assert_allclose(got["v"], before - 1.0)
     finally:
         shard.close()
+
+
+def test_hot_rows_are_updated_in_the_row_cache_and_counted_in_its_metrics(tmp_path):
+    spec, path = _table(tmp_path)
+    parts = CachedTablePartitions(open_table(path, "r+"), range(NP), 4096)
+    opt = make_optimizer(SparseOptimizerConfig.from_spec(spec))
+    hot = np.array([5, 17, 42, 99])
+    for _ in range(3):
+        parts.read(hot)
+        parts.step(opt, hot, np.ones((hot.size, DIM), np.float32), 0.1)
+    m = parts.metrics()
+    assert m["row_hits"] == 8 and m["row_misses"] == 4 and m["row_hit_rate"] == pytest.approx(2 / 3)
+    assert m["row_dirty"] == hot.size and m["dirty_chunks"] == 0  # hot updates stayed in RAM
+    assert m["cache_bytes"] == m["chunk_bytes"] + m["row_bytes"] <= m["budget_bytes"] == 4096
+    parts.flush()
+    assert parts.metrics()["row_dirty"] == 0
+    assert (open_table(path).read_rows(1, hot[:1] // NP)["step"] == 3).all()  # row 5: partition 1, 3 AdamW steps

@@ -8,6 +8,7 @@ end (after flush) the Zarr store must equal the oracle.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -253,8 +254,12 @@ def test_process_serving_a_table_eight_times_its_budget_keeps_rss_bounded(tmp_pa
     spec = TableSpec("big", rows=64 * 2048, dim=128, num_partitions=8, optimizer="sgd")  # 64 MiB values
     create_table(tmp_path / "big", spec)
     budget = 8 << 20
+    # the allocator settings a cached shard runs with (DESIGN §8): two arenas, and buffers of a chunk or
+    # more mmapped, so chunk buffers freed by eviction (and TensorStore's I/O threads) go back to the OS
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "big"), str(budget)],
-                         capture_output=True, text=True, timeout=120, check=False, cwd=Path(__file__).parents[2])
+                         capture_output=True, text=True, timeout=120, check=False, cwd=Path(__file__).parents[2],
+                         env=env)
     assert out.returncode == 0, out.stderr
     growth, loaded = map(int, out.stdout.split())
     assert loaded > 4 * (64 << 20)  # the table really streamed through the cache several times
