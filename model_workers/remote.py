@@ -101,12 +101,20 @@ class RemoteBackend(ValueBackend):
         self._observe(table, r.size)  # entries looked up (no row travels)
         return torch.from_numpy(out)
 
+    def pooled_async(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+                     scores: torch.Tensor, num_tokens: int, num_projectors: int) -> Future[torch.Tensor]:
+        """`pooled` on a lookup thread (forward without autograd, i.e. decoding): a memory layer
+        starts it at its read block and waits after its add block, so the dense blocks in between run
+        while the partial sums travel (as `fetch_rows_async` does for rows mode)."""
+        return self._lookups.submit(self.pooled, table, rows.detach().cpu(), projector.detach().cpu(),
+                                    token.detach().cpu(), scores.detach().cpu(), num_tokens, num_projectors)
+
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """PooledBackward at the step and value LR of begin_step: dL/do [T, E, d_v] -> dL/ds [n, h]."""
         step, lr = self.step_lr()
         grad_scores = self.client.pooled_backward(table, _ids(rows), _ids(projector), _ids(token), _f32(scores),
-                                                  _f32(grad_out), lr=lr, step=step)
+                                                  _f32(grad_out), lr=lr, step=step, min_step=self.min_step())
         self.last_pushed_step = max(self.last_pushed_step, step)
         return torch.from_numpy(np.ascontiguousarray(grad_scores, dtype=np.float32))
 

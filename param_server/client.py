@@ -213,15 +213,17 @@ class Client:
             self._finish_pushes(table, self.table(table), futures, lr, step)
 
     def pooled_backward(self, table: str, rows: np.ndarray, projector: np.ndarray, token: np.ndarray,
-                        scores: np.ndarray, grad_out: np.ndarray, *, lr: float, step: int) -> np.ndarray:
-        """dL/do grad_out [T, E, d_v] -> dL/ds [n, h]; each shard also queues its rows' update."""
+                        scores: np.ndarray, grad_out: np.ndarray, *, lr: float, step: int,
+                        min_step: int | None = None) -> np.ndarray:
+        """dL/do grad_out [T, E, d_v] -> dL/ds [n, h]; each shard also queues its rows' update.
+        `min_step`: dL/ds uses the values after this worker's pushes up to min_step (as a lookup)."""
         meta = self.table(table)
         grad_out = np.asarray(grad_out, dtype=np.float32)
         if grad_out.ndim != 3 or grad_out.shape[2] != meta.dim:
             raise InvalidRequestError(f"grad_out must be [T, E, {meta.dim}], got {list(grad_out.shape)}")
         rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, grad_out.shape[0])
         self.flush()  # its seqs must follow any earlier push
-        return self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step)
+        return self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step, min_step)
 
     def info(self) -> list[dict]:
         """One dict per shard: shard_id, address, epoch, read_only, tables (with partitions), metrics."""
@@ -383,7 +385,7 @@ class Client:
 
     def _pooled_backward(self, table: str, meta: TableMeta, rows: np.ndarray, projector: np.ndarray,
                          token: np.ndarray, scores: np.ndarray, grad_out: np.ndarray, lr: float,
-                         step: int) -> np.ndarray:
+                         step: int, min_step: int | None) -> np.ndarray:
         num_projectors = grad_out.shape[1]
         grad_scores = np.zeros(scores.shape, dtype=np.float32)
         # dL/do travels once per chunk for every token the chunk touches, and chunks are cut by rows,
@@ -401,7 +403,7 @@ class Client:
                 chunks = _backward_chunks(sel, rows, token, per_entry, per_token, budget)
                 futures.append(self._net.sender(self._key(address)).submit(
                     self._send_backward_chunks, address, table, pmap.epoch, chunks, rows, projector, token,
-                    scores, grad_out, grad_scores, lr, step))
+                    scores, grad_out, grad_scores, lr, step, min_step))
             left = [r for r in (f.result() for f in futures) if r is not None]
             if not left:
                 return grad_scores
@@ -411,8 +413,8 @@ class Client:
 
     def _send_backward_chunks(self, address: str, table: str, epoch: int, chunks: list[np.ndarray],
                               rows: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray,
-                              grad_out: np.ndarray, grad_scores: np.ndarray, lr: float, step: int
-                              ) -> np.ndarray | None:
+                              grad_out: np.ndarray, grad_scores: np.ndarray, lr: float, step: int,
+                              min_step: int | None) -> np.ndarray | None:
         """Runs on the shard's sender thread; returns the entries not sent if the map went stale."""
         num_projectors = grad_out.shape[1]
         key = self._key(address)
@@ -429,7 +431,7 @@ class Client:
                     header=header, rows=_ids(rows[part]), projector=_ids(projector[part]),
                     token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
                     grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=_ids(touched),
-                    num_projectors=num_projectors)
+                    num_projectors=num_projectors, min_step=min_step)
             try:
                 resp = self._push_call(key, "PooledBackward", build, epoch)
             except StaleEpochError:

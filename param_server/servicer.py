@@ -178,6 +178,7 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
         grad_scores, accepted = self._shard.pooled_backward_with_ack(
             h.table, h.worker_id, h.seq, h.step, h.lr, rows, projector, token, scores,
             grad_out, touched, num_projectors,
+            min_step=request.min_step if request.HasField("min_step") else None,
         )
         return pb.PooledBackwardResponse(grad_scores=wire.encode(grad_scores, "float32"), accepted=accepted)
 

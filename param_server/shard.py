@@ -279,15 +279,17 @@ class Shard:
 
     def pooled_backward(
         self, table: str, worker_id: int, seq: int, step: int, lr: float, rows: Any, projector: Any,
-        token: Any, scores: Any, grad_out: Any, tokens_touched: Any, num_projectors: int,
+        token: Any, scores: Any, grad_out: Any, tokens_touched: Any, num_projectors: int, *,
+        min_step: int | None = None,
     ) -> np.ndarray:
         """dL/ds float32 [n, h] from the current values; queues the row update (see below)."""
         return self.pooled_backward_with_ack(table, worker_id, seq, step, lr, rows, projector, token, scores,
-                                             grad_out, tokens_touched, num_projectors)[0]
+                                             grad_out, tokens_touched, num_projectors, min_step=min_step)[0]
 
     def pooled_backward_with_ack(
         self, table: str, worker_id: int, seq: int, step: int, lr: float, rows: Any, projector: Any,
-        token: Any, scores: Any, grad_out: Any, tokens_touched: Any, num_projectors: int,
+        token: Any, scores: Any, grad_out: Any, tokens_touched: Any, num_projectors: int, *,
+        min_step: int | None = None,
     ) -> tuple[np.ndarray, bool]:
         """Backward of `pooled_gather` (DESIGN §4.2 PooledBackward).
 
@@ -296,6 +298,8 @@ class Shard:
         (dL/ds float32 [n, h], accepted). dL/ds[j, c] = <dL/do[t_j, p_j, slice c], V[row_j, slice c]>
         with V as it is now; the update dL/dV[row_j, slice c] = s_c[j] * dL/do[t_j, p_j, slice c] is
         queued like a push (accepted False: a duplicate seq, dropped, dL/ds still answered).
+        `min_step` makes V wait for the worker's earlier pushes as a lookup's would (DESIGN §4.3): a
+        backward right after another push of the same rows reads the values that push left.
         """
         self._check_writable()
         t = self._table(table)
@@ -307,10 +311,12 @@ class Shard:
         if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
             raise InvalidRequestError("tokens_touched must be sorted and unique")
         g_out = floats("grad_out", grad_out, (touched.shape[0], e, d_v))
+        check_wait_args(worker_id, min_step)
         t_pos = np.searchsorted(touched, token)  # [n]
         if n and (t_pos.max() >= touched.shape[0] or np.any(touched[t_pos] != token)):
             raise InvalidRequestError("every token must appear in tokens_touched")
         with self._cond:
+            self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
             v = t.parts.read(rows)  # [n, d_v]
         grad_scores, grad_rows = pooled_backward_terms(v, g_out[t_pos, projector], scores)

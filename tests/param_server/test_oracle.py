@@ -113,7 +113,9 @@ def test_client_and_shards_match_a_numpy_table_with_the_same_optimizer(cluster, 
                 step += 1
                 inputs = _pooled_inputs(op[1], op[2], op[3])
                 grad_out = np.random.default_rng(op[2] + 1).normal(size=(op[3], E, DIM)).astype(np.float32)
-                got = client.pooled_backward(spec.name, *inputs, grad_out, lr=0.1, step=step)
+                # min_step as in sync training: dL/ds reads V after every earlier push of this worker
+                # (without it, a backward right after another push of the same rows raced the apply)
+                got = client.pooled_backward(spec.name, *inputs, grad_out, lr=0.1, step=step, min_step=min_step)
                 np.testing.assert_allclose(got, ref.backward(*inputs, grad_out, 0.1), rtol=1e-5, atol=1e-6)
         final = client.gather(spec.name, np.arange(ROWS), min_step=step if step >= 0 else None)
     np.testing.assert_allclose(final, ref.values, rtol=1e-5, atol=1e-6)

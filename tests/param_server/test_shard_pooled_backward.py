@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -86,3 +88,32 @@ def test_retried_pooled_backward_answers_again_but_updates_once(make_table, shar
     np.testing.assert_allclose(second, first)  # answered from the same values
     np.testing.assert_allclose(first[0, 0], table.values[1].sum(), rtol=1e-6)
     np.testing.assert_allclose(shard.gather("mem", np.array([1]))[0], table.values[1] - 1.0)
+
+
+def test_a_backward_with_min_step_reads_the_values_the_workers_earlier_push_left(make_table, monkeypatch):
+    # the apply thread is slowed down, so the backward arrives while the push of step 0 is queued:
+    # with min_step=0 it waits for that push (read-your-writes, as a lookup); without, it reads the
+    # values from before it (what the client-level oracle test caught as a rare race)
+    table = make_table(rows=12, dim=4, num_partitions=2, owned=[0, 1])
+    with Shard(ShardConfig()) as shard:
+        shard.add_table(table.spec, table.partitions)
+        optimizer = type(shard._tables[table.spec.name].optimizer)  # noqa: SLF001
+        step = optimizer.step
+
+        def slow_step(self, *args, **kw):
+            time.sleep(0.3)
+            return step(self, *args, **kw)
+
+        monkeypatch.setattr(optimizer, "step", slow_step)
+        rows, scores = np.array([3], np.int64), np.ones((1, 1), np.float32)
+        grad_out = np.ones((1, 1, 4), np.float32)
+        before = shard.gather(table.spec.name, rows)
+        args = (rows, np.zeros(1, np.int64), np.zeros(1, np.int64), scores, grad_out, np.zeros(1, np.int64), 1)
+        shard.push(table.spec.name, 5, 1, 0, 1.0, rows, np.full((1, 4), 2.0, np.float32))
+        stale = shard.pooled_backward(table.spec.name, 5, 2, 1, 0.0, *args)
+        np.testing.assert_allclose(stale, before.sum(1, keepdims=True), rtol=1e-6)  # the push was still queued
+        shard.push(table.spec.name, 5, 3, 2, 1.0, rows, np.full((1, 4), 2.0, np.float32))
+        fresh = shard.pooled_backward(table.spec.name, 5, 4, 3, 0.0, *args, min_step=2)
+        after = shard.gather(table.spec.name, rows)
+        np.testing.assert_allclose(after, before - 4.0, rtol=1e-6)  # SGD, lr 1, grad 2, twice (lr 0 backwards)
+        np.testing.assert_allclose(fresh, after.sum(1, keepdims=True), rtol=1e-6)

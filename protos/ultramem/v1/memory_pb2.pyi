@@ -125,7 +125,7 @@ class PushGradientsResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class PooledBackwardRequest(_message.Message):
-    __slots__ = ("header", "rows", "projector", "token", "scores", "grad_out", "tokens_touched", "num_projectors")
+    __slots__ = ("header", "rows", "projector", "token", "scores", "grad_out", "tokens_touched", "num_projectors", "min_step")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     PROJECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class PooledBackwardRequest(_message.Message):
     GRAD_OUT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
     NUM_PROJECTORS_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     rows: Tensor
     projector: Tensor
@@ -142,7 +143,8 @@ class PooledBackwardRequest(_message.Message):
     grad_out: Tensor
     tokens_touched: Tensor
     num_projectors: int
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ..., tokens_touched: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ...) -> None: ...
+    min_step: int
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ..., tokens_touched: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ..., min_step: _Optional[int] = ...) -> None: ...
 
 class PooledBackwardResponse(_message.Message):
     __slots__ = ("grad_scores", "accepted")
