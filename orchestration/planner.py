@@ -30,7 +30,7 @@ from storage.layout import VALUES, TableSpec, table_arrays
 MiB = 1 << 20
 GiB = 1 << 30
 RAY_NODE_BYTES = 450 * MiB  # DESIGN §8: idle Ray ~420-480 MB PSS per node
-ACTOR_BYTES = 60 * MiB  # DESIGN §8: +60 MB per actor (shard actors never import torch)
+ACTOR_BYTES = 77 * MiB  # DESIGN §8: +60 MB per actor (shard actors never import torch), +17 MB TensorStore
 GRPC_BUFFERS = 2  # DESIGN §8: a request and a response of up to max message size in flight
 _WORKERS_NOTE = ("model workers are not counted (each is an actor, +250 MB once it imports torch, "
                  "plus the dense model and its optimizer)")
@@ -293,7 +293,7 @@ def format_plan(plan: CapacityPlan, title: str = "") -> str:
         ["values", _human(s.value_bytes), ""],
         ["optimizer state", _human(s.state_bytes), ""],
         ["chunk cache", _human(s.cache_bytes), ""],
-        ["process", _human(s.process_bytes), "Python + numpy + gRPC actor (DESIGN §8: +60 MB per actor)"],
+        ["process", _human(s.process_bytes), "Python + numpy + gRPC + TensorStore actor (DESIGN §8: +60 MB, +17 MB)"],
         ["gRPC buffers", _human(s.grpc_bytes), f"{GRPC_BUFFERS} x max message size"],
         ["total", _human(s.total_bytes), ""],
     ], right={1})
