@@ -18,14 +18,13 @@ it (installed by the driver with `install_map`, or fetched from the other shards
 pushes go there in the same order, with the same seqs: the restarted shard has replayed what it
 logged, so a push it had logged but not acknowledged is dropped as a duplicate (exactly once,
 docs/reliability.md §6). Channels, deadlines, retries, TLS and the grouping of work per
-shard live in `param_server.fanout`.
+shard live in `param_server.fanout`; the map and the address of each shard now in `param_server.routing`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,10 +34,11 @@ import grpc
 import numpy as np
 
 from param_server import fanout, wire
-from param_server.errors import InvalidRequestError, ShardClosedError, StaleEpochError, UnknownTableError
+from param_server.errors import InvalidRequestError, StaleEpochError, UnknownTableError
 from param_server.fanout import ClientConfig
 from param_server.optimizers import sum_duplicates
 from param_server.partition_map import PartitionMap
+from param_server.routing import Routing
 from protos.ultramem.v1 import memory_pb2 as pb
 
 __all__ = ["Client", "ClientConfig", "TableMeta"]
@@ -95,16 +95,12 @@ class Client:
         self._net = fanout.ShardChannels(self.config)
         self._lock = threading.Lock()
         self._seq: dict[str, int] = {}  # shard key -> last seq sent (key: the shard's first address)
-        self._alias: dict[str, str] = {}  # address of a restarted shard -> its key
-        self._current: dict[str, str] = {}  # key -> the shard's address now (absent: the key itself)
         self._outstanding: list[tuple[Future, str, float, int]] = []
         self._tables: dict[str, TableMeta] = {}
         self._applied: dict[str, int] = {}  # table -> lowest applied_step any shard reported last lookup
         for address in addresses:
             self._net.open(address)
-        self._map = partition_map or self._map_from_info(list(addresses))
-        for address in self._map.addresses:
-            self._net.open(address)
+        self._routing = Routing(self._net, self.config, partition_map or self._map_from_info(list(addresses)))
 
     @classmethod
     def connect(cls, address: str, **kw: Any) -> Client:
@@ -120,34 +116,12 @@ class Client:
     @property
     def partition_map(self) -> PartitionMap:
         """The map requests are routed with now."""
-        return self._map
+        return self._routing.pmap
 
     def install_map(self, new: PartitionMap) -> bool:
-        """Route by `new` if its epoch is newer than ours; returns whether it was installed.
-
-        An address of the old map that is gone, whose partitions are now all owned by an address the
-        old map did not have, is a restarted shard: pushes to the new address continue on the same
-        ordered sender with the same seq numbering (the shard replayed its log up to them).
-        """
-        with self._lock:
-            old = self._map
-            if new.epoch <= old.epoch:
-                return False
-            for i, a in enumerate(old.addresses):
-                parts = np.flatnonzero(old.owner == i)
-                if a in new.addresses or not parts.size:
-                    continue
-                for j, b in enumerate(new.addresses):
-                    if b not in old.addresses and np.array_equal(np.flatnonzero(new.owner == j), parts):
-                        key = self._key(a)
-                        self._alias[b] = key
-                        self._current[key] = b
-                        logger.info("shard at %s is now at %s (epoch %d)", a, b, new.epoch)
-                        break
-            for address in new.addresses:
-                self._net.open(address)
-            self._map = new
-            return True
+        """Route by `new` if its epoch is newer than ours; returns whether it was installed (a shard
+        that moved to a new address with the same partitions is followed: `Routing.install`)."""
+        return self._routing.install(new)
 
     def table(self, table: str) -> TableMeta:
         """P, d_v and NP of `table` (asked from the shards once)."""
@@ -170,7 +144,7 @@ class Client:
         if out is not None and (out.shape != (rows.size, meta.dim) or out.dtype != np.float32
                                 or not out.flags.c_contiguous):
             raise InvalidRequestError(f"out must be a C-contiguous float32 [{rows.size}, {meta.dim}] array")
-        return self._rerouting(lambda: self._gather_once(table, meta, rows, min_step, wire_dtype, out))
+        return self._routing.rerouting(lambda: self._gather_once(table, meta, rows, min_step, wire_dtype, out))
 
     def pooled_gather(self, table: str, rows: np.ndarray, projector: np.ndarray, token: np.ndarray,
                       scores: np.ndarray, num_tokens: int, num_projectors: int, *,
@@ -178,7 +152,7 @@ class Client:
         """rows/projector/token int64 [n], scores float32 [n, h] -> float32 [T, E, d_v] (DESIGN §3.1 step 6)."""
         meta = self.table(table)
         rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, num_tokens)
-        return self._rerouting(lambda: self._pooled_once(
+        return self._routing.rerouting(lambda: self._pooled_once(
             table, meta, rows, projector, token, scores, num_tokens, num_projectors, min_step, wire_dtype))
 
     def push(self, table: str, rows: np.ndarray, grads: np.ndarray, *, lr: float, step: int,
@@ -228,7 +202,7 @@ class Client:
     def info(self) -> list[dict]:
         """One dict per shard: shard_id, address, epoch, read_only, tables (with partitions), metrics."""
         out = []
-        for address in self._map.addresses:
+        for address in self._routing.pmap.addresses:
             msg = self._net.unary(address, "Info", pb.InfoRequest())
             tables = {}
             for t in msg.tables:
@@ -243,7 +217,7 @@ class Client:
         """Ask every shard to drain and write its partitions into `tables_dir` (table groups exist)."""
         self.flush()
         calls = [fanout.Call(a, "Checkpoint", pb.CheckpointRequest(tables_dir=str(tables_dir)), lambda r: None)
-                 for a in self._map.addresses]
+                 for a in self._routing.pmap.addresses]
         self._net.run(calls, frozenset({grpc.StatusCode.UNAVAILABLE}))
 
     def close(self) -> None:
@@ -262,7 +236,7 @@ class Client:
     # -- lookups -------------------------------------------------------------------------------
     def _gather_once(self, table: str, meta: TableMeta, rows: np.ndarray, min_step: int | None,
                      wire_dtype: str, out: np.ndarray | None) -> np.ndarray:
-        pmap = self._map
+        pmap = self._routing.pmap
         uniq, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
         out = np.empty((rows.size, meta.dim), dtype=np.float32) if out is None else out
         direct = uniq.size == rows.size  # all unique: answers go straight to their request positions
@@ -298,7 +272,7 @@ class Client:
     def _pooled_once(self, table: str, meta: TableMeta, rows: np.ndarray, projector: np.ndarray,
                      token: np.ndarray, scores: np.ndarray, num_tokens: int, num_projectors: int,
                      min_step: int | None, wire_dtype: str) -> np.ndarray:
-        pmap = self._map
+        pmap = self._routing.pmap
         out = np.zeros((num_tokens, num_projectors, meta.dim), dtype=np.float32)
         header = self._lookup_header(table, pmap.epoch, min_step)
         per_token = num_projectors * meta.dim * wire.numpy_dtype(wire_dtype).itemsize
@@ -341,12 +315,12 @@ class Client:
     def _submit_push(self, table: str, meta: TableMeta, rows: np.ndarray, grads: np.ndarray,
                      lr: float, step: int) -> list[Future]:
         """One ordered task per shard of the current map; each returns the rows it could not place."""
-        pmap = self._map
+        pmap = self._routing.pmap
         per_chunk = max(1, self.config.chunk_bytes // (meta.dim * 4))
         futures = []
         for address, sel in fanout.by_shard(pmap, rows, every_shard=True):
             chunks = [(rows[sel[a:b]], grads[sel[a:b]]) for a, b in fanout.split(sel.size, per_chunk)]
-            futures.append(self._net.sender(self._key(address)).submit(
+            futures.append(self._net.sender(self._routing.key(address)).submit(
                 self._send_push_chunks, address, table, pmap.epoch, chunks, lr, step))
         return futures
 
@@ -354,7 +328,7 @@ class Client:
                           chunks: list[tuple[np.ndarray, np.ndarray]], lr: float, step: int
                           ) -> tuple[np.ndarray, np.ndarray] | None:
         """Runs on the shard's sender thread; returns the unsent (rows, grads) if the map went stale."""
-        key = self._key(address)
+        key = self._routing.key(address)
         for i, (rows, grads) in enumerate(chunks):
             seq = self._seq.get(key, 0) + 1
             self._seq[key] = seq
@@ -366,7 +340,7 @@ class Client:
                 return pb.PushGradientsRequest(header=header, rows=wire.encode(rows, "int64"),
                                                grads=wire.encode(grads, "float32"))
             try:
-                self._push_call(key, "PushGradients", build, epoch)
+                self._routing.call(key, "PushGradients", build, epoch)
             except StaleEpochError:
                 rest = chunks[i:]
                 return np.concatenate([r for r, _ in rest]), np.concatenate([g for _, g in rest])
@@ -378,10 +352,10 @@ class Client:
             left = [r for r in (f.result() for f in futures) if r is not None]
             if not left:
                 return
-            self._refresh_map()
+            self._routing.refresh()
             rows, grads = sum_duplicates(np.concatenate([r for r, _ in left]), np.concatenate([g for _, g in left]))
             futures = self._submit_push(table, meta, rows, grads, lr, step)
-        raise StaleEpochError("partition map kept changing while pushing", self._map.epoch)
+        raise StaleEpochError("partition map kept changing while pushing", self._routing.pmap.epoch)
 
     def _pooled_backward(self, table: str, meta: TableMeta, rows: np.ndarray, projector: np.ndarray,
                          token: np.ndarray, scores: np.ndarray, grad_out: np.ndarray, lr: float,
@@ -395,21 +369,21 @@ class Client:
         per_entry, per_token = 3 * 8 + 4 * scores.shape[1], 8 + num_projectors * meta.dim * 4
         todo = np.arange(rows.size)  # entries not yet accepted by their shard
         for _ in range(self.config.max_map_refreshes + 1):
-            pmap = self._map
+            pmap = self._routing.pmap
             futures = []
             # chunks never split a row's entries: each row gets one optimizer step per call
             for address, sel in fanout.by_shard(pmap, rows[todo], sort_by=rows[todo], every_shard=True):
                 sel = todo[sel]
                 chunks = _backward_chunks(sel, rows, token, per_entry, per_token, budget)
-                futures.append(self._net.sender(self._key(address)).submit(
+                futures.append(self._net.sender(self._routing.key(address)).submit(
                     self._send_backward_chunks, address, table, pmap.epoch, chunks, rows, projector, token,
                     scores, grad_out, grad_scores, lr, step, min_step))
             left = [r for r in (f.result() for f in futures) if r is not None]
             if not left:
                 return grad_scores
             todo = np.concatenate(left)
-            self._refresh_map()
-        raise StaleEpochError("partition map kept changing during pooled backward", self._map.epoch)
+            self._routing.refresh()
+        raise StaleEpochError("partition map kept changing during pooled backward", self._routing.pmap.epoch)
 
     def _send_backward_chunks(self, address: str, table: str, epoch: int, chunks: list[np.ndarray],
                               rows: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray,
@@ -417,7 +391,7 @@ class Client:
                               min_step: int | None) -> np.ndarray | None:
         """Runs on the shard's sender thread; returns the entries not sent if the map went stale."""
         num_projectors = grad_out.shape[1]
-        key = self._key(address)
+        key = self._routing.key(address)
         for i, part in enumerate(chunks):
             seq = self._seq.get(key, 0) + 1
             self._seq[key] = seq
@@ -433,76 +407,13 @@ class Client:
                     grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=_ids(touched),
                     num_projectors=num_projectors, min_step=min_step)
             try:
-                resp = self._push_call(key, "PooledBackward", build, epoch)
+                resp = self._routing.call(key, "PooledBackward", build, epoch)
             except StaleEpochError:
                 return np.concatenate(chunks[i:])
             grad_scores[part] = wire.decode_values(resp.grad_scores, "grad_scores", trailing=(scores.shape[1],))
         return None
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _rerouting(self, attempt: Callable[[], np.ndarray]) -> np.ndarray:
-        """Run an idempotent lookup; on a stale-epoch answer refresh the map and run it again; on a dead
-        shard (UNAVAILABLE after the retries) wait for a newer map (its replacement) and run it again."""
-        refreshes, deadline = 0, None
-        while True:
-            epoch = self._map.epoch
-            try:
-                return attempt()
-            except StaleEpochError as err:
-                if refreshes >= self.config.max_map_refreshes:
-                    raise
-                refreshes += 1
-                logger.info("partition map epoch %d is stale (%s); refreshing", self._map.epoch, err)
-                self._refresh_map()
-            except ShardClosedError as err:
-                deadline = deadline or time.monotonic() + self.config.failover_timeout_s
-                logger.warning("%s; waiting for the shard to come back", err)
-                if not self._await_map(lambda e=epoch: self._map.epoch > e, None, deadline):
-                    raise
-
-    def _refresh_map(self) -> None:
-        """Ask the known shards for their map; install the newest."""
-        new = self._net.newest_map(self._map.addresses)
-        if new is None:
-            raise StaleEpochError("no shard answered GetPartitionMap", self._map.epoch)
-        self.install_map(new)
-
-    def _key(self, address: str) -> str:
-        """The key of the shard at `address` (its first address): seqs and the push sender go by it."""
-        return self._alias.get(address, address)
-
-    def _push_call(self, key: str, method: str, build: Callable[[int], Any], epoch: int) -> Any:
-        """On the sender thread of shard `key`: send build(epoch) to its current address. If that
-        address is dead, wait (up to failover_timeout_s) for the map that moves the shard elsewhere and
-        send the same request (same seq) there, routed with the newer epoch (the partitions are the same)."""
-        deadline = None
-        while True:
-            address = self._current.get(key, key)
-            try:
-                return self._net.unary(address, method, build(epoch), retry=fanout.PUSH_RETRY)
-            except ShardClosedError as err:
-                deadline = deadline or time.monotonic() + self.config.failover_timeout_s
-                logger.warning("%s; waiting for the shard to come back", err)
-                if not self._await_map(lambda a=address: self._current.get(key, key) != a, address, deadline):
-                    raise
-                epoch = max(epoch, self._map.epoch)
-
-    def _await_map(self, done: Callable[[], bool], dead: str | None, deadline: float) -> bool:
-        """Wait until `done()` holds, installing newer maps (from `install_map` called from outside, or
-        fetched here from the shards other than `dead`). False at the deadline."""
-        while True:
-            pmap = self._map
-            if done():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            others = [a for a in pmap.addresses if a != dead]
-            new = self._net.newest_map(others) if others else None
-            if new is not None and new.epoch > pmap.epoch:
-                self.install_map(new)
-                continue
-            time.sleep(0.2)
-
     def _map_from_info(self, addresses: list[str]) -> PartitionMap:
         """Merge the owned partitions each shard reports into one map (standalone shards)."""
         owned, nps, epoch = [], set(), 0
