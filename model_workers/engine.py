@@ -18,6 +18,10 @@ layout, same sampling call), so greedy decoding through the engine gives the tok
 `ultramem generate` from the same checkpoint. Memory lookups go wherever the model's ValueBackend
 points: the engine never sees it. Serving builds the model with `serving_config`, which switches the
 memory layers to pooled lookups (DESIGN §6: shards answer partial sums [T, E, d_v], never raw rows).
+The engine decodes in eval mode without autograd, so the memory layers take their decode path:
+sub-keys and whitening factor cached between steps (model_workers/eval_cache.py), TDQKR without the
+full score tensors (`tdqkr.tdqkr_topk_decode`), and pooled lookups overlapping the dense blocks
+between a layer's read and add blocks (`RemoteBackend.pooled_async`).
 """
 
 from __future__ import annotations

@@ -9,20 +9,40 @@ expensive, so candidates come from the rank-1 shortcut: u, v = leading singular 
 top-m of S_row·u and of S_col·v, then the exact m x m grid is rescored and its top-m kept. The filter
 is exact for rank-1 cores with non-negative filter scores; otherwise `recall` measures how close it is.
 
+Decoding (`tdqkr_topk_decode`, eval without autograd, shared query) never builds S_row, S_col: since
+S·u = q·(K·u), the filter scores are one matmul against keys with u folded in (`DecodeKeys`, cached by
+the layer between steps), and only the m candidates' rank scores are computed. Same arithmetic in
+another summation order: scores agree to float rounding (~1e-7 relative), so the selection is
+`tdqkr_topk`'s except where two candidates tie to that precision. No [T, H, n, r] tensor is built;
+at K = 4096 those dominated a batched decode step (bench/serve.py, docs/benchmarks.md "serve").
+
 Legend: T tokens, H heads, n_row/n_col virtual sub-keys per side, r Tucker rank, h cores, m top-m.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 
-def rank_scores(query: Tensor, keys: Tensor) -> Tensor:
-    """Per-rank key scores: query [T, H, d_k] (or [T, 1, d_k] shared) , keys [H, n, d_k, r] -> [T, H, n, r]."""
+def key_matrix(keys: Tensor) -> Tensor:
+    """keys [H, n, d_k, r] -> [d_k, H*n*r] (a contiguous copy): the right operand of the one matmul
+    that scores a shared query against every head's keys (`rank_scores`)."""
+    heads, n, d_k, r = keys.shape
+    return keys.permute(2, 0, 1, 3).reshape(d_k, heads * n * r)
+
+
+def rank_scores(query: Tensor, keys: Tensor, matrix: Tensor | None = None) -> Tensor:
+    """Per-rank key scores: query [T, H, d_k] (or [T, 1, d_k] shared) , keys [H, n, d_k, r] -> [T, H, n, r].
+
+    `matrix` is `key_matrix(keys)` made beforehand (the serving path caches it between decode steps);
+    it is only used for a shared query and gives the same result as building it here.
+    """
     heads, n, d_k, r = keys.shape
     if query.shape[1] == 1:  # shared query: one matmul against every head's keys
-        flat = keys.permute(2, 0, 1, 3).reshape(d_k, heads * n * r)  # (d_k, H*n*r)
+        flat = key_matrix(keys) if matrix is None else matrix  # (d_k, H*n*r)
         return (query[:, 0] @ flat).view(-1, heads, n, r)
     return torch.einsum("thd,hndr->thnr", query, keys)
 
@@ -101,6 +121,48 @@ def tdqkr_topk(
         win_col = i_col.gather(2, best % m)
     scores = core_scores(_gather_side(s_row, win_row), _gather_side(s_col, win_col), cores.to(s_row.dtype))
     return win_row * n_col + win_col, scores
+
+
+@dataclass(frozen=True)
+class DecodeKeys:
+    """A side's sub-keys prepared for decoding (made once per parameter change, see eval_cache.py)."""
+
+    filter: Tensor  # [d_k, H*n]: keys folded with the filter vector, Σ_r K[..., r]·u_r, as a matmul operand
+    keys: Tensor  # [H, n, r, d_k]: the (normed) keys, rank before d_k so a candidate's r rows are contiguous
+
+    @classmethod
+    def make(cls, keys: Tensor, u: Tensor) -> DecodeKeys:
+        """keys [H, n, d_k, r] (already normed, in the query dtype), u [H, r] -> DecodeKeys."""
+        heads, n, d_k, _ = keys.shape
+        folded = torch.einsum("hndr,hr->dhn", keys, u.to(keys.dtype)).reshape(d_k, heads * n)
+        return cls(folded.contiguous(), keys.permute(0, 1, 3, 2).contiguous())
+
+
+def _candidates(query: Tensor, side: DecodeKeys, m: int) -> tuple[Tensor, Tensor]:
+    """query [T, d_k] -> top-m filter indices [T, H, m] and their rank scores [T, H, m, r]."""
+    heads, n = side.keys.shape[:2]
+    t, d_k = query.shape
+    index = (query @ side.filter).view(t, heads, n).topk(m, dim=-1).indices  # (T, H, m)
+    picked = side.keys[torch.arange(heads, device=index.device).view(1, heads, 1), index]  # (T, H, m, r, d_k)
+    return index, (picked @ query.view(t, 1, 1, d_k, 1)).squeeze(-1)  # (T, H, m, r)
+
+
+def tdqkr_topk_decode(q_row: Tensor, q_col: Tensor, row: DecodeKeys, col: DecodeKeys, cores: Tensor,
+                      m: int) -> tuple[Tensor, Tensor]:
+    """`tdqkr_topk` for a shared query without autograd, from the queries instead of S_row, S_col.
+
+    q_row, q_col [T, d_k]; row, col: DecodeKeys; cores [h, H, r, r] -> virtual_index int64
+    [T, H, m] and s_c [T, H, m, h] (tdqkr_topk on rank_scores, to float rounding; module docstring).
+    """
+    n_col = col.keys.shape[1]
+    i_row, a = _candidates(q_row, row, m)  # (T, H, m), (T, H, m, r)
+    i_col, b = _candidates(q_col, col, m)
+    cores = cores.detach().to(a.dtype)
+    grid = torch.einsum("thir,hrs,thjs->thij", a, cores.sum(0), b)  # (T, H, m, m)
+    best = grid.flatten(2).topk(m, dim=-1).indices  # (T, H, m) into the m*m grid
+    pick_row, pick_col = best // m, best % m
+    scores = core_scores(_gather_side(a, pick_row), _gather_side(b, pick_col), cores)  # (T, H, m, h)
+    return i_row.gather(2, pick_row) * n_col + i_col.gather(2, pick_col), scores
 
 
 def brute_force_topk(s_row: Tensor, s_col: Tensor, cores: Tensor, m: int) -> tuple[Tensor, Tensor]:

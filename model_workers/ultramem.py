@@ -26,10 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_workers.eval_cache import EvalCache, EvalCached
 from model_workers.ive import make_permutation, pooled_lookup, pooled_sum, split_virtual
 from model_workers.layers import RMSNorm
 from model_workers.pkm import brute_force_product_keys, product_key_topk
-from model_workers.tdqkr import TuckerCores, brute_force_topk, rank_scores, recall, tdqkr_topk
+from model_workers.tdqkr import (
+    DecodeKeys,
+    TuckerCores,
+    brute_force_topk,
+    key_matrix,
+    rank_scores,
+    recall,
+    tdqkr_topk,
+    tdqkr_topk_decode,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from model_workers.values import ValueBackend
@@ -198,13 +208,15 @@ class MemoryConfig:
         return self.value_dim(d_model) ** -0.5
 
 
-class BatchWhitening(nn.Module):
+class BatchWhitening(EvalCached):
     """Query whitening over the batch's tokens (a generalisation of PKM's query batchnorm).
 
     Training: q [N, F] -> (q - μ) · L^-T with μ, Σ = L·Lᵀ the batch mean and (ε-regularized)
     covariance, gradient through both; the running μ, Σ (EMA) serve evaluation and decoding.
     Per-dimension batchnorm keeps the queries' correlations, and early in training they are nearly
     rank-1 (participation ratio ~2 of 64 on `small`), so the whole batch still picks the same slots.
+    In eval the Cholesky factor of the running covariance is cached until the statistics change
+    (model_workers/eval_cache.py): decoding reuses it every step.
     """
 
     def __init__(self, dim: int, momentum: float, eps: float = 1e-3) -> None:
@@ -213,11 +225,16 @@ class BatchWhitening(nn.Module):
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_cov", torch.eye(dim))
 
-    def _whiten(self, q: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
+    def _cholesky(self, cov: Tensor) -> Tensor:
+        """cov [F, F] -> lower L [F, F] with L·Lᵀ = cov + ε·mean(diag)·I."""
         dim = cov.shape[0]
         reg = cov + (self.eps * cov.diagonal().mean() + 1e-8) * torch.eye(dim, dtype=cov.dtype, device=cov.device)
-        chol = torch.linalg.cholesky(reg)  # (F, F) lower
-        centered = (q.to(cov.dtype) - mean).T  # (F, N)
+        return torch.linalg.cholesky(reg)
+
+    @staticmethod
+    def _whiten(q: Tensor, mean: Tensor, chol: Tensor) -> Tensor:
+        """q [N, F] -> (q - μ) · L^-T [N, F]."""
+        centered = (q.to(chol.dtype) - mean).T  # (F, N)
         return torch.linalg.solve_triangular(chol, centered, upper=False).T.to(q.dtype)  # (N, F)
 
     def forward(self, q: Tensor) -> Tensor:
@@ -232,9 +249,14 @@ class BatchWhitening(nn.Module):
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
                 self.running_cov.lerp_(cov.detach().to(self.running_cov.dtype), self.momentum)
-            return self._whiten(q, mean, cov)
+            return self._whiten(q, mean, self._cholesky(cov))
         dtype = torch.promote_types(q.dtype, self.running_cov.dtype)
-        return self._whiten(q, self.running_mean.to(dtype), self.running_cov.to(dtype))
+        cov = self.running_cov
+        if EvalCache.usable(self, (cov,)):  # decoding: the statistics are fixed between training steps
+            chol = self.eval_cache.get(("chol", dtype), (cov,), lambda: self._cholesky(cov.to(dtype)))
+        else:
+            chol = self._cholesky(cov.to(dtype))
+        return self._whiten(q, self.running_mean.to(dtype), chol)
 
 
 @dataclass
@@ -246,16 +268,22 @@ class _Read:
     virtual: Tensor  # [N, H*m] virtual slots
     scores: Tensor  # [N, H*m, h]
     projector: Tensor  # [N, H*m]
-    s_row: Tensor
-    s_col: Tensor
-    pooled: Tensor | None = None  # pooled mode: [N, E, d_v], already looked up
+    s_row: Tensor | None  # per-rank scores (None on the decode path, which never builds them)
+    s_col: Tensor | None
+    pooled: Tensor | None = None  # pooled mode: [N, E, d_v], already looked up ...
+    pooled_future: Future | None = None  # ... or, without autograd on a backend that can, in flight
     unique: Tensor | None = None  # rows mode: unique physical rows [U] ...
     inverse: Tensor | None = None  # ... and where each selection's row sits in them [N, H*m]
     values: Future | None = None  # ... and the lookup in flight -> [U, d_v]
 
 
-class MemoryLayer(nn.Module):
-    """One PKM/UltraMem layer: x [B, T, D] (normalized FFN input of its read block) -> y [B, T, D]."""
+class MemoryLayer(EvalCached):
+    """One PKM/UltraMem layer: x [B, T, D] (normalized FFN input of its read block) -> y [B, T, D].
+
+    In eval the normed sub-keys (in the layout of the score matmul) are cached until the keys change
+    (model_workers/eval_cache.py), so a decode step does not rebuild them from the parameters; without
+    autograd, TDQKR with a shared query takes `tdqkr_topk_decode` (no [N, H, n, r] score tensors).
+    """
 
     def __init__(
         self, cfg: MemoryConfig, d_model: int, index: int, num_memory_layers: int, seed: int
@@ -325,11 +353,25 @@ class MemoryLayer(nn.Module):
 
     def key_scores(self, q_row: Tensor, q_col: Tensor) -> tuple[Tensor, Tensor]:
         """Step 2: per-rank scores S_row [N, H, n_row, r], S_col [N, H, n_col, r]."""
-        k_row, k_col = self.keys_row, self.keys_col  # (H, n, d_k, r)
-        if self.cfg.qk_norm:  # each key vector L2-normed over d_k: scores stay O(1) at init
-            k_row = F.normalize(k_row, dim=2, eps=1e-6)
-            k_col = F.normalize(k_col, dim=2, eps=1e-6)
-        return rank_scores(q_row, k_row.to(q_row.dtype)), rank_scores(q_col, k_col.to(q_col.dtype))
+        return self._side_scores(q_row, self.keys_row, "row"), self._side_scores(q_col, self.keys_col, "col")
+
+    def _normed(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
+        """keys [H, n, d_k, r] -> each key vector L2-normed over d_k if qk_norm (scores stay O(1) at init)."""
+        return (F.normalize(keys, dim=2, eps=1e-6) if self.cfg.qk_norm else keys).to(dtype)
+
+    def _side_scores(self, q: Tensor, keys: Tensor, side: str) -> Tensor:
+        """q [N, H or 1, d_k], keys [H, n, d_k, r] -> [N, H, n, r]; prepared keys cached in eval."""
+        shared = q.shape[1] == 1
+
+        def prepare() -> Tensor:
+            k = self._normed(keys, q.dtype)  # (H, n, d_k, r)
+            return key_matrix(k) if shared else k  # a shared query needs only the (d_k, H*n*r) matrix
+
+        if EvalCache.usable(self, (keys,)):
+            prepared = self.eval_cache.get((side, q.dtype, shared), (keys,), prepare)
+        else:
+            prepared = prepare()
+        return rank_scores(q, keys, prepared) if shared else rank_scores(q, prepared)
 
     def retrieve(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor]:
         """Step 3: -> virtual_index [N, H, m], scores [N, H, m, h] (softmax over m if configured)."""
@@ -340,6 +382,29 @@ class MemoryLayer(nn.Module):
         else:
             t = self.tucker
             virtual, scores = tdqkr_topk(s_row, s_col, t.cores, t.filter_u, t.filter_v, m)
+        if self.cfg.softmax:
+            scores = torch.softmax(scores.float(), dim=2).to(scores.dtype)
+        return virtual, scores
+
+    def _decoding(self, q_row: Tensor) -> bool:
+        """Whether steps 2-3 may take the decode path: TDQKR, a shared query, eval without autograd."""
+        if self.tucker is None or q_row.shape[1] != 1:
+            return False
+        return EvalCache.usable(self, (self.keys_row, self.keys_col, self.tucker.cores))
+
+    def retrieve_decode(self, q_row: Tensor, q_col: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 2-3 from the queries [N, 1, d_k] -> virtual_index [N, H, m], scores [N, H, m, h].
+
+        The same selection as `retrieve(*key_scores(...))` with scores to float rounding
+        (tdqkr.tdqkr_topk_decode); the filter-folded keys are cached until keys or filter change.
+        """
+        t, dtype = self.tucker, q_row.dtype
+        assert t is not None
+        row = self.eval_cache.get(("decode", "row", dtype), (self.keys_row, t.filter_u),
+                                  lambda: DecodeKeys.make(self._normed(self.keys_row, dtype), t.filter_u))
+        col = self.eval_cache.get(("decode", "col", dtype), (self.keys_col, t.filter_v),
+                                  lambda: DecodeKeys.make(self._normed(self.keys_col, dtype), t.filter_v))
+        virtual, scores = tdqkr_topk_decode(q_row[:, 0], q_col[:, 0], row, col, t.cores, self.cfg.topk)
         if self.cfg.softmax:
             scores = torch.softmax(scores.float(), dim=2).to(scores.dtype)
         return virtual, scores
@@ -367,20 +432,33 @@ class MemoryLayer(nn.Module):
         """Steps 1-4 at the read block, and the value lookup started: x [B, T, D] -> a pending read.
 
         In rows mode the rows are requested from the backend without waiting, so the dense blocks
-        before the add block run while the lookup travels (`finish` waits for it).
+        before the add block run while the lookup travels (`finish` waits for it); in pooled mode
+        the same happens without autograd (decoding) when the backend has `pooled_async`.
         """
         b, t, d = x.shape
         xf = x.reshape(b * t, d)
         q_row, q_col = self.query(xf)  # step 1
-        s_row, s_col = self.key_scores(q_row, q_col)  # step 2
-        virtual, scores = self.retrieve(s_row, s_col)  # step 3
+        s_row = s_col = None
+        if self._decoding(q_row):  # steps 2-3 for decoding, without the [N, H, n, r] score tensors
+            virtual, scores = self.retrieve_decode(q_row, q_col)
+        else:
+            s_row, s_col = self.key_scores(q_row, q_col)  # step 2
+            virtual, scores = self.retrieve(s_row, s_col)  # step 3
         n, h = b * t, scores.shape[-1]
         virtual = virtual.reshape(n, -1)  # (N, H*m)
         scores = scores.reshape(n, -1, h)  # (N, H*m, h)
         rows, projector = split_virtual(virtual, self.permutation, self.cfg.physical_rows)  # step 4
         read = _Read(x.shape, x.dtype, virtual, scores, projector, s_row, s_col)
         if self.cfg.lookup == "pooled":  # steps 5-6 where the table lives: (N, E, d_v)
-            read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion)
+            start = getattr(self._backend(), "pooled_async", None)
+            if start is not None and not torch.is_grad_enabled():  # decoding: overlap the hop (as rows mode)
+                token = torch.arange(n, dtype=torch.int64).repeat_interleave(rows.shape[1])  # (N*H*m,)
+                read.pooled_future = start(self.table, rows.reshape(-1).to("cpu", torch.int64),
+                                           projector.reshape(-1).to("cpu", torch.int64), token,
+                                           scores.reshape(-1, h).detach().to("cpu", torch.float32), n,
+                                           self.cfg.expansion)
+            else:
+                read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion)
         else:
             read.unique, read.inverse = torch.unique(rows, return_inverse=True)
             read.values = self._backend().fetch_rows_async(self.table, read.unique.cpu())
@@ -390,7 +468,9 @@ class MemoryLayer(nn.Module):
         """Steps 5-7 after the add block: wait for the values, pool, project -> y [B, T, D]."""
         b, t, d = read.shape
         n = b * t
-        if read.pooled is not None:
+        if read.pooled_future is not None:
+            o = read.pooled_future.result().to(read.scores.device)  # (N, E, d_v)
+        elif read.pooled is not None:
             o = read.pooled
         else:
             leaf = read.values.result().to(read.inverse.device)  # (U, d_v)
@@ -402,6 +482,7 @@ class MemoryLayer(nn.Module):
         o = o.reshape(n, -1).to(read.dtype)  # (N, E*d_v)
         y = self.w_out(o) if self.w_out is not None else o
         if self.training:
+            assert read.s_row is not None and read.s_col is not None  # the decode path is eval-only
             self._record(read.virtual, read.scores, y, read.s_row, read.s_col)
         return y.view(b, t, d)
 
