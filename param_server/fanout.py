@@ -162,6 +162,7 @@ class ShardChannels:
         self._stubs: dict[str, list[pb_grpc.MemoryShardStub]] = {}
         self._raw_gather: dict[str, list[grpc.UnaryUnaryMultiCallable]] = {}
         self._senders: dict[str, ThreadPoolExecutor] = {}
+        self._pool: ThreadPoolExecutor | None = None  # blocking calls of small fan-outs (`run`)
         self._rr = itertools.count()
 
     def options(self) -> list[tuple[str, Any]]:
@@ -195,19 +196,18 @@ class ShardChannels:
 
     def unary(self, address: str, method: str, request: Any, retry: frozenset = LOOKUP_RETRY) -> Any:
         """One blocking call with retries on `retry` codes; a typed error naming the shard out."""
-        for attempt in range(self.config.max_attempts):
-            try:
-                return getattr(self._stub(address), method)(
-                    request, timeout=self.config.timeout_s, metadata=self._metadata)
-            except grpc.RpcError as err:
-                if err.code() not in retry or attempt + 1 == self.config.max_attempts:
-                    raise typed_error(err, address, method, attempt + 1) from None
-                logger.debug("%s to %s: %s, retry %d", method, address, err.code().name, attempt + 1)
-                self._backoff(attempt)
-        raise AssertionError("unreachable")
+        return self._blocking(lambda: getattr(self._stub(address), method), address, method, request, retry)
 
     def run(self, calls: list[Call], retry: frozenset) -> None:
-        """Run calls concurrently (a window of max_in_flight per shard); handlers run here, in order done."""
+        """Run calls concurrently (a window of max_in_flight per shard); handlers run here, in order done.
+
+        A small fan-out (at most one call per shard, as in decoding) runs as blocking calls on this
+        client's persistent threads, the last in the caller: grpc-python starts a thread for each
+        `.future()` on an idle channel, which costs more than the call itself at this size.
+        """
+        if len(calls) <= len({c.address for c in calls}):
+            self._run_blocking(calls, retry)
+            return
         pending = deque(calls)
         in_flight: deque[tuple[Call, grpc.Future]] = deque()
         window = self.config.max_in_flight * max(1, len({c.address for c in calls}))
@@ -252,6 +252,9 @@ class ShardChannels:
         """Stop sender threads (after their queued pushes) and close every channel."""
         with self._lock:
             senders, self._senders = list(self._senders.values()), {}
+            if self._pool is not None:
+                senders.append(self._pool)
+                self._pool = None
             channels = [c for cs in self._channels.values() for c in cs]
             self._channels.clear()
             self._stubs.clear()
@@ -262,6 +265,34 @@ class ShardChannels:
             channel.close()
 
     # -- helpers -------------------------------------------------------------------------------
+    def _blocking(self, fn: Callable[[], Any], address: str, method: str, request: Any, retry: frozenset) -> Any:
+        for attempt in range(self.config.max_attempts):
+            try:
+                return fn()(request, timeout=self.config.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as err:
+                if err.code() not in retry or attempt + 1 == self.config.max_attempts:
+                    raise typed_error(err, address, method, attempt + 1) from None
+                logger.debug("%s to %s: %s, retry %d", method, address, err.code().name, attempt + 1)
+                self._backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _run_blocking(self, calls: list[Call], retry: frozenset) -> None:
+        """`run` for one call per shard: blocking calls on the pool, the last here; handlers here."""
+
+        def one(call: Call) -> Any:
+            return self._blocking(lambda: self._callable(call.address, call.method), call.address, call.method,
+                                  call.request, retry)
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix="fanout")
+            pool = self._pool
+        futures = [(c, pool.submit(one, c)) for c in calls[:-1]]
+        if calls:
+            calls[-1].on_done(one(calls[-1]))
+        for call, future in futures:
+            call.on_done(future.result())
+
     def _channel(self, address: str) -> grpc.Channel:
         if self._credentials is None:
             return grpc.insecure_channel(address, options=self.options())

@@ -170,11 +170,13 @@ def test_retried_push_is_applied_once() -> None:
         cluster.close()
 
 
-def test_resource_exhausted_is_retried_with_backoff() -> None:
+@pytest.mark.parametrize("chunk", [1 << 20, 64], ids=["one-call-blocking", "per-row-calls-windowed"])
+def test_resource_exhausted_is_retried_with_backoff(chunk) -> None:
+    # one call per shard takes fanout's blocking path on persistent threads; more take the futures window
     fault = _FailFirst("Gather", grpc.StatusCode.RESOURCE_EXHAUSTED, times=3, after=False)
     cluster = Cluster(1, interceptors=[fault])
     try:
-        with Client(cluster.addresses, config=ClientConfig(backoff_s=0.001)) as client:
+        with Client(cluster.addresses, config=ClientConfig(backoff_s=0.001, chunk_bytes=chunk)) as client:
             np.testing.assert_array_equal(client.gather("mem", np.array([1, 2])), _full_table(SPEC)[[1, 2]])
         assert fault.left == 0
     finally:
