@@ -17,7 +17,7 @@ local row r // NP of partition r % NP, and each partition is initialized by
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,6 +46,17 @@ class PooledStepError(BackendError, RuntimeError):
     """A pooled backward came before any `begin_step` (no step or value LR to update the rows with)."""
 
 
+def _answered(fn: Callable[..., torch.Tensor], *args: Any) -> Future[torch.Tensor]:
+    """A future holding fn(*args), or its exception (delivered where the caller waits, as a remote
+    failure would be)."""
+    done: Future[torch.Tensor] = Future()
+    try:
+        done.set_result(fn(*args))
+    except Exception as err:
+        done.set_exception(err)
+    return done
+
+
 class ValueBackend(ABC):
     """Where value tables live; the only door a memory layer uses to reach them.
 
@@ -68,12 +79,13 @@ class ValueBackend(ABC):
         """`fetch_rows` started now, answered later: a memory layer issues it at its read block and
         waits for it after its add block, so the dense blocks in between overlap the lookup
         (DESIGN §3.1 skip-layer). In-process backends answer at once."""
-        done: Future[torch.Tensor] = Future()
-        try:
-            done.set_result(self.fetch_rows(table, rows))
-        except Exception as err:  # delivered where the caller waits, as a remote failure would be
-            done.set_exception(err)
-        return done
+        return _answered(self.fetch_rows, table, rows)
+
+    def pooled_async(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
+                     scores: torch.Tensor, num_tokens: int, num_projectors: int) -> Future[torch.Tensor]:
+        """`pooled` started now, answered later (decoding, without autograd: a memory layer overlaps
+        it with the dense blocks before its add block, as `fetch_rows_async`). In-process: at once."""
+        return _answered(self.pooled, table, rows, projector, token, scores, num_tokens, num_projectors)
 
     @abstractmethod
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:

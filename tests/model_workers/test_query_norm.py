@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_workers.ultramem import BatchWhitening, MemoryConfig, MemoryLayer, ModelConfigError
+from model_workers.query_norm import BatchWhitening
+from model_workers.ultramem import MemoryConfig, MemoryLayer, ModelConfigError
 from model_workers.values import LocalBackend
 from storage.layout import TableSpec
 
