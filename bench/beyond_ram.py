@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 from bench._shards import start_shards, stop_shards  # noqa: E402 (after the sys.path line)
 from param_server.client import Client  # noqa: E402 (after the sys.path line)
-from param_server.partitions import partition_nbytes  # noqa: E402 (after the sys.path line)
+from param_server.partitions import ROW_SHARE, chunk_bytes_for_budget, partition_nbytes  # noqa: E402 (after the sys.path line)
 from param_server.shard import Shard, ShardConfig  # noqa: E402 (after the sys.path line)
 from storage.layout import TableSpec  # noqa: E402 (after the sys.path line)
 from storage.table_store import create_table, open_table  # noqa: E402 (after the sys.path line)
@@ -272,7 +272,9 @@ def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_sha
 def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]], budget: int, rounds: int,
                  tokens_per_step: int, n_steps: int) -> tuple[dict[str, Any], dict[str, float]]:
     """Resident vs cached (budget) in-process shards over fresh copies of one table, rounds interleaved."""
-    paths = {leg: create_table(tmp / f"{spec.name}-{leg}" / spec.name, spec).path for leg in ("resident", "cached")}
+    chunk = chunk_bytes_for_budget(spec, budget, 1)  # the planner's choice for a table beyond its shard's RAM
+    paths = {leg: create_table(tmp / f"{spec.name}-{leg}" / spec.name, spec, target_chunk_bytes=chunk).path
+             for leg in ("resident", "cached")}
     unique = {k: [np.unique(e) for e in s] for k, s in streams.items()}
     legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
             "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
@@ -325,7 +327,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
         "large_table": {"rows": large.rows, "bytes_with_state": partition_nbytes(large) * large.num_partitions,
                         "budget_bytes": large_budget, "steps": large_steps},
         "budget_bytes": budget, "oversubscription": OVERSUBSCRIPTION, "steps_per_stream": steps,
-        "cache_share_in_process": CACHE_SHARE, "tokens_per_step": tokens_per_step,
+        "cache_share_in_process": CACHE_SHARE, "row_share": ROW_SHARE, "tokens_per_step": tokens_per_step,
         "recorded_from": "forward passes (untrained)" if quick else f"a {steps}-step training run",
         "rounds": rounds, "quick": quick, "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
         "streams": {}, "large_streams": {}, "shards": {}}
@@ -349,7 +351,8 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
             _verdicts(res, floor, results["table"]["chunk_bytes"])
         for res in results["large_streams"].values():
             _verdicts(res, floor, results["large_table"]["chunk_bytes"])
-        scale_path = create_table(tmp / "grpc" / spec.name, spec).path
+        scale_path = create_table(tmp / "grpc" / spec.name, spec,
+                                  target_chunk_bytes=chunk_bytes_for_budget(spec, budget, 1)).path
         unique_model = [np.unique(e) for e in model_entries]
         for s in (1, 2, 4):
             results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique_model, s, budget, grpc_rounds)

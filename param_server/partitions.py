@@ -12,8 +12,10 @@ over), write them into a checkpoint, report bytes and counters. Rows are always 
 - `CachedTablePartitions`: at most `budget_bytes` in RAM over a writable table store, in two levels:
   a row-granular `storage.row_cache.HotRowCache` (hot rows with their optimizer state, admitted by
   access frequency; `row_share` of the budget) over a `storage.chunk_cache.CachedPartitions` of whole
-  chunks (the rest, at least one chunk; TensorStore I/O). An optimizer step updates cached rows in
-  place and the others as a compact [U, ...] block read from and written back through the caches.
+  chunks (the rest, at least one chunk of every array together; TensorStore I/O). An optimizer step
+  updates cached rows in place and the others in one read-modify-write pass over their chunks
+  (`HotRowCache.update_rows`). `chunk_bytes_for_budget` is the chunk size a planner gives a table
+  that will not fit its shards' budgets (orchestration/distributed.py).
 - `TieredPartitions`: what a shard with a RAM budget holds: the partitions that fit are resident,
   the rest go through the cache (`plan_tiers` decides). Both sub-stores obey the same contract, so
   a shard gives identical answers whichever tier a partition is in (tests/param_server/test_cached_shard.py).
@@ -32,7 +34,15 @@ import numpy as np
 from param_server.errors import ConfigError
 from param_server.optimizers import SparseOptimizer
 from storage.chunk_cache import CachedPartitions
-from storage.layout import VALUES, TableSpec, init_partition_values, numpy_dtype, state_layout, table_arrays
+from storage.layout import (
+    DEFAULT_TARGET_CHUNK_BYTES,
+    VALUES,
+    TableSpec,
+    init_partition_values,
+    numpy_dtype,
+    state_layout,
+    table_arrays,
+)
 from storage.row_cache import HotRowCache
 from storage.table_store import TableStore
 
@@ -92,6 +102,13 @@ def min_cache_bytes(store: TableStore) -> int:
     """The smallest cache budget over `store`: one chunk of its largest array (CachedPartitions' rule)."""
     layouts = table_arrays(store.spec)
     return max(store.chunk_shape(n)[1] * math.prod(layouts[n].trailing) * layouts[n].dtype.itemsize
+               for n in store.array_names)
+
+
+def chunk_set_bytes(store: TableStore) -> int:
+    """One chunk of every array together: the chunk budget below which an update pass thrashes."""
+    layouts = table_arrays(store.spec)
+    return sum(store.chunk_shape(n)[1] * math.prod(layouts[n].trailing) * layouts[n].dtype.itemsize
                for n in store.array_names)
 
 
@@ -236,7 +253,27 @@ class ResidentPartitions(TablePartitions):
         return held * per_row
 
 
-ROW_SHARE = 0.75  # share of a cached tier's budget given to the hot-row cache (bench/beyond_ram.py)
+ROW_SHARE = 0.9  # share of a cached tier's budget given to the hot-row cache (measured: bench/beyond_ram.py)
+BEYOND_RAM_CHUNK_BYTES = 512 << 10  # chunk target of a table that will not fit its shards' budgets
+
+
+def chunk_bytes_for_budget(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int) -> int:
+    """The `create_table(target_chunk_bytes=...)` for a table served by `num_shards` shards of
+    `shard_budget_bytes` each (None: unbounded): the 2 MiB default when every shard's partitions
+    fit its budget, else `BEYOND_RAM_CHUNK_BYTES`.
+
+    Why 512 KiB (docs/benchmarks.md, beyond-ram): the misses of a step are scattered rows, so
+    nearly every chunk of a cached partition is touched whatever its size (16-64 KiB chunks moved
+    as many bytes as 2 MiB ones in 10-100x more chunk ops, each ~0.6-1.3 ms to write); but the
+    chunk cache must hold one chunk of every array at once (`chunk_set_bytes`), which 2 MiB chunks
+    make a quarter of the budget. 256-512 KiB chunks leave ~93% of it to the hot-row cache.
+    """
+    if shard_budget_bytes is None:
+        return DEFAULT_TARGET_CHUNK_BYTES
+    per_shard = -(-spec.num_partitions // max(1, num_shards))
+    if partition_nbytes(spec) * per_shard <= shard_budget_bytes:
+        return DEFAULT_TARGET_CHUNK_BYTES
+    return BEYOND_RAM_CHUNK_BYTES
 # counters carried over when add/remove rebuild the caches (the chunk I/O, and its io_* counters, is kept)
 _SUMMED = ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back", "row_hits",
            "row_misses", "row_admissions", "row_evictions", "row_writebacks", "row_agings")
@@ -270,7 +307,10 @@ class CachedTablePartitions(TablePartitions):
         self._build(sorted(int(p) for p in partitions))
 
     def _build(self, partitions: list[int]) -> None:
-        chunk_bytes = max(min_cache_bytes(self.store), int(self.budget_bytes * (1 - self.row_share)))
+        # at least one chunk of every array together, so an optimizer step loads each chunk once
+        # (CachedPartitions.update_rows); less only when the budget is smaller than that
+        chunk_bytes = max(min_cache_bytes(self.store), min(chunk_set_bytes(self.store), self.budget_bytes),
+                          int(self.budget_bytes * (1 - self.row_share)))
         chunk_bytes = min(chunk_bytes, self.budget_bytes)
         io = self._cache.lower.io if hasattr(self, "_cache") else self._io  # one ChunkIO for the table's life
         lower = CachedPartitions(self.store, partitions, chunk_bytes, io=io)
@@ -292,11 +332,14 @@ class CachedTablePartitions(TablePartitions):
             optimizer.step(values, state, slots[hit], grads[hit], lr)
             rc.mark_dirty(slots[hit])
         miss = np.flatnonzero(~hit)
-        if miss.size:
-            block = rc.read_rows(rows[miss], count=False)  # {name: [k, ...]} compact copies
-            values = block.pop(VALUES)
-            optimizer.step(values, block, np.arange(miss.size), grads[miss], lr)
-            rc.write_rows(rows[miss], {VALUES: values, **block})
+        if miss.size:  # cold rows: one read-modify-write pass over their chunks, batch by batch
+            cold_grads = grads[miss]
+
+            def apply(block: dict[str, np.ndarray], pos: np.ndarray) -> None:
+                state = {n: a for n, a in block.items() if n != VALUES}
+                optimizer.step(block[VALUES], state, np.arange(pos.size), cold_grads[pos], lr)
+
+            rc.update_rows(rows[miss], apply)
 
     def _rebuild(self, partitions: Iterable[int]) -> None:
         """A cache over another partition set (the old one flushed first; its rows and chunks are dropped)."""

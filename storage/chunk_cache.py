@@ -14,7 +14,9 @@ covers them all. Requests are vectorised: rows are grouped by chunk with `np.uni
 already resident are served first (so loading a miss never evicts a chunk this request still
 needs), then the missing chunks are loaded in batches that fit the budget: the least recently used
 chunks are evicted (the dirty ones written back in one batch), the batch is read in one call, and
-rows are gathered or scattered with numpy fancy indexing. The batched I/O is `storage/chunk_io.py`:
+rows are gathered or scattered with numpy fancy indexing. `update_rows` (the cached optimizer
+step) reads, changes and writes rows in one visit per chunk, batch by batch, each batch's chunks of
+every array fitting the budget together. The batched I/O is `storage/chunk_io.py`:
 TensorStore by default (whole-chunk reads ~5x and writes ~2-3x faster than zarr-python on the same
 Zarr v3 files, measured there), zarr-python as the fallback.
 
@@ -29,7 +31,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -41,6 +43,9 @@ from storage.layout import check_partition, table_arrays
 from storage.table_store import TableStore
 
 logger = logging.getLogger(__name__)
+
+
+RowUpdate = Callable[[dict[str, np.ndarray], np.ndarray], None]  # (block {name: [k, ...]}, positions [k])
 
 
 @dataclass
@@ -160,6 +165,89 @@ class CachedPartitions:
             for name, data in checked:
                 self._visit(name, part, local, data, write=True)
             self._counters["rows_written"] += len(part)
+
+    def update_rows(self, rows: np.ndarray, update: RowUpdate) -> None:
+        """Read-modify-write unique rows in one pass over their chunks (the cached optimizer step).
+
+        rows int [N] global and unique. The rows are taken in (partition, local row) order, in
+        batches whose chunks of *every* array fit the budget together; for each batch,
+        `update(block, positions)` gets block = {name: [k, ...]} (fresh arrays of all arrays, in the
+        logical dtypes) and positions = int64 [k] indices into `rows`, changes block in place, and
+        the block is scattered back (its chunks become dirty). So a chunk is loaded once and
+        written back once per call, where a read followed by a write would load it twice when the
+        budget is smaller than the rows' chunks. A budget below one chunk of every array together
+        falls back to that read-then-write.
+        Raises (nothing changed): LayoutError for duplicate, out-of-range or foreign rows;
+        ReadOnlyTableError when the store is open read-only.
+        """
+        if self.store.read_only:
+            raise ReadOnlyTableError(f"table {self.spec.name} at {self.store.path} is open read-only")
+        part, local = self.check_rows(rows)
+        key = part * self.spec.rows_per_partition + local
+        order = np.argsort(key, kind="stable")
+        if len(order) > 1 and not (np.diff(key[order]) > 0).all():
+            raise LayoutError(f"table {self.spec.name}: update_rows got duplicate rows")
+        if len(order) == 0:
+            return
+        part, local = part[order], local[order]
+        with self._lock:
+            for lo, hi in self._batches(part, local):
+                sel = slice(lo, hi)
+                self._make_room(self._missing_bytes(part[sel], local[sel]))  # one write-back batch, not one per array
+                block = {}
+                for name in self._names:
+                    t = self._templates[name]
+                    block[name] = np.empty((hi - lo, *t.shape[1:]), dtype=t.dtype)
+                    self._visit(name, part[sel], local[sel], block[name], write=False)
+                update(block, order[sel])
+                for name in self._names:
+                    self._visit(name, part[sel], local[sel], block[name], write=True)
+            self._counters["rows_read"] += len(order)
+            self._counters["rows_written"] += len(order)
+
+    def _missing_bytes(self, part: np.ndarray, local: np.ndarray) -> int:
+        """Bytes of the chunks (of every array) that rows sorted by (partition, local) need and are
+        not held; the held ones become most recently used, so making room never evicts them."""
+        total = 0
+        for name in self._names:
+            codes = np.unique(part * self._chunks_per_partition[name] + local // self._chunk_rows[name])
+            missing = 0
+            for c in codes.tolist():
+                if (name, c) in self._chunks:
+                    self._chunks.move_to_end((name, c))
+                else:
+                    missing += 1
+            total += missing * self._chunk_rows[name] * self._row_bytes[name]
+        return total
+
+    def _batches(self, part: np.ndarray, local: np.ndarray) -> list[tuple[int, int]]:
+        """[lo, hi) spans of rows sorted by (partition, local) whose chunks of all arrays fit the budget.
+
+        A span's cost is every array's chunk of its first row plus each chunk that starts later in
+        it. One span (the whole request) when even one chunk of every array does not fit: the
+        caller then reads all, updates, writes all (the chunk cache thrashes but stays correct).
+        """
+        n = len(part)
+        new_bytes = np.zeros(n, dtype=np.int64)  # bytes of the chunks that row i is the first of
+        full = 0  # bytes of one chunk of every array
+        for name in self._names:
+            rows = self._chunk_rows[name]
+            nbytes = rows * self._row_bytes[name]
+            code = part * self._chunks_per_partition[name] + local // rows
+            first = np.ones(n, dtype=bool)
+            first[1:] = code[1:] != code[:-1]
+            new_bytes += first * nbytes
+            full += nbytes
+        if full > self.budget_bytes:
+            return [(0, n)]
+        cum = np.cumsum(new_bytes)
+        spans, lo = [], 0
+        while lo < n:  # greedy: extend while the chunks started after lo still fit next to lo's
+            hi = int(np.searchsorted(cum, cum[lo] + self.budget_bytes - full, side="right"))
+            hi = max(hi, lo + 1)
+            spans.append((lo, hi))
+            lo = hi
+        return spans
 
     def flush(self) -> None:
         """Write every dirty chunk back to the store (whole chunks); they stay cached, now clean."""

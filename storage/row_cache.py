@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.chunk_cache import CachedPartitions
+from storage.chunk_cache import CachedPartitions, RowUpdate
 from storage.errors import LayoutError, ReadOnlyTableError
 from storage.table_store import TableStore
 
@@ -174,6 +174,32 @@ class HotRowCache:
             rest = np.delete(miss, admit)
             if rest.size:
                 self.lower.write_rows(self._global(idx[rest]), {n: d[rest] for n, d in checked.items()})
+
+    def update_rows(self, rows: np.ndarray, update: RowUpdate) -> None:
+        """Read-modify-write unique global rows int [N] with `update(block, positions)` (see
+        `CachedPartitions.update_rows`): cached rows as one block in RAM (then dirty), the others
+        in one pass over their chunks below; counts nothing and admits nothing.
+        Raises (nothing changed): LayoutError for duplicate, out-of-range or foreign rows;
+        ReadOnlyTableError when the store is open read-only.
+        """
+        if self.lower.store.read_only:
+            raise ReadOnlyTableError(f"table {self.spec.name} at {self.lower.store.path} is open read-only")
+        idx = self._index(rows)
+        if len(np.unique(idx)) != len(idx):
+            raise LayoutError(f"table {self.spec.name}: update_rows got duplicate rows")
+        with self._lock:
+            slot = self._slot_of[idx] if self.capacity else np.full(len(idx), -1, np.int32)
+            hit = np.flatnonzero(slot >= 0)
+            if hit.size:
+                s = slot[hit]
+                block = {n: a[s] for n, a in self.arrays.items()}
+                update(block, hit)
+                for n, a in self.arrays.items():
+                    a[s] = block[n]
+                self._dirty[s] = True
+            miss = np.flatnonzero(slot < 0)
+            if miss.size:
+                self.lower.update_rows(self._global(idx[miss]), lambda block, pos: update(block, miss[pos]))
 
     def slots(self, rows: np.ndarray) -> np.ndarray:
         """Slot of each global row int [N] -> int64 [N] (-1: not cached); counts nothing."""

@@ -20,9 +20,15 @@ from hypothesis import strategies as st
 
 from param_server.errors import ConfigError, WrongShardError
 from param_server.optimizers import SparseOptimizerConfig, make_optimizer
-from param_server.partitions import CachedTablePartitions, partition_nbytes
+from param_server.partitions import (
+    BEYOND_RAM_CHUNK_BYTES,
+    CachedTablePartitions,
+    chunk_bytes_for_budget,
+    chunk_set_bytes,
+    partition_nbytes,
+)
 from param_server.shard import Shard, ShardConfig
-from storage.layout import TableSpec
+from storage.layout import DEFAULT_TARGET_CHUNK_BYTES, TableSpec
 from storage.table_store import create_table, open_table
 
 ROWS, DIM, NP, H, E = 203, 8, 4, 2, 3
@@ -282,3 +288,24 @@ def test_hot_rows_are_updated_in_the_row_cache_and_counted_in_its_metrics(tmp_pa
     parts.flush()
     assert parts.metrics()["row_dirty"] == 0
     assert (open_table(path).read_rows(1, hot[:1] // NP)["step"] == 3).all()  # row 5: partition 1, 3 AdamW steps
+
+
+def test_a_step_on_cold_rows_loads_each_of_their_chunks_once(tmp_path):
+    spec, path = _table(tmp_path)
+    store = open_table(path, "r+")
+    chunk_set = chunk_set_bytes(store)  # one chunk of every array: the smallest budget for one pass
+    parts = CachedTablePartitions(store, range(NP), chunk_set, row_share=0)
+    rows = np.arange(0, ROWS, 3)  # scattered over every chunk of every partition
+    chunks = sum(len({(r % NP, r // NP // store.chunk_shape(n)[1]) for r in rows.tolist()}) for n in store.array_names)
+    parts.step(make_optimizer(SparseOptimizerConfig.from_spec(spec)), rows, np.ones((rows.size, DIM), np.float32), 0.1)
+    m = parts.metrics()
+    assert m["row_capacity"] == 0 and m["misses"] == chunks  # read, updated and written in one visit each
+    assert m["cache_bytes"] <= chunk_set
+
+
+def test_tables_beyond_their_shards_budget_get_smaller_chunks():
+    spec = TableSpec(name="t", rows=1 << 16, dim=128, num_partitions=16)
+    table = partition_nbytes(spec) * spec.num_partitions
+    assert chunk_bytes_for_budget(spec, None, 2) == DEFAULT_TARGET_CHUNK_BYTES
+    assert chunk_bytes_for_budget(spec, table // 2, 2) == DEFAULT_TARGET_CHUNK_BYTES  # fits: 8 partitions each
+    assert chunk_bytes_for_budget(spec, table // 8, 2) == BEYOND_RAM_CHUNK_BYTES < DEFAULT_TARGET_CHUNK_BYTES

@@ -86,14 +86,30 @@ _op = st.one_of(
               st.sampled_from([None, ("values",), ("exp_avg_sq", "step"), ("step", "values")])),
     st.tuples(st.just("write"), st.lists(st.integers(0, 10**6), min_size=1, max_size=30, unique=True),
               st.sampled_from([None, ("values",), ("exp_avg", "step")])),
+    st.tuples(st.just("update"), st.lists(st.integers(0, 10**6), min_size=1, max_size=30, unique=True),
+              st.just(None)),
     st.tuples(st.just("flush"), st.just([]), st.just(None)),
 )
+
+
+def _update(cache, oracle, rows: np.ndarray, rng: np.random.Generator) -> None:
+    """update_rows with new random data per row; checks each block it is handed against the oracle."""
+    new = _random_arrays(oracle, len(rows), rng)
+
+    def update(block, pos):
+        for name, a in block.items():
+            assert np.array_equal(_bits(a), _bits(oracle[name][rows[pos]])), name
+            a[...] = new[name][pos]
+
+    cache.update_rows(rows, update)
+    for name, a in new.items():
+        oracle[name][rows] = a
 
 
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(_op, min_size=1, max_size=25), dtype=st.sampled_from(["float32", "bfloat16"]),
-       budget_chunks=st.integers(1, 4), seed=st.integers(0, 2**16))
+       budget_chunks=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_cached_reads_and_writes_match_a_resident_oracle(ops, dtype, budget_chunks, seed):
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +118,7 @@ def test_cached_reads_and_writes_match_a_resident_oracle(ops, dtype, budget_chun
         owned = _owned_rows(store.spec)
         largest = max(np.prod(store.chunk_shape(n)) * oracle[n].dtype.itemsize for n in store.array_names)
         cache = CachedPartitions(store, OWNED, budget_bytes=int(budget_chunks * largest))
+        chunk_set = sum(np.prod(store.chunk_shape(n)) * oracle[n].dtype.itemsize for n in store.array_names)
         accesses = 0
         for kind, picks, names in ops:
             rows = owned[np.asarray(picks, dtype=np.int64) % len(owned)] if picks else np.empty(0, np.int64)
@@ -120,6 +137,14 @@ def test_cached_reads_and_writes_match_a_resident_oracle(ops, dtype, budget_chun
                 for name, a in data.items():
                     oracle[name][rows] = a
                 accesses += _accesses(cache, rows, data)
+            elif kind == "update":
+                rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]
+                misses = cache.metrics()["misses"]
+                _update(cache, oracle, rows, rng)
+                m = cache.metrics()
+                if cache.budget_bytes >= chunk_set:  # each chunk loaded at most once per update
+                    assert m["misses"] - misses <= _accesses(cache, rows, store.array_names)
+                accesses = m["hits"] + m["misses"]
             else:
                 cache.flush()
                 assert cache.metrics()["dirty_chunks"] == 0

@@ -21,7 +21,16 @@ from hypothesis import strategies as st
 from storage import LayoutError, ReadOnlyTableError, create_table, open_table
 from storage.chunk_cache import CachedPartitions
 from storage.row_cache import INDEX_BYTES_PER_ROW, SLOT_OVERHEAD_BYTES, HotRowCache
-from tests.storage.test_chunk_cache import OWNED, SMALL_CHUNKS, _bits, _oracle, _owned_rows, _random_arrays, _spec
+from tests.storage.test_chunk_cache import (
+    OWNED,
+    SMALL_CHUNKS,
+    _bits,
+    _oracle,
+    _owned_rows,
+    _random_arrays,
+    _spec,
+    _update,
+)
 
 
 def _cache(store, rows: int, chunks: int = 1, **kw) -> HotRowCache:
@@ -42,6 +51,8 @@ _op = st.one_of(
     st.tuples(st.just("write"), st.lists(st.integers(0, 10**6), min_size=1, max_size=20, unique=True),
               st.sampled_from([None, ("values",), ("exp_avg", "step")]), st.just(False)),
     st.tuples(st.just("update_in_place"), st.lists(st.integers(0, 10**6), min_size=1, max_size=20, unique=True),
+              st.just(None), st.just(False)),
+    st.tuples(st.just("update"), st.lists(st.integers(0, 10**6), min_size=1, max_size=20, unique=True),
               st.just(None), st.just(False)),
     st.tuples(st.just("flush"), st.just([]), st.just(None), st.just(False)),
     st.tuples(st.just("hot"), st.lists(st.integers(0, 10**6), min_size=1, max_size=6),  # becomes frequent
@@ -84,6 +95,8 @@ def test_row_cache_reads_and_writes_match_a_resident_oracle(ops, dtype, capacity
                     cache.arrays["values"][held] = new.astype(oracle["values"].dtype)
                     cache.mark_dirty(held)
                     oracle["values"][rows[slots >= 0]] = new.astype(oracle["values"].dtype)
+            elif kind == "update":  # the cached tier's optimizer step on rows that may or may not be cached
+                _update(cache, oracle, np.unique(rows)[rng.permutation(len(np.unique(rows)))], rng)
             else:
                 cache.flush()
                 assert cache.metrics()["row_dirty"] == 0 and cache.lower.metrics()["dirty_chunks"] == 0
