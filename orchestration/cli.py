@@ -164,6 +164,8 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     quality.add_argument("--seeds", default="1,2,3")
     quality.add_argument("--config", default=None)
     quality.add_argument("--out", default=None)
+    quality.add_argument("--sweep", action="append", default=None,
+                         help="axis=v1,v2,... (num_keys, tokens): one compute-matched experiment per point; repeatable")
 
     report = sub.add_parser("report", help="PNG plots and a summary table for a run")
     report.add_argument("run_dir")

@@ -4,7 +4,11 @@ RUN_DIR is either a quality experiment (`experiment.json` + `<variant>/seed-<s>/
 see orchestration/experiment.py) or a single training run (`metrics.jsonl`). Experiment: writes
 `summary.json`, `summary.md` (the table: val loss / bits per byte mean ± std over seeds, FLOPs and
 parameters, memory diagnostics), `val_curves.png` and `memory.png` (coverage, KL to uniform, top-1
-score over training). Single run: `curves.png` (train and validation loss) and a printed summary.
+score over training). A sweep (`sweep.json` + one experiment directory per point): each point's
+report, then `sweep.md` / `sweep.json` (a row per point and variant: val loss, the paired difference
+to dense on the same seeds, sparse and dense parameters, FLOPs) and `sweep.png` (val loss, and its
+difference to dense, against the variant's sparse parameters). Single run: `curves.png` (train and
+validation loss) and a printed summary.
 """
 
 from __future__ import annotations
@@ -78,10 +82,12 @@ def _load_experiment(out: Path) -> tuple[list[Any], list[dict[str, Any]]]:
 
 
 def write_report(out: str | Path) -> list[dict[str, Any]]:
-    """Summary table + plots of an experiment directory; returns the summary rows."""
+    """Summary table + plots of an experiment (or sweep) directory; returns the summary (or sweep) rows."""
     from orchestration import experiment as ex
 
     out = Path(out)
+    if (out / ex.SWEEP).is_file():
+        return write_sweep_report(out)
     variants, results = _load_experiment(out)
     rows = ex.summarize(results, variants)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
@@ -90,6 +96,94 @@ def write_report(out: str | Path) -> list[dict[str, Any]]:
         plot_curves(results, out / "val_curves.png")
         plot_memory(results, out / "memory.png")
     return rows
+
+
+def write_sweep_report(out: Path) -> list[dict[str, Any]]:
+    """Every point's report, then `sweep.json`, `sweep.md` and `sweep.png`; returns the sweep rows.
+
+    Row: point, values ({axis: value}), variant, seeds, val_loss (± std), delta_dense (± std: val loss
+    minus dense's on the same seed, averaged over shared seeds), params, flops_per_token, wall_s.
+    """
+    from orchestration import experiment as ex
+
+    sweep = json.loads((out / ex.SWEEP).read_text())
+    rows = []
+    for point in sweep["points"]:
+        where = out / point["name"]
+        if not (where / "experiment.json").is_file():
+            continue  # not planned yet
+        variants, results = _load_experiment(where)
+        for r in ex.summarize(results, variants):
+            if r["variant"] == "dense":
+                r = {**r, "delta_dense": 0.0, "delta_dense_std": 0.0}
+            else:
+                delta, std, n = ex.paired_delta(results, r["variant"])
+                r = {**r, "delta_dense": delta if n else None, "delta_dense_std": std if n else None}
+            rows.append({"point": point["name"], "values": point["values"], **r})
+        write_report(where)
+    (out / "sweep_summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "sweep.md").write_text(format_sweep(rows) + "\n")
+    if rows:
+        plot_sweep(rows, out / "sweep.png", by_tokens=not any(a == "num_keys" for a, _ in sweep["axes"]))
+    return rows
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `write_sweep_report` rows (one per point and variant)."""
+    head = ("| point | variant | seeds | val loss (mean ± std) | − dense (paired) | sparse params | dense params | "
+            "sparse/dense | MFLOPs/token | wall s |")
+    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+    for r in rows:
+        p = r["params"]
+        delta = ("-" if r["variant"] == "dense" or r.get("delta_dense") is None
+                 else f"{r['delta_dense']:+.4f} ± {r['delta_dense_std']:.4f}")
+        lines.append(
+            f"| {r['point']} | {r['variant']} | {len(r['seeds'])} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
+            f"{delta} | {p['sparse'] / 1e6:.3f}M | {p['dense'] / 1e6:.3f}M | {p['sparse'] / p['dense']:.2f} | "
+            f"{r['flops_per_token'] / 1e6:.3f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path, *, by_tokens: bool = False) -> None:
+    """Val loss (left) and val loss − dense (right, paired by seed) per variant across the sweep points.
+
+    x = the variant's own sparse (value-table) parameters; a variant without a memory (dense, MoE) is
+    drawn at the x of UltraMem at the same point (it is compute-matched to that UltraMem). A
+    tokens-only sweep uses training tokens as x.
+    """
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+
+    def x_of(r: dict[str, Any]) -> float:
+        if by_tokens:
+            return r["values"].get("tokens", 0) / 1e6
+        if r["params"]["sparse"]:
+            return r["params"]["sparse"]
+        same = [o["params"]["sparse"] for o in rows if o["point"] == r["point"] and o["variant"] == "ultramem"]
+        return same[0] if same else max(o["params"]["sparse"] for o in rows if o["point"] == r["point"]) or 1
+
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = sorted((r for r in rows if r["variant"] == name), key=x_of)
+        x = [x_of(r) for r in rs]
+        style = {"color": _color(name), "marker": "o", "capsize": 3, "label": name,
+                 "ls": "--" if not rs[0]["params"]["sparse"] else "-"}
+        left.errorbar(x, [r["val_loss"] for r in rs], yerr=[r["val_loss_std"] for r in rs], **style)
+        if name != "dense" and all(r.get("delta_dense") is not None for r in rs):
+            right.errorbar(x, [r["delta_dense"] for r in rs], yerr=[r["delta_dense_std"] for r in rs], **style)
+    right.axhline(0, color="k", lw=1)
+    for ax in (left, right):
+        if not by_tokens:
+            ax.set_xscale("log")
+        ax.set_xlabel("training tokens (M)" if by_tokens else "sparse (value-table) parameters of the variant")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_ylabel("validation loss (nats/token)")
+    left.set_title("Val loss at equal compute (mean ± std; dense at UltraMem's x)")
+    right.set_ylabel("val loss − dense, same seed (below 0: beats dense)")
+    right.set_title("Difference to the compute-matched dense model (mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
@@ -179,6 +273,11 @@ def _single_run(run: Path) -> int:
 def report(args: argparse.Namespace) -> int:
     """PNG plots + a summary table for an experiment directory or a training run directory."""
     run = Path(args.run_dir)
+    if (run / "sweep.json").is_file():
+        rows = write_report(run)
+        print(format_sweep(rows))
+        print(f"plot: {run / 'sweep.png'}; per point: {run}/<point>/summary.md")
+        return 0
     if (run / "experiment.json").is_file():
         rows = write_report(run)
         print(format_table(rows))

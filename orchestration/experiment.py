@@ -22,11 +22,16 @@ and leaves `result.json` last, so a rerun skips finished runs (resume). Seeds se
 (`model.init_seed`) and the data order (`train.seed`): variants with one seed see the same batches.
 FLOPs are counted analytically (`flops_per_token`, multiply-adds x 2, forward only; top-k and
 softmax are not counted), parameters by instantiating the model.
+
+A `[sweep]` table (`sweep_points`, CLI form `parse_sweep`) makes a grid of whole experiments, one
+per point (`num_keys`: the memory size, P = K^2 rows per layer; `tokens`: the budget), each
+compute-matched to its own UltraMem; `paired_delta` compares two variants on the seeds they share.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -60,6 +65,7 @@ class ExperimentConfig:
     flops_tolerance: float = 0.05  # |FLOPs/token of a variant / UltraMem's - 1| allowed
     moe_experts: int = 0  # 0 = choose N so MoE's total parameters match UltraMem's
     threads: int = 0  # torch threads per run; 0 = torch's default
+    sweep: tuple[tuple[str, tuple[int, ...]], ...] = ()  # [sweep] axes: the grid of sub-experiments
 
     def __post_init__(self) -> None:
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -69,6 +75,7 @@ class ExperimentConfig:
             raise ConfigError("experiment.seeds must be a non-empty list of integers >= 0")
         if self.tokens <= 0 or not 0 < self.flops_tolerance < 1 or self.moe_experts < 0 or self.threads < 0:
             raise ConfigError("experiment: need tokens > 0, 0 < flops_tolerance < 1, moe_experts >= 0, threads >= 0")
+        _check_sweep(self.sweep)
 
     def run_config(self) -> RunConfig:
         """The shared backbone as a validated RunConfig."""
@@ -86,16 +93,86 @@ def load_experiment(path: str | Path | None = None, *, quick: bool = False) -> E
         path = PRESET_DIR / ("quality_quick.toml" if quick else "quality.toml")
     data = read_config_file(path)
     exp = dict(data.pop("experiment", {}))
-    known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"base"}
+    sweep = data.pop("sweep", {})
+    if not isinstance(sweep, dict):
+        raise ConfigError("[sweep] must be a table of axis = [values]")
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"base", "sweep"}
     unknown = sorted(set(exp) - known)
     if unknown:
         raise ConfigError(f"unknown key experiment.{unknown[0]}; valid: {', '.join(sorted(known))}")
     for key in ("variants", "seeds"):
         if key in exp:
             exp[key] = tuple(exp[key])
+    exp["sweep"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sweep.items())
     cfg = ExperimentConfig(base=data, **exp)
     cfg.run_config()  # fail early on a bad backbone
+    sweep_points(cfg)  # ... and on a sweep point the backbone cannot take (topk > num_keys)
     return cfg
+
+
+# ----------------------------------------------------------------------------------- sweep
+
+# axis -> what it sets: num_keys = model.memory.num_keys (P = K^2 physical rows per memory layer;
+# PKM and no_split grow with it as K*sqrt(layers)); tokens = experiment.tokens (the budget)
+SWEEP_AXES = ("num_keys", "tokens")
+SWEEP = "sweep.json"
+
+
+def _check_sweep(axes: Any) -> None:
+    """ConfigError unless `axes` is ((name, (int > 0, ...)), ...) with known, distinct names."""
+    names = [a[0] for a in axes] if isinstance(axes, tuple) else []
+    for axis in axes:
+        name, values = axis if isinstance(axis, tuple) and len(axis) == 2 else (None, None)
+        if name not in SWEEP_AXES:
+            raise ConfigError(f"sweep: unknown axis {name!r}; choose from {', '.join(SWEEP_AXES)}")
+        if (not isinstance(values, tuple) or not values
+                or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values)):
+            raise ConfigError(f"sweep.{name} must be a non-empty list of integers > 0, got {values!r}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"sweep.{name} repeats a value: {list(values)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep: axis given twice in {names}")
+
+
+def parse_sweep(items: Iterable[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """CLI form of [sweep]: ["num_keys=32,64", "tokens=307200"] -> (("num_keys", (32, 64)), ("tokens", (307200,)))."""
+    axes = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        try:
+            values = tuple(int(v.replace("_", "")) for v in raw.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--sweep expects axis=int,int,..., got {item!r}") from None
+        if not sep:
+            raise ConfigError(f"--sweep expects axis=int,int,..., got {item!r}")
+        axes.append((name.strip(), values))
+    out = tuple(axes)
+    _check_sweep(out)
+    return out
+
+
+def sweep_points(exp: ExperimentConfig) -> list[tuple[str, dict[str, int], ExperimentConfig]]:
+    """The grid of `exp.sweep`: (name "num_keys-32_tokens-614400", {axis: value}, its experiment); [] if none.
+
+    Each point is a whole experiment (all variants compute-matched to that point's UltraMem), so
+    FLOPs/token rise with K (key scoring) and every variant's dense width rises with them.
+    """
+    if not exp.sweep:
+        return []
+    names = [name for name, _ in exp.sweep]
+    out = []
+    for combo in itertools.product(*(values for _, values in exp.sweep)):
+        point = dict(zip(names, combo))
+        base, tokens = exp.base, point.get("tokens", exp.tokens)
+        if "num_keys" in point:
+            base = merge(base, {"model": {"memory": {"num_keys": point["num_keys"]}}})
+        sub = dataclasses.replace(exp, base=base, tokens=tokens, sweep=())
+        try:
+            sub.run_config()
+        except ConfigError as err:
+            raise ConfigError(f"sweep point {point}: {err}") from None
+        out.append(("_".join(f"{k}-{v}" for k, v in point.items()), point, sub))
+    return out
 
 
 # ----------------------------------------------------------------------------------- variants
@@ -372,3 +449,12 @@ def summarize(results: Iterable[dict[str, Any]], variants: Iterable[Variant]) ->
             "dead_rows": float(np.mean(dead)) if dead else None, **diag,
         })
     return rows
+
+
+def paired_delta(results: Iterable[dict[str, Any]], variant: str, ref: str = "dense") -> tuple[float, float, int]:
+    """val loss of `variant` minus `ref`'s on the same seed: (mean, std ddof=1, seeds); nan if no shared seed."""
+    loss: dict[tuple[str, int], float] = {(r["variant"], r["seed"]): r["val_loss"] for r in results}
+    diffs = [loss[(variant, s)] - loss[(ref, s)] for (v, s) in loss if v == variant and (ref, s) in loss]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0, len(diffs)
