@@ -174,15 +174,21 @@ sys.exit(rc)
 """
 
 
-@pytest.mark.slow
-def test_planning_tables_larger_than_ram_allocates_none_of_them():
-    # P = 1448^2 = 2.1M rows x 128 floats: 1 GiB of values (+2 GiB state) if anything allocated them
+def _plan_peak_mib(num_keys: int) -> tuple[dict, int]:
     out = subprocess.run([sys.executable, "-c", _NO_ALLOCATION, "plan", "--preset", "small", "--json",
-                          "--set", "model.memory.num_keys=1448", "--set", "model.memory.num_partitions=64"],
+                          "--set", f"model.memory.num_keys={num_keys}", "--set", "model.memory.num_partitions=64"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["tables"][0]["table_bytes"] > 3 << 30
-    peak_mib = int(out.stderr.strip().splitlines()[-1])
-    # torch alone is ~320 MiB and the import set grows over time (837 MiB seen with Ray Serve
-    # installed); what matters is that none of the 3 GiB of tables was allocated
-    assert peak_mib < 1536
+    return json.loads(out.stdout), int(out.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_planning_tables_larger_than_ram_allocates_none_of_them():
+    # P = 1448^2 = 2.1M rows x 128 floats: 1 GiB of values (+2 GiB state) if anything allocated them.
+    # Compared with planning a tiny table in the same environment: the absolute peak depends on the
+    # import set and on what earlier tests left in the environment (seen: 330 MiB alone, 1.5 GiB
+    # inside the suite), the difference only on what planning allocates
+    plan, big = _plan_peak_mib(1448)
+    assert plan["tables"][0]["table_bytes"] > 3 << 30
+    _, tiny = _plan_peak_mib(8)
+    assert big - tiny < 256, (big, tiny)

@@ -242,7 +242,8 @@ def test_handoff_moves_a_partition_without_losing_or_repeating_an_update(tmp_pat
         reference.push(spec.name, 0, 2, 1, 0.1, moved, grads[: moved.size])
         assert src.owned_partitions(spec.name) == [0] and dst.owned_partitions(spec.name) == [1, 2, 3]
         mine = rows[rows % NP != 0]
-        np.testing.assert_array_equal(dst.gather(spec.name, mine, min_step=1), reference.gather(spec.name, mine))
+        np.testing.assert_array_equal(dst.gather(spec.name, mine, min_step=1),
+                                      reference.gather(spec.name, mine, min_step=1))  # both pushes applied
         with pytest.raises(WrongShardError):
             src.gather(spec.name, moved)
     finally:
