@@ -9,6 +9,13 @@ expensive, so candidates come from the rank-1 shortcut: u, v = leading singular 
 top-m of S_row·u and of S_col·v, then the exact m x m grid is rescored and its top-m kept. The filter
 is exact for rank-1 cores with non-negative filter scores; otherwise `recall` measures how close it is.
 
+The signed filter (`signed=True`, `MemoryConfig.tdqkr_filter = "signed"`, not in the paper): with
+signed scores a rank-1 core σ·u·vᵀ scores slot (i, j) as σ·f_row[i]·f_col[j], so the best slots come
+from two large positive *or two large negative* filter scores; the top-m filter never sees the
+second kind (recall ~0.5 in training, docs/quality.md). It keeps the top-m and the bottom-m of each
+side (2m candidates, all n when 2m >= n) and rescores the 2m x 2m grid exactly: exact for rank-1
+cores of either sign whenever at least m of the grid's products are positive, at 4x the grid cost.
+
 Decoding (`tdqkr_topk_decode`, eval without autograd, shared query) never builds S_row, S_col: since
 S·u = q·(K·u), the filter scores are one matmul against keys with u folded in (`DecodeKeys`, cached by
 the layer between steps), and only the m candidates' rank scores are computed. Same arithmetic in
@@ -88,20 +95,44 @@ def _gather_side(scores: Tensor, index: Tensor) -> Tensor:
     return scores.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, scores.shape[-1]))
 
 
+def filter_candidates(f: Tensor, m: int, signed: bool = False) -> Tensor:
+    """Candidate sub-keys of one side from its filter scores f [T, H, n] -> index int64 [T, H, c].
+
+    top (signed=False): the m largest, c = m, best first. signed: the m largest, then the m smallest
+    (c = 2m, disjoint even under ties), or every sub-key (c = n, descending) when 2m >= n.
+    """
+    if not signed:
+        return f.topk(m, dim=-1).indices
+    n = f.shape[-1]
+    if 2 * m >= n:
+        return f.argsort(dim=-1, descending=True)
+    top = f.topk(m, dim=-1).indices
+    rest = f.scatter(-1, top, float("inf"))  # the top-m can no longer be among the smallest
+    return torch.cat([top, rest.topk(m, dim=-1, largest=False).indices], dim=-1)
+
+
+def _grid_winners(grid: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """grid [T, H, c_row, c_col] -> positions (row, col) [T, H, m] of its top-m cells, best first."""
+    best = grid.flatten(2).topk(m, dim=-1).indices  # (T, H, m) into the flattened grid
+    c_col = grid.shape[-1]
+    return best // c_col, best % c_col
+
+
 def core_scores(a: Tensor, b: Tensor, cores: Tensor) -> Tensor:
     """Per-core bilinear scores of paired rows: a, b [T, H, m, r], cores [h, H, r, r] -> s_c [T, H, m, h]."""
     return torch.einsum("thjr,chrs,thjs->thjc", a, cores, b)
 
 
 def tdqkr_topk(
-    s_row: Tensor, s_col: Tensor, cores: Tensor, u: Tensor, v: Tensor, m: int
+    s_row: Tensor, s_col: Tensor, cores: Tensor, u: Tensor, v: Tensor, m: int, *, signed: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """TDQKR top-m: rank-1 filter, exact m x m rescoring, final top-m.
+    """TDQKR top-m: rank-1 filter, exact c x c rescoring (c = m, or 2m when signed), final top-m.
 
     Args:
         s_row, s_col: per-rank scores [T, H, n_row, r], [T, H, n_col, r].
         cores: [h, H, r, r]; u, v: filter vectors [H, r] (detached buffers).
         m: top-m per head (<= n_row, n_col).
+        signed: keep the bottom-m of the filter scores too (`filter_candidates`, module docstring).
     Returns:
         virtual_index int64 [T, H, m] (= i_row * n_col + i_col, best first) and per-core scores
         s_c [T, H, m, h], differentiable w.r.t. s_row, s_col and cores; sum over c is the exact G.
@@ -111,14 +142,14 @@ def tdqkr_topk(
         sr, sc = s_row.detach(), s_col.detach()
         f_row = torch.einsum("thnr,hr->thn", sr, u.to(sr.dtype))  # (T, H, n_row)
         f_col = torch.einsum("thnr,hr->thn", sc, v.to(sc.dtype))
-        i_row = f_row.topk(m, dim=-1).indices  # (T, H, m)
-        i_col = f_col.topk(m, dim=-1).indices
-        a, b = _gather_side(sr, i_row), _gather_side(sc, i_col)  # (T, H, m, r)
+        i_row = filter_candidates(f_row, m, signed)  # (T, H, c_row)
+        i_col = filter_candidates(f_col, m, signed)
+        a, b = _gather_side(sr, i_row), _gather_side(sc, i_col)  # (T, H, c, r)
         summed = cores.detach().to(sr.dtype).sum(0)  # (H, r, r)
-        grid = torch.einsum("thir,hrs,thjs->thij", a, summed, b)  # (T, H, m, m)
-        best = grid.flatten(2).topk(m, dim=-1).indices  # (T, H, m) into the m*m grid
-        win_row = i_row.gather(2, best // m)  # (T, H, m) virtual row sub-key
-        win_col = i_col.gather(2, best % m)
+        grid = torch.einsum("thir,hrs,thjs->thij", a, summed, b)  # (T, H, c_row, c_col)
+        pick_row, pick_col = _grid_winners(grid, m)  # (T, H, m) positions in the candidate lists
+        win_row = i_row.gather(2, pick_row)  # (T, H, m) virtual row sub-key
+        win_col = i_col.gather(2, pick_col)
     scores = core_scores(_gather_side(s_row, win_row), _gather_side(s_col, win_col), cores.to(s_row.dtype))
     return win_row * n_col + win_col, scores
 
@@ -138,29 +169,29 @@ class DecodeKeys:
         return cls(folded.contiguous(), keys.permute(0, 1, 3, 2).contiguous())
 
 
-def _candidates(query: Tensor, side: DecodeKeys, m: int) -> tuple[Tensor, Tensor]:
-    """query [T, d_k] -> top-m filter indices [T, H, m] and their rank scores [T, H, m, r]."""
+def _candidates(query: Tensor, side: DecodeKeys, m: int, signed: bool) -> tuple[Tensor, Tensor]:
+    """query [T, d_k] -> filter candidates [T, H, c] (`filter_candidates`) and their rank scores [T, H, c, r]."""
     heads, n = side.keys.shape[:2]
     t, d_k = query.shape
-    index = (query @ side.filter).view(t, heads, n).topk(m, dim=-1).indices  # (T, H, m)
-    picked = side.keys[torch.arange(heads, device=index.device).view(1, heads, 1), index]  # (T, H, m, r, d_k)
-    return index, (picked @ query.view(t, 1, 1, d_k, 1)).squeeze(-1)  # (T, H, m, r)
+    index = filter_candidates((query @ side.filter).view(t, heads, n), m, signed)  # (T, H, c)
+    picked = side.keys[torch.arange(heads, device=index.device).view(1, heads, 1), index]  # (T, H, c, r, d_k)
+    return index, (picked @ query.view(t, 1, 1, d_k, 1)).squeeze(-1)  # (T, H, c, r)
 
 
 def tdqkr_topk_decode(q_row: Tensor, q_col: Tensor, row: DecodeKeys, col: DecodeKeys, cores: Tensor,
-                      m: int) -> tuple[Tensor, Tensor]:
+                      m: int, *, signed: bool = False) -> tuple[Tensor, Tensor]:
     """`tdqkr_topk` for a shared query without autograd, from the queries instead of S_row, S_col.
 
-    q_row, q_col [T, d_k]; row, col: DecodeKeys; cores [h, H, r, r] -> virtual_index int64
-    [T, H, m] and s_c [T, H, m, h] (tdqkr_topk on rank_scores, to float rounding; module docstring).
+    q_row, q_col [T, d_k]; row, col: DecodeKeys; cores [h, H, r, r]; signed as in tdqkr_topk ->
+    virtual_index int64 [T, H, m] and s_c [T, H, m, h] (tdqkr_topk on rank_scores, to float
+    rounding; module docstring).
     """
     n_col = col.keys.shape[1]
-    i_row, a = _candidates(q_row, row, m)  # (T, H, m), (T, H, m, r)
-    i_col, b = _candidates(q_col, col, m)
+    i_row, a = _candidates(q_row, row, m, signed)  # (T, H, c_row), (T, H, c_row, r)
+    i_col, b = _candidates(q_col, col, m, signed)
     cores = cores.detach().to(a.dtype)
-    grid = torch.einsum("thir,hrs,thjs->thij", a, cores.sum(0), b)  # (T, H, m, m)
-    best = grid.flatten(2).topk(m, dim=-1).indices  # (T, H, m) into the m*m grid
-    pick_row, pick_col = best // m, best % m
+    grid = torch.einsum("thir,hrs,thjs->thij", a, cores.sum(0), b)  # (T, H, c_row, c_col)
+    pick_row, pick_col = _grid_winners(grid, m)
     scores = core_scores(_gather_side(a, pick_row), _gather_side(b, pick_col), cores)  # (T, H, m, h)
     return i_row.gather(2, pick_row) * n_col + i_col.gather(2, pick_col), scores
 

@@ -94,6 +94,10 @@ class MemoryConfig:
     query_stats_momentum: float = 0.1  # EMA weight of each training batch in the running statistics
     expansion: int = 4  # E virtual values per physical row (IVE); 1 = off
     tucker_rank: int = 2  # r of TDQKR; 0 = additive product keys (PKM), 1 = rank-1 Tucker
+    # TDQKR candidates per side: "top" = top-m of the rank-1 filter (the paper); "signed" = top-m and
+    # bottom-m, 2m x 2m rescoring (tdqkr.filter_candidates; finds the slots whose two sub-key scores
+    # are both large negative, which "top" misses: docs/quality.md)
+    tdqkr_filter: Literal["top", "signed"] = "top"
     cores: int = 2  # h cores of MCS; 1 = off; needs tucker_rank >= 1 when > 1
     improved_init: bool = True  # values σ² = E/(2·m·H·L) (paper) instead of std d_v^-0.5
     aux_loss_alpha: float = 0.0  # Tucker aux loss weight (paper 0.001); 0 = off
@@ -155,6 +159,12 @@ class MemoryConfig:
             raise ModelConfigError("memory.value_weight_decay and memory.recall_sample_tokens must be >= 0")
         if self.query_norm not in ("none", "batchnorm", "whiten"):
             raise ModelConfigError(f"memory.query_norm must be none, batchnorm or whiten, got {self.query_norm!r}")
+        if self.tdqkr_filter not in ("top", "signed"):
+            raise ModelConfigError(f"memory.tdqkr_filter must be 'top' or 'signed', got {self.tdqkr_filter!r}")
+        if self.tdqkr_filter == "signed" and self.tucker_rank == 0:
+            raise ModelConfigError(
+                "memory.tdqkr_filter='signed' needs memory.tucker_rank >= 1 (additive keys have no filter)"
+            )
         if self.lookup not in ("rows", "pooled"):
             raise ModelConfigError(f"memory.lookup must be 'rows' or 'pooled', got {self.lookup!r}")
         parse_placement(self.placement)
@@ -331,7 +341,8 @@ class MemoryLayer(EvalCached):
             scores = scores.unsqueeze(-1)  # (N, H, m, 1)
         else:
             t = self.tucker
-            virtual, scores = tdqkr_topk(s_row, s_col, t.cores, t.filter_u, t.filter_v, m)
+            virtual, scores = tdqkr_topk(s_row, s_col, t.cores, t.filter_u, t.filter_v, m,
+                                         signed=self.cfg.tdqkr_filter == "signed")
         if self.cfg.softmax:
             scores = torch.softmax(scores.float(), dim=2).to(scores.dtype)
         return virtual, scores
@@ -354,7 +365,8 @@ class MemoryLayer(EvalCached):
                                   lambda: DecodeKeys.make(self._normed(self.keys_row, dtype), t.filter_u))
         col = self.eval_cache.get(("decode", "col", dtype), (self.keys_col, t.filter_v),
                                   lambda: DecodeKeys.make(self._normed(self.keys_col, dtype), t.filter_v))
-        virtual, scores = tdqkr_topk_decode(q_row[:, 0], q_col[:, 0], row, col, t.cores, self.cfg.topk)
+        virtual, scores = tdqkr_topk_decode(q_row[:, 0], q_col[:, 0], row, col, t.cores, self.cfg.topk,
+                                            signed=self.cfg.tdqkr_filter == "signed")
         if self.cfg.softmax:
             scores = torch.softmax(scores.float(), dim=2).to(scores.dtype)
         return virtual, scores

@@ -36,11 +36,16 @@ def _layer_mean(memory: dict[str, float], key: str) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _color(name: str) -> str:
+def _color(name: str) -> Any:
     """One colour per variant, the same in every plot."""
     from orchestration.experiment import VARIANTS
 
-    return f"C{VARIANTS.index(name) % 10}" if name in VARIANTS else "k"
+    if name not in VARIANTS:
+        return "k"
+    from matplotlib import colormaps
+
+    i = VARIANTS.index(name) % 20  # the dark tab20 colours first, then the light ones (11 variants)
+    return colormaps["tab20"](2 * i if i < 10 else 2 * (i - 10) + 1)
 
 
 def _fmt(x: float | None, spec: str) -> str:

@@ -16,6 +16,8 @@ narrows the dense FFN (`model.ffn_mult`) until its analytic forward FLOPs per to
     no_mcs         one core;  no_vlr_decay: value LR = dense LR (no 4x -> 1x)
     no_split       one big memory (same rows in total) read and added at one block, no skip-layer
     no_qnorm       no query whitening (DESIGN §3.1 step 1 as written): the collapse fix, before/after
+    ultramem_signed  UltraMem with the signed TDQKR filter (top-m and bottom-m per side, 2m x 2m
+                   rescoring; not in the paper): its larger grid is counted, so its FFN narrows a little
 
 Each (variant, seed) run trains with `LocalTrainer` in this process into `<out>/<variant>/seed-<s>/`
 and leaves `result.json` last, so a rerun skips finished runs (resume). Seeds set both the init
@@ -49,7 +51,7 @@ from orchestration.config import PRESET_DIR, RunConfig, merge, read_config_file,
 from orchestration.errors import ConfigError
 
 VARIANTS = ("dense", "pkm", "moe", "ultramem", "no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split",
-            "no_qnorm")
+            "no_qnorm", "ultramem_signed")
 LEAVE_ONE_OUT = ("no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split")
 RESULT = "result.json"
 
@@ -205,6 +207,7 @@ def variant_config(name: str, model: ModelConfig) -> ModelConfig:
         "no_vlr_decay": {"value_lr_mult": 1.0, "value_lr_mult_final": 1.0},
         "no_split": one_layer,
         "no_qnorm": {"query_norm": "none"},
+        "ultramem_signed": {"tdqkr_filter": "signed"},
     }[name]
     return dataclasses.replace(model, ffn_kind="ultramem", memory=dataclasses.replace(mem, **changes))
 
@@ -223,7 +226,9 @@ def _memory_macs(cfg: ModelConfig) -> float:
     macs += big_h * (n_row + n_col) * mem.d_k * r  # per-rank key scores
     if mem.tucker_rank >= 1:
         macs += big_h * (n_row + n_col) * r  # rank-1 filter projections S·u, S·v
-        macs += big_h * m * m * (r * r + r)  # exact m x m grid rescoring
+        # candidates per side: m, or top-m + bottom-m (all n when 2m >= n) with the signed filter
+        c_row, c_col = (min(2 * m, n_row), min(2 * m, n_col)) if mem.tdqkr_filter == "signed" else (m, m)
+        macs += big_h * c_row * c_col * (r * r + r)  # exact c x c grid rescoring
         macs += big_h * m * h * (r * r + r)  # per-core scores of the winners
     else:
         macs += big_h * m * m  # additive grid

@@ -175,10 +175,10 @@ def test_eval_with_autograd_keeps_gradients_to_the_keys():
     assert len(layer.eval_cache) == 0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), tokens=st.integers(1, 9), keys=st.sampled_from([4, 8, 16]),
-       topk=st.integers(1, 4), heads=st.integers(1, 3), rank=st.integers(1, 3))
-def test_decode_tdqkr_selects_what_the_training_path_selects(seed, tokens, keys, topk, heads, rank):
+       topk=st.integers(1, 4), heads=st.integers(1, 3), rank=st.integers(1, 3), signed=st.booleans())
+def test_decode_tdqkr_selects_what_the_training_path_selects(seed, tokens, keys, topk, heads, rank, signed):
     gen = torch.Generator().manual_seed(seed)
     d_k = 8
     k_row = torch.nn.functional.normalize(torch.randn(heads, keys, d_k, rank, generator=gen), dim=2)
@@ -186,11 +186,33 @@ def test_decode_tdqkr_selects_what_the_training_path_selects(seed, tokens, keys,
     q_row, q_col = torch.randn(tokens, 1, d_k, generator=gen), torch.randn(tokens, 1, d_k, generator=gen)
     cores = torch.rand(2, heads, rank, rank, generator=gen)
     u, v = torch.randn(heads, rank, generator=gen), torch.randn(heads, rank, generator=gen)
-    want_index, want_scores = tdqkr_topk(rank_scores(q_row, k_row), rank_scores(q_col, k_col), cores, u, v, topk)
+    want_index, want_scores = tdqkr_topk(rank_scores(q_row, k_row), rank_scores(q_col, k_col), cores, u, v, topk,
+                                         signed=signed)
     got_index, got_scores = tdqkr_topk_decode(q_row[:, 0], q_col[:, 0], DecodeKeys.make(k_row, u),
-                                              DecodeKeys.make(k_col, v), cores, topk)
+                                              DecodeKeys.make(k_col, v), cores, topk, signed=signed)
     assert torch.equal(got_index, want_index)
     torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tdqkr_filter", ["top", "signed"])
+def test_layer_decode_path_selects_the_training_paths_slots_with_either_filter(tdqkr_filter: str):
+    layer = layer_of(11, num_keys=16, topk=3, tdqkr_filter=tdqkr_filter).eval()
+    x = inputs(12, tokens=9)
+    with torch.no_grad():
+        q_row, q_col = layer.query(x.reshape(-1, D))
+        want_index, want_scores = layer.retrieve(*layer.key_scores(q_row, q_col))
+        got_index, got_scores = layer.retrieve_decode(q_row, q_col)
+    assert torch.equal(got_index, want_index)
+    torch.testing.assert_close(got_scores, want_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eval_output(layer, x), plain_output(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_signed_layer_reads_slots_the_top_filter_cannot_reach():
+    top, signed = layer_of(13, num_keys=16, topk=3), layer_of(13, num_keys=16, topk=3, tdqkr_filter="signed")
+    x = inputs(14, tokens=64)
+    with torch.no_grad():
+        picked = [layer.eval().retrieve_decode(*layer.query(x.reshape(-1, D)))[0] for layer in (top, signed)]
+    assert not torch.equal(picked[0], picked[1])  # same weights, the signed grid finds other winners
 
 
 def test_layer_takes_the_decode_path_only_in_eval_without_autograd():
