@@ -19,6 +19,11 @@ Measured side by side in one run (legs take turns round by round, so machine noi
     turned into the floor time per step for the bytes the cache actually moved;
   * 1, 2 and 4 `ultramem shard serve --ram-budget-mb` processes (total budget table / 4) over
     gRPC, plus 1 resident process: rows/s and CPU-seconds per million rows per shard (psutil).
+  * training tokens/s (bench/_beyond_ram_train.py, the issue's headline figure): real distributed
+    training (`DistributedTrainer`: 2 shard actors, 1 model worker, async) of the `small` preset and
+    of the same with 16x the memory rows, shards resident vs `shard_budget_bytes` = table / (4 x
+    shards), rounds interleaved after a warm-up; the shards' hit rates, the stream's skew (recorded
+    in-process from the same steps, seed and batches), the floor set by the disk (`train` in the JSON).
 Targets: cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups; elsewhere
 cached step time within 2x of the disk floor. Writes <out>/beyond_ram.json.
 """
@@ -43,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import _beyond_ram_train as train_leg  # noqa: E402 (after the sys.path line)
 from bench._shards import start_shards, stop_shards  # noqa: E402 (after the sys.path line)
 from param_server.client import Client  # noqa: E402 (after the sys.path line)
 from param_server.partitions import ROW_SHARE, chunk_bytes_for_budget, partition_nbytes  # noqa: E402 (after the sys.path line)
@@ -56,11 +62,14 @@ TARGET_FLOOR = 2.0  # elsewhere: cached step time <= 2x the disk floor for the b
 LR = 1e-3
 LARGE = 16  # the large-table leg: 16x the rows at the same selections per step (a step touches a small share)
 CACHE_SHARE = 1.0  # in-process cached legs give the whole budget to the caches (rows + chunks), no resident partitions
+# the training leg's configs: --set overrides of the small preset (num_keys 256: P = 65,536 rows, 16x)
+TRAIN_CONFIGS = {"small": [], "small-x16": [f"model.memory.num_keys={64 * 4}"]}
 
 
 # -- the streams ---------------------------------------------------------------------------------
-def record_model_stream(steps: int, train: bool) -> tuple[TableSpec, list[np.ndarray], int]:
-    """Selected physical rows of the small preset's memory layer on real batches.
+def record_model_stream(steps: int, train: bool, overrides: tuple[str, ...] = ()) -> tuple[TableSpec, list[np.ndarray],
+                                                                                          int]:
+    """Selected physical rows of the small preset's (with `overrides`) memory layer on real batches.
 
     Returns (the layer's table spec, per step int64 [B*T*H*m] rows with repeats, tokens per step).
     train=True records a short training run (rows of step s come from the model after s updates).
@@ -73,7 +82,7 @@ def record_model_stream(steps: int, train: bool) -> tuple[TableSpec, list[np.nda
     from model_workers.trainer import autocast_dtype, make_optimizer, resolve_device, train_step
     from orchestration.config import load_config
 
-    cfg = load_config(preset="small", overrides=["train.device=cpu"])
+    cfg = load_config(preset="small", overrides=["train.device=cpu", *overrides])
     corpus = prepare_corpus(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = LanguageModel(cfg.model)  # LocalBackend: the values live in this process
@@ -313,7 +322,12 @@ def _verdicts(res: dict[str, Any], floor: dict[str, Any], chunk_bytes: int) -> N
 def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
     """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict."""
     steps, rounds, grpc_rounds, large_steps = (4, 2, 1, 2) if quick else (16, 4, 2, 8)
+    # training leg: warm-up steps, rounds, steps per round (warm-up + rounds x steps = the recorded steps)
+    t_warmup, t_rounds, t_per_round = (1, 2, 1) if quick else (4, 3, 4)
+    train_configs = {"small": TRAIN_CONFIGS["small"]} if quick else TRAIN_CONFIGS
     spec, model_entries, tokens_per_step = record_model_stream(steps, train=not quick)
+    train_streams = {name: record_model_stream(steps, train=not quick, overrides=tuple(o))[:2] if o else
+                     (spec, model_entries) for name, o in train_configs.items()}
     entries = int(np.median([e.size for e in model_entries]))
     streams = {"model": model_entries, "zipf": zipf_stream(spec.rows, entries, steps)}
     large = dataclasses.replace(spec, name=f"{spec.name}-x{LARGE}", rows=spec.rows * LARGE)
@@ -333,6 +347,9 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
         "streams": {}, "large_streams": {}, "shards": {}}
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-beyond-") as tmp_name:
         tmp = Path(tmp_name)
+        results["train"] = train_leg.run_configs(train_configs, OVERSUBSCRIPTION, t_warmup, t_rounds, t_per_round,
+                                                 tmp / "train")
+        results["load_avg_after_train"] = os.getloadavg()
         small_res, results["cached_metrics"] = _replay_legs(spec, tmp, streams, budget, rounds, tokens_per_step, steps)
         large_res, results["large_cached_metrics"] = _replay_legs(large, tmp, large_streams, large_budget, rounds,
                                                                   tokens_per_step, large_steps)
@@ -344,13 +361,18 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
             results["streams"][label] = {"skew": skew(stream, spec, chunk_rows), **small_res[label]}
         for label, stream in large_streams.items():
             results["large_streams"][label] = {"skew": skew(stream, large, large_chunk_rows), **large_res[label]}
-        sizes = sorted({4096, results["table"]["chunk_bytes"], results["large_table"]["chunk_bytes"]})
+        sizes = sorted({4096, results["table"]["chunk_bytes"], results["large_table"]["chunk_bytes"],
+                        *(r["table"]["chunk_bytes"] for r in results["train"].values())})
         floor = disk_floor(tmp, (64 if quick else 512) << 20, tuple(sizes), 0.5 if quick else 2.0)
         results["disk_floor"] = floor
         for res in results["streams"].values():
             _verdicts(res, floor, results["table"]["chunk_bytes"])
         for res in results["large_streams"].values():
             _verdicts(res, floor, results["large_table"]["chunk_bytes"])
+        for name, res in results["train"].items():
+            t_spec, t_stream = train_streams[name]
+            train_leg.verdict(res, skew(t_stream, t_spec, res["table"]["chunk_rows"]), floor, TARGET_SKEWED,
+                              TARGET_FLOOR)
         scale_path = create_table(tmp / "grpc" / spec.name, spec,
                                   target_chunk_bytes=chunk_bytes_for_budget(spec, budget, 1)).path
         unique_model = [np.unique(e) for e in model_entries]
@@ -392,6 +414,9 @@ def _print(results: dict[str, Any]) -> None:
           f"({t['bytes_with_state'] / 2**20:.1f} MiB with state, chunks of {t['chunk_rows']} rows), RAM budget "
           f"1/{results['oversubscription']} of it; stream from {results['recorded_from']}, "
           f"{results['steps_per_stream']} steps x {results['tokens_per_step']} tokens, median of {results['rounds']}")
+    for name, r in results["train"].items():
+        train_leg.print_result(name, r)
+    print("  memory path only (in-process shard, no dense compute):")
     for label, r in results["streams"].items():
         _print_stream(label, r)
     print(f"  large table: P={lt['rows']} ({lt['bytes_with_state'] / 2**20:.0f} MiB with state, chunks of "
