@@ -21,7 +21,6 @@ back, chunk I/O seconds). Results: medians over rounds, and the ratio cached / r
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 from pathlib import Path
@@ -177,17 +176,7 @@ def run_configs(configs: dict[str, list[str]], oversubscription: int, warmup: in
 
     # room for both trainers of a config at once: (shards + workers) logical CPUs each
     cluster = Cluster(ClusterConfig(num_cpus=2 * (SHARDS + WORKERS)))
-    # Cluster.connect's embedded ray.init() would attach to another job's Ray on this machine when
-    # /tmp/ray/ray_current_cluster names one (and then fail on num_cpus): "local" always starts our own
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    try:
-        cluster.connect()
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = previous
+    cluster.connect()
     try:
         return {name: run_config(name, overrides, oversubscription, warmup, rounds, steps_per_round, tmp)
                 for name, overrides in configs.items()}

@@ -123,6 +123,9 @@ class Cluster:
         os.environ.update(loopback_environment())
         _refresh_ray_config()
         ray.init(
+            # "local": always start our own; a bare init() attaches to whatever Ray another job left
+            # named in /tmp/ray/ray_current_cluster (then fails on num_cpus)
+            address="local",
             num_cpus=cfg.num_cpus,
             resources=dict(cfg.resources) or None,
             include_dashboard=False,
