@@ -10,8 +10,9 @@ the table's Zarr group. Queued updates carry global rows, so partitions can come
 Rescaling (DESIGN §4.1) moves whole partitions: `freeze` pauses pushes to them, `handoff_export`
 drains and copies them out, the new owner `adopt`s them, the coordinator bumps the map epoch, and
 `release` drops them here (paused pushes then fail as WrongShardError and the client re-routes).
-The applied-step clocks (DESIGN §4.3) go along (`clocks` / `merge_clocks`); a min_step lookup also
-waits for pushes of that step still queued, so a push re-routed during a hand-off is never missed.
+The applied-step clocks (DESIGN §4.3, `param_server/clocks.py`) go along (`clocks` /
+`merge_clocks`); a min_step lookup also waits for pushes of that step still queued, so a push
+re-routed during a hand-off is never missed.
 
 Every public method validates all of its inputs first (typed errors, `param_server/errors.py`)
 and only then touches state, so a bad request changes nothing. Pushes are queued
@@ -41,6 +42,7 @@ from param_server.checks import (
     pooled_entries,
     push_header,
 )
+from param_server.clocks import StepClocks
 from param_server.errors import (
     ConfigError,
     InvalidRequestError,
@@ -123,11 +125,7 @@ class Shard:
         self.shard_id = shard_id
         self._tables: dict[str, _Table] = {}
         self._cond = threading.Condition()  # guards tables, clocks, frozen set, counters
-        # (worker, table) -> highest applied step. Per table: a worker pushes to every table each
-        # step, and a lookup on table T must not pass because another table's push was applied.
-        self._applied_step: dict[tuple[int, str], int] = {}
-        self._applied_seq: dict[int, int] = {}
-        self._pending: dict[tuple[int, str], dict[int, int]] = {}  # (worker, table) -> {step: queued pushes}
+        self._clocks = StepClocks()  # applied and queued steps per (worker, table) (param_server/clocks.py)
         self._frozen = np.zeros(0, dtype=bool)  # [NP] partitions being handed off: pushes wait
         self._budget_left = self.config.ram_budget_bytes  # RAM not yet given to a table (None: unbounded)
         self._counters = ShardCounters()
@@ -325,21 +323,19 @@ class Shard:
 
     def _admit(self, t: _Table, update: PendingUpdate) -> bool:
         """Queue a validated update once its partitions are not being handed off; count it pending."""
-        key = (update.worker_id, update.table)
         with self._cond:
             if not self._cond.wait_for(lambda: self._admitting, self.config.wait_timeout_s):
                 raise WaitTimeoutError(f"shard {self.shard_id}: a checkpoint held pushes back for "
                                        f"{self.config.wait_timeout_s} s")
             self._wait_unfrozen(t, update.slots)
             self._log_admitted(update)
-            pending = self._pending.setdefault(key, {})
-            pending[update.step] = pending.get(update.step, 0) + 1
+            self._clocks.queue(update.worker_id, update.table, update.step)
             accepted = False
             try:
                 accepted = self._queue.submit(update)
             finally:
                 if not accepted:
-                    self._unpend(key, update.step)
+                    self._clocks.unqueue(update.worker_id, update.table, update.step)
         return accepted
 
     def _log_admitted(self, update: PendingUpdate) -> None:
@@ -378,12 +374,6 @@ class Shard:
         self.drain()
         return admitted
 
-    def _unpend(self, key: tuple[int, str], step: int) -> None:
-        pending = self._pending[key]
-        pending[step] -= 1
-        if not pending[step]:
-            del pending[step]
-
     def _apply(self, update: PendingUpdate) -> None:
         """Apply one push on the apply thread: duplicates summed, one optimizer step per row."""
         t = self._tables[update.table]
@@ -392,11 +382,7 @@ class Shard:
             try:
                 t.parts.step(t.optimizer, rows, grads, update.lr)
             finally:  # advance the clock even if a bug raised, so lookups never hang on it
-                w = update.worker_id
-                key = (w, update.table)
-                self._unpend(key, update.step)
-                self._applied_step[key] = max(self._applied_step.get(key, -1), update.step)
-                self._applied_seq[w] = max(self._applied_seq.get(w, 0), update.seq)
+                self._clocks.applied(update.worker_id, update.table, update.step, update.seq)
                 self._counters.count_apply(rows.shape[0])
                 self._cond.notify_all()
 
@@ -484,7 +470,7 @@ class Shard:
     def clocks(self) -> list[tuple[int, str, int]]:
         """Applied-step clocks [(worker, table, step)] (they travel with handed-off partitions)."""
         with self._cond:
-            return [(w, name, s) for (w, name), s in self._applied_step.items()]
+            return self._clocks.items()
 
     def merge_clocks(self, clocks: Iterable[tuple[int, str, int]]) -> None:
         """Start clocks this shard has never seen at the previous owner's value; keep the others.
@@ -493,8 +479,7 @@ class Shard:
         it, so a lower clock only makes a lookup wait for a push that is on its way.
         """
         with self._cond:
-            for w, name, s in clocks:
-                self._applied_step.setdefault((int(w), str(name)), int(s))
+            self._clocks.merge(clocks)
             self._cond.notify_all()
 
     # --- clocks, drain, checkpoint ---------------------------------------------------------------
@@ -503,9 +488,8 @@ class Shard:
         """What this shard has taken in, per worker, as JSON-able lists: `applied_step` [[worker, table,
         step]] and `last_seq` [[worker, seq]]. `save` returns it as of the state it writes."""
         with self._cond:
-            workers = set(self._applied_seq) | {w for w, _ in self._applied_step}
-            return {"applied_step": [[w, name, s] for (w, name), s in sorted(self._applied_step.items())],
-                    "last_seq": [[w, self._queue.last_seq(w)] for w in sorted(workers)]}
+            return {"applied_step": [list(c) for c in self._clocks.items()],
+                    "last_seq": [[w, self._queue.last_seq(w)] for w in self._clocks.workers()]}
 
     def restore_progress(self, progress: dict[str, list]) -> None:
         """After Ray restarted this shard from a checkpoint (before `replay`): the workers go on with
@@ -514,12 +498,9 @@ class Shard:
         clocks = [(int(w), str(name), int(s)) for w, name, s in progress.get("applied_step", [])]
         seqs = [(int(w), int(q)) for w, q in progress.get("last_seq", [])]
         with self._cond:
-            for w, name, s in clocks:
-                key = (w, name)
-                self._applied_step[key] = max(self._applied_step.get(key, -1), s)
+            self._clocks.restore(clocks, seqs)
             for w, q in seqs:
                 self._queue.restore_last_seq(w, q)
-                self._applied_seq[w] = max(self._applied_seq.get(w, 0), q)
             self._cond.notify_all()
 
     def applied_step(self, worker_id: int, table: str | None = None) -> int:
@@ -528,10 +509,7 @@ class Shard:
         With no table: the lowest such step over the tables this worker has pushed to.
         """
         with self._cond:
-            if table is not None:
-                return self._applied_step.get((worker_id, table), -1)
-            steps = [s for (w, _), s in self._applied_step.items() if w == worker_id]
-            return min(steps) if steps else -1
+            return self._clocks.step(worker_id, table)
 
     def last_seq(self, worker_id: int) -> int:
         """The last seq accepted from `worker_id` (0 if none)."""
@@ -608,7 +586,7 @@ class Shard:
                         if k.startswith(("cache_row_", "cache_io_", "cache_chunk_", "cache_bytes_"))})
             row_hits, row_misses = sums.get("cache_row_hits", 0.0), sums.get("cache_row_misses", 0.0)
             out["cache_row_hit_rate"] = row_hits / (row_hits + row_misses) if row_hits + row_misses else 0.0
-            for (w, name), s in self._applied_step.items():
+            for w, name, s in self._clocks.items():
                 out[f"applied_step.worker.{w}.{name}"] = float(s)
         q = self._queue
         out.update(queue_depth=float(q.depth()), pushes_accepted=float(q.accepted),
@@ -684,15 +662,10 @@ class Shard:
         later one was applied, DESIGN §4.1)."""
         if min_step is None:
             return
-        key = (worker_id, table)
-
-        def reached() -> bool:
-            pending = self._pending.get(key)
-            return self._applied_step.get(key, -1) >= min_step and not (pending and min(pending) <= min_step)
-
-        if not self._cond.wait_for(reached, self.config.wait_timeout_s):
+        if not self._cond.wait_for(lambda: self._clocks.reached(worker_id, table, min_step),
+                                   self.config.wait_timeout_s):
             self._counters.wait_timeouts += 1
             raise WaitTimeoutError(
                 f"worker {worker_id} step {min_step} not applied within {self.config.wait_timeout_s} s "
-                f"on table {table} (applied: {self._applied_step.get(key, -1)})"
+                f"on table {table} (applied: {self._clocks.step(worker_id, table)})"
             )
