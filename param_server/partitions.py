@@ -324,22 +324,13 @@ class CachedTablePartitions(TablePartitions):
         return self._cache.read_rows(rows, names=[VALUES])[VALUES]
 
     def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        rc = self._cache
-        slots = rc.slots(rows)
-        hit = slots >= 0
-        if hit.any():  # hot rows: stepped in place in the row cache's arrays
-            values, state = rc.arrays[VALUES], {n: a for n, a in rc.arrays.items() if n != VALUES}
-            optimizer.step(values, state, slots[hit], grads[hit], lr)
-            rc.mark_dirty(slots[hit])
-        miss = np.flatnonzero(~hit)
-        if miss.size:  # cold rows: one read-modify-write pass over their chunks, batch by batch
-            cold_grads = grads[miss]
+        # one read-modify-write: hot rows as one block in the row cache, cold ones chunk batch by batch
 
-            def apply(block: dict[str, np.ndarray], pos: np.ndarray) -> None:
-                state = {n: a for n, a in block.items() if n != VALUES}
-                optimizer.step(block[VALUES], state, np.arange(pos.size), cold_grads[pos], lr)
+        def apply(block: dict[str, np.ndarray], pos: np.ndarray) -> None:
+            state = {n: a for n, a in block.items() if n != VALUES}
+            optimizer.step(block[VALUES], state, np.arange(pos.size), grads[pos], lr)
 
-            rc.update_rows(rows[miss], apply)
+        self._cache.update_rows(rows, apply)
 
     def _rebuild(self, partitions: Iterable[int]) -> None:
         """A cache over another partition set (the old one flushed first; its rows and chunks are dropped)."""

@@ -26,7 +26,8 @@ state together, so an update of a hot row never leaves RAM), and sends the rest 
 Same contract as `CachedPartitions` (a numpy oracle of the whole table): a read returns what was
 last written, and after `flush()` the store holds exactly what the oracle holds
 (tests/storage/test_row_cache.py). Rows are global rows; callers of `slots`/`arrays` (the cached
-tier's in-place optimizer step) must call `mark_dirty` for the slots they change.
+ones changing rows in place) must call `mark_dirty` for the slots they change; the cached tier's
+optimizer step goes through `update_rows` instead.
 """
 
 from __future__ import annotations
