@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
+
+# what libgomp will read when torch loads it (`ultramem bench serve` sets PASSIVE first, see
+# orchestration/cli.py); torch already loaded (`bench all`) means this setting came too late
+OMP_WAIT_POLICY = (os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE") if "torch" not in sys.modules
+                   else f"{os.environ.get('OMP_WAIT_POLICY', 'unset')} (torch was loaded before this bench)")
+import torch  # noqa: E402 (after the OpenMP setting)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -185,7 +190,8 @@ def run(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
         "model": {"d_model": D_MODEL, "n_layers": N_LAYERS, "d_v": D_V, "memory_layers": 1, "topk": 16, "heads": 2,
                   "lookup": "pooled", "wire_dtype": "bfloat16", "shards": 2, "shards_one_shard_leg": 1},
         "steps_per_round": steps, "rounds": rounds, "quick": quick, "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg(), "configs": {}}
+        "torch_threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY,
+        "load_avg_at_start": os.getloadavg(), "configs": {}}
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-serve-") as tmp, contextlib.ExitStack() as stack:
         models: dict[str, LanguageModel] = {}
         for log2 in sizes:

@@ -61,6 +61,14 @@ def test_segment_sum_equals_reduceat_for_short_and_hot_groups(sizes, d):
     np.testing.assert_allclose(segment_sum(x, starts), np.add.reduceat(x, starts, axis=0), rtol=1e-5, atol=1e-5)
 
 
+@given(groups=st.integers(1, 20), size=st.integers(1, 40), d=st.integers(1, 5))
+def test_segment_sum_of_equal_groups_equals_reduceat(groups, size, d):
+    # groups of one size (a decode step) take the one-reshape path
+    x = np.random.default_rng(groups * 100 + size).standard_normal((groups * size, d)).astype(np.float32)
+    starts = np.arange(groups, dtype=np.int64) * size
+    np.testing.assert_allclose(segment_sum(x, starts), np.add.reduceat(x, starts, axis=0), rtol=1e-5, atol=1e-5)
+
+
 def test_naive_fancy_update_loses_repeated_rows_but_summed_update_does_not():
     table = np.zeros((3, 2), np.float32)
     rows, grads = np.array([1, 1, 1]), np.ones((3, 2), np.float32)
