@@ -8,7 +8,9 @@ config's consistency mode), on the same State of the Union batches from the same
   * resident: no RAM budget, every partition in the shards' RAM;
   * cached:   `shard_budget_bytes` = table bytes (values + optimizer state) / (4 x shards), so the
               table is 4x the shards' RAM budget together; the rest is served through the hot-row
-              and chunk caches over the Zarr work table (created with the planner's chunk size).
+              and chunk caches over the Zarr work table (created by the planner,
+              `work_table_options`: chunks sized from the cache share, every array raw, so the
+              chunk cache reads and writes chunk files in place; the engines are in the result).
 The driver calls the workers' `run(until)`, the call `DistributedTrainer.run` makes per training
 chunk (without its evaluation and checkpoints, which are not training throughput). Warm-up steps
 come first and are not timed (actor start-up, first batches, caches filling); then the legs take
@@ -30,6 +32,7 @@ SHARDS = 2
 WORKERS = 1
 _COUNTERS = ("cache_hits", "cache_misses", "cache_row_hits", "cache_row_misses", "cache_bytes_loaded",
              "cache_bytes_written_back", "cache_io_read_s", "cache_io_write_s", "rows_looked_up")
+_ENGINES = ("cache_io_raw_arrays", "cache_io_tensorstore_arrays", "cache_io_zarr_arrays")  # arrays per engine
 
 
 def run_config(name: str, overrides: list[str], oversubscription: int, warmup: int, rounds: int,
@@ -76,6 +79,7 @@ def run_config(name: str, overrides: list[str], oversubscription: int, warmup: i
         "shards": SHARDS, "workers": WORKERS, "consistency": cfg.cluster.consistency,
         "staleness": cfg.cluster.staleness, "autocast": cfg.train.autocast, "shard_budget_bytes": budget,
         "shard_cache_share": _cache_share(), "cached_partitions_total": cached_metrics["cached_partitions"],
+        "chunk_io_arrays": {k.removeprefix("cache_io_").removesuffix("_arrays"): cached_metrics[k] for k in _ENGINES},
         "tokens_per_step": tokens_per_step, "warmup_steps": warmup, "rounds": rounds,
         "steps_per_round": steps_per_round, **legs,
         # the headline: median of the per-round ratios (the legs of a round ran back to back)
@@ -92,7 +96,7 @@ def _cache_share() -> float:
 
 def _summed(metrics: list[dict[str, float]]) -> dict[str, float]:
     """Sum every shard's counters (and the cached partition count)."""
-    keys = (*_COUNTERS, "cached_partitions", "resident_partitions")
+    keys = (*_COUNTERS, "cached_partitions", "resident_partitions", *_ENGINES)
     return {k: float(sum(m.get(k, 0.0) for m in metrics)) for k in keys}
 
 
@@ -150,8 +154,10 @@ def verdict(res: dict[str, Any], skew: dict[str, float], floor: dict[str, Any], 
 def print_result(name: str, r: dict[str, Any]) -> None:
     """One block per config: both legs, the ratio, the skew, hit rates, the floor and the verdict."""
     t, s = r["table"], r["skew"]
+    engines = ", ".join(f"{e} {n:.0f}" for e, n in r["chunk_io_arrays"].items() if n)
     print(f"  [train {name}] P={t['rows']} ({t['bytes_with_state'] / 2**20:.1f} MiB with state, chunks of "
-          f"{t['chunk_rows']} rows), {r['shards']} shards x {r['shard_budget_bytes'] / 2**20:.2f} MiB budget, "
+          f"{t['chunk_rows']} rows; arrays per chunk I/O engine, all shards: {engines or 'none'}), "
+          f"{r['shards']} shards x {r['shard_budget_bytes'] / 2**20:.2f} MiB budget, "
           f"{r['consistency']} (staleness {r['staleness']}), {r['rounds']} rounds x {r['steps_per_round']} steps "
           f"after {r['warmup_steps']} warm-up")
     print(f"    access: hottest 10% / 25% of rows take {100 * s['top10_rows_share']:.0f}% / "

@@ -25,7 +25,11 @@ Measured side by side in one run (legs take turns round by round, so machine noi
     shards), rounds interleaved after a warm-up; the shards' hit rates, the stream's skew (recorded
     in-process from the same steps, seed and batches), the floor set by the disk (`train` in the JSON).
 Targets: cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups; elsewhere
-cached step time within 2x of the disk floor. Writes <out>/beyond_ram.json.
+cached step time within 2x of the disk floor. Writes <out>/beyond_ram.json. `--quick` runs fewer
+steps and only the `small` training config; `--quick --train-large` adds the 16x-rows one.
+Cached tables are created as the planner creates work tables beyond RAM
+(`param_server.partitions.work_table_options`: chunks from the cache share, every array raw, so
+the chunk cache reads and writes in place; `cache_io_*_arrays` in the JSON says which engine served).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ if str(REPO) not in sys.path:
 from bench import _beyond_ram_train as train_leg  # noqa: E402 (after the sys.path line)
 from bench._shards import start_shards, stop_shards  # noqa: E402 (after the sys.path line)
 from param_server.client import Client  # noqa: E402 (after the sys.path line)
-from param_server.partitions import ROW_SHARE, chunk_bytes_for_budget, partition_nbytes  # noqa: E402 (after the sys.path line)
+from param_server.partitions import ROW_SHARE, partition_nbytes, work_table_options  # noqa: E402 (after the sys.path line)
 from param_server.shard import Shard, ShardConfig  # noqa: E402 (after the sys.path line)
 from storage.layout import TableSpec  # noqa: E402 (after the sys.path line)
 from storage.table_store import create_table, open_table  # noqa: E402 (after the sys.path line)
@@ -281,8 +285,9 @@ def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_sha
 def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]], budget: int, rounds: int,
                  tokens_per_step: int, n_steps: int) -> tuple[dict[str, Any], dict[str, float]]:
     """Resident vs cached (budget) in-process shards over fresh copies of one table, rounds interleaved."""
-    chunk = chunk_bytes_for_budget(spec, budget, 1)  # the planner's choice for a table beyond its shard's RAM
-    paths = {leg: create_table(tmp / f"{spec.name}-{leg}" / spec.name, spec, target_chunk_bytes=chunk).path
+    # the planner's table for a shard that cannot hold it (chunk size from the cache share, all arrays raw)
+    layout = work_table_options(spec, budget, 1, cache_share=CACHE_SHARE)
+    paths = {leg: create_table(tmp / f"{spec.name}-{leg}" / spec.name, spec, **layout).path
              for leg in ("resident", "cached")}
     unique = {k: [np.unique(e) for e in s] for k, s in streams.items()}
     legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
@@ -319,12 +324,15 @@ def _verdicts(res: dict[str, Any], floor: dict[str, Any], chunk_bytes: int) -> N
                              and res["cached_over_floor_time"] <= TARGET_FLOOR)
 
 
-def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
-    """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict."""
+def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large: bool = False) -> dict[str, Any]:
+    """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict.
+
+    quick: fewer steps and rounds, and only the `small` training config unless `train_large`
+    (then the 16x-rows training config runs too, as in the full run)."""
     steps, rounds, grpc_rounds, large_steps = (4, 2, 1, 2) if quick else (16, 4, 2, 8)
     # training leg: warm-up steps, rounds, steps per round (warm-up + rounds x steps = the recorded steps)
     t_warmup, t_rounds, t_per_round = (1, 2, 1) if quick else (4, 3, 4)
-    train_configs = {"small": TRAIN_CONFIGS["small"]} if quick else TRAIN_CONFIGS
+    train_configs = {"small": TRAIN_CONFIGS["small"]} if quick and not train_large else TRAIN_CONFIGS
     spec, model_entries, tokens_per_step = record_model_stream(steps, train=not quick)
     train_streams = {name: record_model_stream(steps, train=not quick, overrides=tuple(o))[:2] if o else
                      (spec, model_entries) for name, o in train_configs.items()}
@@ -373,8 +381,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
             t_spec, t_stream = train_streams[name]
             train_leg.verdict(res, skew(t_stream, t_spec, res["table"]["chunk_rows"]), floor, TARGET_SKEWED,
                               TARGET_FLOOR)
-        scale_path = create_table(tmp / "grpc" / spec.name, spec,
-                                  target_chunk_bytes=chunk_bytes_for_budget(spec, budget, 1)).path
+        scale_path = create_table(tmp / "grpc" / spec.name, spec, **work_table_options(spec, budget, 1)).path
         unique_model = [np.unique(e) for e in model_entries]
         for s in (1, 2, 4):
             results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique_model, s, budget, grpc_rounds)
@@ -416,7 +423,9 @@ def _print(results: dict[str, Any]) -> None:
           f"{results['steps_per_stream']} steps x {results['tokens_per_step']} tokens, median of {results['rounds']}")
     for name, r in results["train"].items():
         train_leg.print_result(name, r)
-    print("  memory path only (in-process shard, no dense compute):")
+    m = results["cached_metrics"]
+    print("  memory path only (in-process shard, no dense compute); arrays per chunk I/O engine: "
+          + ", ".join(f"{e} {m.get(f'cache_io_{e}_arrays', 0):.0f}" for e in ("raw", "tensorstore", "zarr")))
     for label, r in results["streams"].items():
         _print_stream(label, r)
     print(f"  large table: P={lt['rows']} ({lt['bytes_with_state'] / 2**20:.0f} MiB with state, chunks of "
@@ -434,4 +443,4 @@ def _print(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run(REPO / "bench" / "results", quick="--quick" in sys.argv)
+    run(REPO / "bench" / "results", quick="--quick" in sys.argv, train_large="--train-large" in sys.argv)

@@ -56,7 +56,7 @@ from orchestration.rescale import Rescaler, RescaleResult
 from param_server.actor import ShardActor, ShardActorConfig, tables_dir
 from param_server.fanout import ClientConfig
 from param_server.partition_map import PartitionMap
-from param_server.partitions import chunk_bytes_for_budget
+from param_server.partitions import work_table_options
 from param_server.shard import ShardConfig
 from storage.checkpoint import step_dir
 from storage.errors import CheckpointError
@@ -173,9 +173,9 @@ class DistributedTrainer:
         self.work_paths = {}
         for spec in specs:
             path = self.run_dir / "tables" / spec.name
-            if not (path / "zarr.json").exists():  # smaller chunks when the shards serve it beyond RAM
-                create_table(path, spec, initialize=False, target_chunk_bytes=chunk_bytes_for_budget(
-                    spec, self.shard_budget_bytes, self.dist.shards))
+            if not (path / "zarr.json").exists():  # beyond RAM: smaller chunks, all raw (written in place)
+                create_table(path, spec, initialize=False, **work_table_options(
+                    spec, self.shard_budget_bytes, self.dist.shards, cache_share=ShardConfig.cache_share))
             self.work_paths[spec.name] = str(path)
         if ckpt is None:
             table_paths = dict(self.work_paths)

@@ -12,10 +12,11 @@ over), write them into a checkpoint, report bytes and counters. Rows are always 
 - `CachedTablePartitions`: at most `budget_bytes` in RAM over a writable table store, in two levels:
   a row-granular `storage.row_cache.HotRowCache` (hot rows with their optimizer state, admitted by
   access frequency; `row_share` of the budget) over a `storage.chunk_cache.CachedPartitions` of whole
-  chunks (the rest, at least one chunk of every array together; TensorStore I/O). An optimizer step
+  chunks (the rest, at least one chunk of every array together; chunk I/O in place for raw arrays,
+  TensorStore for compressed ones, storage/chunk_io.py, one engine per table, released by `close()`). An optimizer step
   updates cached rows in place and the others in one read-modify-write pass over their chunks
-  (`HotRowCache.update_rows`). `chunk_bytes_for_budget` is the chunk size a planner gives a table
-  that will not fit its shards' budgets (orchestration/distributed.py).
+  (`HotRowCache.update_rows`). `work_table_options` (`chunk_bytes_for_budget`, all arrays raw) is
+  how a planner creates a table that will not fit its shards' budgets (orchestration/distributed.py).
 - `TieredPartitions`: what a shard with a RAM budget holds: the partitions that fit are resident,
   the rest go through the cache (`plan_tiers` decides). Both sub-stores obey the same contract, so
   a shard gives identical answers whichever tier a partition is in (tests/param_server/test_cached_shard.py).
@@ -28,12 +29,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from param_server.errors import ConfigError
 from param_server.optimizers import SparseOptimizer
 from storage.chunk_cache import CachedPartitions
+from storage.chunk_io import ChunkIO, Engine, open_chunk_io
 from storage.layout import (
     DEFAULT_TARGET_CHUNK_BYTES,
     VALUES,
@@ -170,6 +173,10 @@ class TablePartitions(ABC):
     def flush(self) -> None:  # noqa: B027 - optional hook: RAM-only stores have nothing to write back
         """Make the durable home hold what RAM holds (no-op when there is none)."""
 
+    def close(self) -> None:
+        """Flush, and release what the store holds open (files of a chunk cache); safe to call twice."""
+        self.flush()
+
     @abstractmethod
     def resident_bytes(self) -> int:
         """Bytes of partition data held in RAM (chunk data for a cache)."""
@@ -254,26 +261,70 @@ class ResidentPartitions(TablePartitions):
 
 
 ROW_SHARE = 0.9  # share of a cached tier's budget given to the hot-row cache (measured: bench/beyond_ram.py)
-BEYOND_RAM_CHUNK_BYTES = 512 << 10  # chunk target of a table that will not fit its shards' budgets
+BEYOND_RAM_CHUNK_BYTES = 512 << 10  # largest chunk target of a table that will not fit its shards' budgets
+MIN_CHUNK_BYTES = 128 << 10  # smallest one: smaller chunks slowed the memory path 1.4-2.9x (measured, below)
+CHUNK_SET_SHARE = 0.3  # one chunk of every array together: at most this share of a shard's cache
+DEFAULT_CACHE_SHARE = 0.5  # ShardConfig.cache_share's default (param_server/shard.py)
 
 
-def chunk_bytes_for_budget(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int) -> int:
-    """The `create_table(target_chunk_bytes=...)` for a table served by `num_shards` shards of
-    `shard_budget_bytes` each (None: unbounded): the 2 MiB default when every shard's partitions
-    fit its budget, else `BEYOND_RAM_CHUNK_BYTES`.
-
-    Why 512 KiB (docs/benchmarks.md, beyond-ram): the misses of a step are scattered rows, so
-    nearly every chunk of a cached partition is touched whatever its size (16-64 KiB chunks moved
-    as many bytes as 2 MiB ones in 10-100x more chunk ops, each ~0.6-1.3 ms to write); but the
-    chunk cache must hold one chunk of every array at once (`chunk_set_bytes`), which 2 MiB chunks
-    make a quarter of the budget. 256-512 KiB chunks leave ~93% of it to the hot-row cache.
-    """
+def fits_budget(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int) -> bool:
+    """Whether every shard's round-robin share of the partitions fits its budget (None: unbounded)."""
     if shard_budget_bytes is None:
-        return DEFAULT_TARGET_CHUNK_BYTES
+        return True
     per_shard = -(-spec.num_partitions // max(1, num_shards))
-    if partition_nbytes(spec) * per_shard <= shard_budget_bytes:
+    return partition_nbytes(spec) * per_shard <= shard_budget_bytes
+
+
+def chunk_set_bytes_for(spec: TableSpec, target_chunk_bytes: int) -> int:
+    """`chunk_set_bytes` of a table that `create_table(target_chunk_bytes=...)` would make."""
+    return sum(a.chunks(spec, target_chunk_bytes)[1] * math.prod(a.trailing) * a.storage_dtype.itemsize
+               for a in table_arrays(spec).values())
+
+
+def chunk_bytes_for_budget(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int, *,
+                           cache_share: float = DEFAULT_CACHE_SHARE) -> int:
+    """The `create_table(target_chunk_bytes=...)` for a table served by `num_shards` shards of
+    `shard_budget_bytes` each (None: unbounded) that keep `cache_share` of it for their caches:
+    the 2 MiB default when every shard's partitions fit its budget; else the largest of 512 KiB,
+    256 KiB, ... (not below `MIN_CHUNK_BYTES`) whose one chunk of every array together
+    (`chunk_set_bytes`, the chunk cache's floor in `CachedTablePartitions`) is at most
+    `CHUNK_SET_SHARE` of a shard's cache, so the hot-row cache keeps most of it.
+
+    Why (docs/benchmarks.md, beyond-ram): the misses of a step are scattered rows, so nearly every
+    chunk of a cached partition is touched whatever its size; through TensorStore every chunk
+    write cost ~0.6-1.3 ms (a new file and a rename), which made small chunks slow and set 512 KiB.
+    The raw engine (storage/chunk_io.py) writes a chunk in place in tens of microseconds, so I/O no
+    longer sets the floor; the Python of the cache does. Measured (2026-12, 2 loaded cores, the
+    `small` preset's shard: 0.75 MiB budget, cache_share 0.5, raw tables, in-process replay): 128 KiB
+    chunks (row cache 0 rows) 6.7 / 4.7 ms per step (65,536 / 4,096 Zipf selections), 64 KiB (119
+    rows, row hit rate 0.07-0.10) 9.4 / 8.6 ms, 32 KiB (183 rows, 0.10-0.15) 15.3 / 13.5 ms, 16 KiB
+    25 ms: each step touches nearly every cached chunk, and with a chunk budget of one chunk of every
+    array `update_rows` goes batch by batch (~0.7 ms of Python each), while a row cache of a
+    few hundred rows hits little. So chunks stop at `MIN_CHUNK_BYTES`, even where that leaves the
+    row cache of a very small budget empty; the rule shrinks them where the budget allows.
+    """
+    if fits_budget(spec, shard_budget_bytes, num_shards):
         return DEFAULT_TARGET_CHUNK_BYTES
-    return BEYOND_RAM_CHUNK_BYTES
+    assert shard_budget_bytes is not None
+    if not 0 < cache_share <= 1:
+        raise ConfigError(f"cache_share must be in (0, 1], got {cache_share}")
+    limit = CHUNK_SET_SHARE * shard_budget_bytes * cache_share
+    target = BEYOND_RAM_CHUNK_BYTES
+    while target > MIN_CHUNK_BYTES and chunk_set_bytes_for(spec, target) > limit:
+        target //= 2
+    return target
+
+
+def work_table_options(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int, *,
+                       cache_share: float = DEFAULT_CACHE_SHARE) -> dict[str, Any]:
+    """`create_table` keywords for the shards' work table of `spec` (orchestration/distributed.py):
+    {"target_chunk_bytes": `chunk_bytes_for_budget`, "compress_state": whether it fits}. A table
+    that will not fit is all raw (state uncompressed too), so its chunk cache writes in place."""
+    return {"target_chunk_bytes": chunk_bytes_for_budget(spec, shard_budget_bytes, num_shards,
+                                                         cache_share=cache_share),
+            "compress_state": fits_budget(spec, shard_budget_bytes, num_shards)}
+
+
 # counters carried over when add/remove rebuild the caches (the chunk I/O, and its io_* counters, is kept)
 _SUMMED = ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back", "row_hits",
            "row_misses", "row_admissions", "row_evictions", "row_writebacks", "row_agings")
@@ -283,7 +334,7 @@ class CachedTablePartitions(TablePartitions):
     """Owned partitions served through a hot-row cache over a write-back chunk cache over `store` (DESIGN §5)."""
 
     def __init__(self, store: TableStore, partitions: Iterable[int], budget_bytes: int, *,
-                 row_share: float = ROW_SHARE, io: str | None = None) -> None:
+                 row_share: float = ROW_SHARE, io: ChunkIO | Engine | None = None) -> None:
         """Serve `partitions` of `store` in at most `budget_bytes` of RAM.
 
         Args:
@@ -292,7 +343,9 @@ class CachedTablePartitions(TablePartitions):
             budget_bytes: RAM for rows and chunks together (bookkeeping of the row cache included).
             row_share: share of the budget for the hot-row cache; the chunk cache gets the rest, at
                 least one chunk of the largest array (0: chunks only).
-            io: chunk I/O engine, "tensorstore" (default) or "zarr" (storage/chunk_io.py).
+            io: chunk I/O: an engine name (None: raw in place for raw arrays, TensorStore for
+                compressed ones; storage/chunk_io.py), opened once for the table's life and released
+                by `close()`, or a `ChunkIO` over `store` that the caller keeps and closes.
         Raises: ConfigError for a row_share outside [0, 1).
         """
         if not 0 <= row_share < 1:
@@ -301,7 +354,9 @@ class CachedTablePartitions(TablePartitions):
         self.store = store
         self.budget_bytes = int(budget_bytes)
         self.row_share = row_share
-        self._io = io
+        self._owns_io = not isinstance(io, ChunkIO)
+        self.io = io if isinstance(io, ChunkIO) else open_chunk_io(store, io)  # one ChunkIO for the table's life
+        logger.info("table %s: cached partitions' chunk I/O by array: %s", self.spec.name, self.io.engines)
         self._names = store.array_names
         self._retired: dict[str, float] = {}  # counters of caches replaced by add/remove
         self._build(sorted(int(p) for p in partitions))
@@ -312,8 +367,7 @@ class CachedTablePartitions(TablePartitions):
         chunk_bytes = max(min_cache_bytes(self.store), min(chunk_set_bytes(self.store), self.budget_bytes),
                           int(self.budget_bytes * (1 - self.row_share)))
         chunk_bytes = min(chunk_bytes, self.budget_bytes)
-        io = self._cache.lower.io if hasattr(self, "_cache") else self._io  # one ChunkIO for the table's life
-        lower = CachedPartitions(self.store, partitions, chunk_bytes, io=io)
+        lower = CachedPartitions(self.store, partitions, chunk_bytes, io=self.io)
         self._cache = HotRowCache(lower, self.budget_bytes - chunk_bytes)
 
     @property
@@ -333,8 +387,12 @@ class CachedTablePartitions(TablePartitions):
         self._cache.update_rows(rows, apply)
 
     def _rebuild(self, partitions: Iterable[int]) -> None:
-        """A cache over another partition set (the old one flushed first; its rows and chunks are dropped)."""
+        """A cache over another partition set (the old one flushed first; its rows and chunks are dropped).
+
+        The chunk I/O's open files are released too: a partition that arrives may have been written
+        by zarr-python (`add`) or by its previous owner, and one that leaves is another's to write."""
         self._cache.flush()
+        self.io.close()
         for k, v in self._raw_metrics().items():
             if k in _SUMMED:
                 self._retired[k] = self._retired.get(k, 0.0) + float(v)
@@ -354,7 +412,10 @@ class CachedTablePartitions(TablePartitions):
         self._rebuild([q for q in self.partitions if q != p])
 
     def export(self, p: int) -> Arrays:
+        # a hand-off: the next owner may read p from this store, so the files are closed as well as
+        # flushed (on a network file system, close is what publishes in-place writes to other hosts)
         self._cache.flush()
+        self.io.close()
         return self.store.read_partition(p)
 
     def save(self, target: TableStore) -> None:
@@ -362,6 +423,13 @@ class CachedTablePartitions(TablePartitions):
 
     def flush(self) -> None:
         self._cache.flush()
+
+    def close(self) -> None:
+        """Flush, then release the chunk I/O's open files (if this object opened it)."""
+        if not self.store.read_only:
+            self._cache.flush()
+        if self._owns_io:
+            self.io.close()
 
     def resident_bytes(self) -> int:
         return int(self.metrics()["cache_bytes"])
@@ -466,6 +534,10 @@ class TieredPartitions(TablePartitions):
     def flush(self) -> None:
         if self.cached is not None:
             self.cached.flush()
+
+    def close(self) -> None:
+        if self.cached is not None:
+            self.cached.close()
 
     def resident_bytes(self) -> int:
         return self.resident.resident_bytes() + (self.cached.resident_bytes() if self.cached is not None else 0)

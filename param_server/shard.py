@@ -61,6 +61,7 @@ from param_server.optimizers import (
     sum_duplicates,
 )
 from param_server.partitions import (
+    DEFAULT_CACHE_SHARE,
     Arrays,
     CachedTablePartitions,
     ResidentPartitions,
@@ -91,7 +92,7 @@ class ShardConfig:
     wait_timeout_s: float = 30.0  # longest a min_step lookup waits before DEADLINE_EXCEEDED
     max_rows_per_request: int = 1 << 22  # rows (or pooled entries) in one request
     ram_budget_bytes: int | None = None  # partition data held in RAM; None = everything resident (§5)
-    cache_share: float = 0.5  # share of the budget kept for the chunk cache when not everything fits
+    cache_share: float = DEFAULT_CACHE_SHARE  # share of the budget kept for the caches when not everything fits
 
     def __post_init__(self) -> None:
         if self.ram_budget_bytes is not None and self.ram_budget_bytes <= 0:
@@ -595,12 +596,12 @@ class Shard:
         return out
 
     def close(self) -> None:
-        """Refuse new pushes, apply the queued ones, stop the apply thread, write the cache back."""
+        """Refuse new pushes, apply the queued ones, stop the apply thread, write the cache back and
+        release its open chunk files."""
         self._queue.close()
         with self._cond:
             for t in self._tables.values():
-                if t.store is not None and not t.store.read_only:
-                    t.parts.flush()
+                t.parts.close()  # a read-only cache writes nothing back
 
     def __enter__(self) -> Self:
         return self

@@ -16,9 +16,11 @@ needs), then the missing chunks are loaded in batches that fit the budget: the l
 chunks are evicted (the dirty ones written back in one batch), the batch is read in one call, and
 rows are gathered or scattered with numpy fancy indexing. `update_rows` (the cached optimizer
 step) reads, changes and writes rows in one visit per chunk, batch by batch, each batch's chunks of
-every array fitting the budget together. The batched I/O is `storage/chunk_io.py`:
-TensorStore by default (whole-chunk reads ~5x and writes ~2-3x faster than zarr-python on the same
-Zarr v3 files, measured there), zarr-python as the fallback.
+every array fitting the budget together. The batched I/O is `storage/chunk_io.py`: by default
+`pread`/`pwrite` in place on the chunk files of raw (uncompressed) arrays, TensorStore for
+compressed ones; the engine serving each array is in `metrics()` (`io_raw_arrays`, `io_engine.*`).
+The cache owns an engine it opened itself and releases its files in `close()`; one handed in
+(`io=ChunkIO`) belongs to the caller (`CachedTablePartitions` keeps one for a table's life).
 
 Rows are global rows (row r of the table lives in partition r % NP at local row r // NP,
 DESIGN §4.1), the same numbering the shard receives on the wire. One lock makes every public
@@ -37,7 +39,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from storage.chunk_io import ChunkIO, Engine, open_chunk_io
+from storage.chunk_io import ENGINES, ChunkIO, Engine, open_chunk_io
 from storage.errors import LayoutError, ReadOnlyTableError
 from storage.layout import check_partition, table_arrays
 from storage.table_store import TableStore
@@ -73,8 +75,9 @@ class CachedPartitions:
             partitions: partition ids owned here (the cache refuses rows of any other).
             budget_bytes: most bytes of chunk data held at once; at least one chunk of the largest
                 array (a request touching more chunks than fit is served in several batches).
-            io: the chunk I/O (a `ChunkIO` over `store`, or an engine name; default TensorStore,
-                zarr-python when TensorStore is missing).
+            io: the chunk I/O: a `ChunkIO` over `store` (the caller keeps it and closes it), or an
+                engine name (None: raw in place for raw arrays, TensorStore for compressed ones;
+                this cache then owns it and `close()` releases it).
 
         Raises: LayoutError for a bad partition id or a budget smaller than one chunk.
         """
@@ -99,6 +102,9 @@ class CachedPartitions:
                 f"({largest} B); give at least one chunk of the largest array"
             )
         self.budget_bytes = int(budget_bytes)
+        if isinstance(io, ChunkIO) and io.store is not store:
+            raise LayoutError(f"table {self.spec.name}: the chunk I/O serves {io.store.path}, not {store.path}")
+        self._owns_io = not isinstance(io, ChunkIO)
         self.io = io if isinstance(io, ChunkIO) else open_chunk_io(store, io)
         # chunks per partition of each array: chunk c of partition p has key (name, p * n + c)
         R = self.spec.rows_per_partition
@@ -124,7 +130,7 @@ class CachedPartitions:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.flush()
+        self.close()
 
     # --- public API --------------------------------------------------------------------------
 
@@ -257,38 +263,57 @@ class CachedPartitions:
             if dirty:
                 logger.debug("table %s: flushed %d dirty chunks", self.spec.name, len(dirty))
 
-    def copy_to(self, target: TableStore) -> None:
-        """Flush, then copy the owned partitions into `target` (same spec), one chunk at a time.
+    def close(self) -> None:
+        """Flush, then release the chunk I/O's open files if this cache opened it (idempotent)."""
+        with self._lock:
+            if not self.store.read_only:
+                self.flush()
+            if self._owns_io:
+                self.io.close()
 
-        For checkpoints: `target` is a table group created with `initialize=False`; only this
-        cache's partitions are written there (each by its single owner). Bypasses the cache, so it
-        neither evicts hot chunks nor holds more than one chunk of extra memory.
+    def copy_to(self, target: TableStore) -> None:
+        """Flush, then copy the owned partitions into `target` (same spec), a block at a time.
+
+        For checkpoints: `target` is a table group created with `initialize=False` (its own chunks
+        and codecs; zstd state by default); only this cache's partitions are written there (each by
+        its single owner). Blocks are whole chunks of both tables (the larger chunk), read through
+        this cache's chunk I/O and written with zarr-python, so a small source chunk never makes
+        the target re-encode one of its chunks several times. Bypasses the cache, so it neither
+        evicts hot chunks nor holds more than one block of extra memory.
         Raises: LayoutError if target's spec differs; ReadOnlyTableError if target is read-only.
         """
         if target.spec != self.spec:
             raise LayoutError(f"copy_to: target spec {target.spec} differs from {self.spec}")
+        if target.read_only:
+            raise ReadOnlyTableError(f"table {target.spec.name} at {target.path} is open read-only")
         with self._lock:
             self.flush()
             for p in self.partitions:
                 valid = self.spec.valid_rows(p)
                 for name in self._names:
-                    step = self._chunk_rows[name]
+                    step = max(self._chunk_rows[name], target.chunk_shape(name)[1])
                     for start in range(0, valid, step):
-                        rows = np.arange(start, min(start + step, valid))
-                        target.write_rows(p, rows, self.store.read_rows(p, rows, names=[name]))
+                        stop = min(start + step, valid)
+                        (block,) = self.io.read(name, [(p, start, stop)])
+                        target.write_rows(p, np.arange(start, stop), {name: block})
 
     def metrics(self) -> dict[str, float]:
         """Counters: cache_bytes (chunk data held), budget_bytes, chunks, dirty_chunks, hits, misses
         (one per (array, chunk) a request touches), hit_rate, evictions, writebacks, rows_read,
         rows_written, bytes_loaded, bytes_written_back, and the chunk I/O's io_read_s, io_write_s
-        (seconds spent in the store), io_read_ops, io_write_ops."""
+        (seconds spent in the store), io_read_ops, io_write_ops, io_open_files, the engines:
+        io_<engine>_arrays (arrays each engine serves) and io_engine.<array>.<engine> = 1."""
         with self._lock:
             c = dict(self._counters)
             accesses = c["hits"] + c["misses"]
             io = self.io.counters
+            engines = self.io.engines
             return {
                 "io_read_s": io["read_s"], "io_write_s": io["write_s"],
                 "io_read_ops": io["read_ops"], "io_write_ops": io["write_ops"],
+                "io_open_files": self.io.open_files(),
+                **{f"io_{e}_arrays": sum(1 for v in engines.values() if v == e) for e in ENGINES},
+                **{f"io_engine.{n}.{e}": 1 for n, e in engines.items()},
                 "cache_bytes": self._bytes,
                 "budget_bytes": self.budget_bytes,
                 "chunks": len(self._chunks),

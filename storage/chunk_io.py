@@ -2,33 +2,70 @@
 
 The chunk cache (storage/chunk_cache.py) moves whole chunks between RAM and the table's Zarr v3
 group: it loads a chunk on a miss and writes a dirty one back on eviction or flush. This module is
-that I/O, batched: a list of chunk spans goes down in one call, so the engine can keep several
-file operations in flight.
+that I/O, batched: a list of chunk spans goes down in one call.
 
-Two engines, chosen by `open_chunk_io(store, engine)`:
+Three engines, chosen by `open_chunk_io(store, engine)`:
 
-- `TensorStoreChunkIO` (default): the same Zarr v3 arrays opened through TensorStore's `zarr3`
-  driver; every chunk of a batch is issued as a future, then all are awaited. Measured on the
-  2-core machine (2026-12, page-cache-warm files): a whole chunk of 32-256 rows x 512 B reads in
-  0.11 ms and writes in 0.30-0.45 ms, against 0.5-0.95 ms and 0.85-0.92 ms through zarr-python.
-  TensorStore's own chunk cache is off (`cache_pool` 0: the RAM budget is ours to account for) and
-  so is its per-file fsync (`file_io_sync`): like zarr-python's writes, the work store is not a
-  checkpoint; checkpoints are written separately with an fsynced manifest (storage/checkpoint.py).
-- `ZarrChunkIO`: the store's own zarr-python reader and writer, one chunk at a time; used when
-  TensorStore is not installed, and kept for side-by-side measurements (bench/beyond_ram.py).
+- `RawChunkIO` ("raw", the default): for arrays whose codec chain is only the `bytes` codec
+  (little-endian, no compressor, filter or transpose; fill value 0), a chunk file *is* the chunk's
+  C-order bytes, so a chunk is read with one `os.preadv` straight into a preallocated numpy buffer
+  and written **in place** with `os.pwrite`: no new file, no rename. A missing chunk file reads as
+  the fill value 0 (zarr-python and TensorStore never write all-fill chunks); writing one creates
+  it (and its directories) at full chunk size. The file of a chunk comes from the array's own
+  metadata (`ArrayV3Metadata.encode_chunk_key`: key encoding and separator), never from a layout
+  written here. Open file descriptors are kept in a bounded LRU (`max_open_files`) and released by
+  `close()`, which the owner calls (`CachedTablePartitions`; a `CachedPartitions` that opened its
+  own engine), and again when chunk files may have been replaced behind the engine's back (a
+  partition added or removed: zarr-python and TensorStore write a new file and rename it, so an
+  old descriptor would point at the unlinked one). Arrays that are not raw (zstd optimizer state
+  in a table created with `compress_state=True`) fall back, per array, to TensorStore (zarr-python
+  when it is missing), so the engine serves any of our tables; `engines` says which array went where.
+  Measured on the loaded 2-core machine (2026-12, page-cache-warm files, bench/beyond_ram.py): a
+  whole-chunk write through TensorStore costs 0.3-1.3 ms, 100-200 MB/s; an in-place `pwrite` into
+  the page cache moves ~1 GB/s or more.
+- `TensorStoreChunkIO`: the arrays opened through TensorStore's `zarr3` driver; every chunk of a
+  batch is issued as a future, then all are awaited. TensorStore's own chunk cache is off
+  (`cache_pool` 0: the RAM budget is ours to account for) and so is its per-file fsync.
+- `ZarrChunkIO`: the store's own zarr-python reader and writer, one chunk at a time (~1 ms each).
 
-The on-disk format is untouched: both engines read and write the plain Zarr v3 chunks that
-`storage/table_store.py` creates (bfloat16 values as uint16 bits, `layout.to_storage`).
-A span is (partition, first local row, stop); spans never straddle partitions, and one chunk
-cache owns the partitions it writes, so every chunk keeps a single writer.
+**Why writing in place is safe here.** A torn chunk (a crash in the middle of a `pwrite`) would be
+a problem only if someone read the work store back after the crash, and nobody does:
+1. The shard's work store is not a checkpoint. Checkpoints are separate table groups that
+   `Shard.save` fills while pushes are held, with an fsynced manifest written last
+   (storage/checkpoint.py); a checkpoint without a valid manifest is never loaded.
+2. A restarted shard reloads from its checkpoint and replays its log (param_server/actor.py
+   `_load`, `_open_log`): the newest valid checkpoint is the source of every partition, cached ones
+   are copied from it into the work store (`Shard.load_table` -> `copy_partition`), or, before the
+   first checkpoint, re-initialised from their seed (`initialize_partitions`, `zero_state`); then
+   the update log replays the pushes acknowledged since. orchestration/distributed.py resumes the
+   same way (`--resume`: tables from the checkpoint, the work groups rewritten by the shards).
+3. One writer per chunk: chunks never straddle partitions (storage/layout.py), each partition has
+   one owner, and all access to a table's chunks goes through one cache under its lock (the engine
+   takes its own lock too). A partition handed to another shard is flushed, and its descriptors
+   closed, before the new owner reads it.
+The one store served without a checkpoint beneath it is `ultramem shard serve --ram-budget-mb`
+over a user's table: there a crash already left a mix of chunks from different steps (dirty chunks
+go back at eviction, in any order), and in-place writes only add that one chunk may be torn.
+
+The on-disk format is untouched: all engines read and write plain Zarr v3 chunks that zarr-python
+and TensorStore read (bfloat16 values as uint16 bits, `layout.to_storage`). A span is
+(partition, first local row, stop); spans never straddle partitions.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import sys
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -38,14 +75,21 @@ try:  # imported with the module, so a shard's baseline RSS already holds the li
 except ImportError:  # pragma: no cover - the zarr-python fallback below
     ts = None
 
+from zarr.codecs import BytesCodec
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata.v3 import ArrayV3Metadata
+
 from storage.errors import LayoutError, ReadOnlyTableError
-from storage.layout import from_storage, table_arrays, to_storage
+from storage.layout import ArrayLayout, from_storage, table_arrays, to_storage
 from storage.table_store import TableStore
 
 logger = logging.getLogger(__name__)
 
 Span = tuple[int, int, int]  # (partition, first local row, stop): rows [start, stop) of partition p
-Engine = Literal["tensorstore", "zarr"]
+WriteItem = tuple[str, int, int, np.ndarray]  # (array name, partition, first local row, data [n, ...])
+Engine = Literal["raw", "tensorstore", "zarr"]
+ENGINES: tuple[str, ...] = ("raw", "tensorstore", "zarr")
+MAX_OPEN_FILES = 256  # chunk files a RawChunkIO keeps open (LRU); also capped by RLIMIT_NOFILE / 8
 
 
 class ChunkIO(ABC):
@@ -53,14 +97,16 @@ class ChunkIO(ABC):
 
     engine: str
 
-    def __init__(self, store: TableStore) -> None:
+    def __init__(self, store: TableStore, names: Sequence[str] | None = None) -> None:
         self.store = store
         self._layouts = table_arrays(store.spec)
+        self.names: tuple[str, ...] = tuple(names) if names is not None else store.array_names
+        self.engines: dict[str, str] = dict.fromkeys(self.names, self.engine)  # array -> engine serving it
         self.counters = {"read_s": 0.0, "write_s": 0.0, "read_bytes": 0, "write_bytes": 0,
                          "read_ops": 0, "write_ops": 0}
 
     def read(self, name: str, spans: Sequence[Span]) -> list[np.ndarray]:
-        """Read chunk spans of array `name` -> one array [stop - start, ...] per span, logical dtype."""
+        """Read spans of array `name` -> one fresh array [stop - start, ...] per span, logical dtype."""
         if not spans:
             return []
         t0 = time.perf_counter()
@@ -70,7 +116,7 @@ class ChunkIO(ABC):
         self.counters["read_ops"] += len(spans)
         return out
 
-    def write(self, items: Sequence[tuple[str, int, int, np.ndarray]]) -> None:
+    def write(self, items: Sequence[WriteItem]) -> None:
         """Write (array name, partition, first local row, data [n, ...]) items: rows [start, start + n)."""
         if not items:
             return
@@ -82,11 +128,18 @@ class ChunkIO(ABC):
         self.counters["write_bytes"] += sum(d.nbytes for *_, d in items)
         self.counters["write_ops"] += len(items)
 
+    def open_files(self) -> int:
+        """File descriptors held open between calls (0 for engines that keep none)."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook: only the raw engine holds files open
+        """Release open files; a later call reopens what it needs (so calling it twice is harmless)."""
+
     @abstractmethod
     def _read(self, name: str, spans: Sequence[Span]) -> list[np.ndarray]: ...
 
     @abstractmethod
-    def _write(self, items: Sequence[tuple[str, int, int, np.ndarray]]) -> None: ...
+    def _write(self, items: Sequence[WriteItem]) -> None: ...
 
 
 class TensorStoreChunkIO(ChunkIO):
@@ -94,16 +147,17 @@ class TensorStoreChunkIO(ChunkIO):
 
     engine = "tensorstore"
 
-    def __init__(self, store: TableStore, *, concurrency: int = 4) -> None:
+    def __init__(self, store: TableStore, names: Sequence[str] | None = None, *, concurrency: int = 4) -> None:
+        """Open `names` (default: every array) of `store`; ImportError when TensorStore is missing."""
         if ts is None:
             raise ImportError("tensorstore is not installed")
-        super().__init__(store)
+        super().__init__(store, names)
         context = ts.Context({"cache_pool": {"total_bytes_limit": 0},
                               "file_io_concurrency": {"limit": concurrency},
                               "file_io_sync": False, "data_copy_concurrency": {"limit": 1}})
         self._arrays = {}
-        for name in store.array_names:
-            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store.path / name)}}
+        for name in self.names:
+            spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store.array_path(name))}}
             self._arrays[name] = ts.open(spec, read=True, write=not store.read_only, open=True,
                                          context=context).result()
 
@@ -112,7 +166,7 @@ class TensorStoreChunkIO(ChunkIO):
         futures = [arr[p, start:stop].read() for p, start, stop in spans]
         return [from_storage(np.asarray(f.result()), dtype) for f in futures]
 
-    def _write(self, items: Sequence[tuple[str, int, int, np.ndarray]]) -> None:
+    def _write(self, items: Sequence[WriteItem]) -> None:
         futures = [self._arrays[name][p, start:start + len(data)].write(to_storage(np.ascontiguousarray(data)))
                    for name, p, start, data in items]
         for f in futures:
@@ -120,32 +174,209 @@ class TensorStoreChunkIO(ChunkIO):
 
 
 class ZarrChunkIO(ChunkIO):
-    """Chunk I/O through the store's zarr-python arrays, one chunk op at a time (the fallback)."""
+    """Chunk I/O through the store's zarr-python arrays, one chunk op at a time (the last fallback)."""
 
     engine = "zarr"
 
     def _read(self, name: str, spans: Sequence[Span]) -> list[np.ndarray]:
         return [self.store.read_rows(p, np.arange(start, stop), names=[name])[name] for p, start, stop in spans]
 
-    def _write(self, items: Sequence[tuple[str, int, int, np.ndarray]]) -> None:
+    def _write(self, items: Sequence[WriteItem]) -> None:
         for name, p, start, data in items:
             self.store.write_rows(p, np.arange(start, start + len(data)), {name: data})
 
 
-def open_chunk_io(store: TableStore, engine: Engine | None = None) -> ChunkIO:
-    """Chunk I/O over `store`: TensorStore by default, zarr-python when asked or when TensorStore is missing.
+@dataclass(frozen=True)
+class _RawArray:
+    """What the raw engine needs of one array: where its chunk files are and how rows sit in them."""
 
-    Spans must end at or before `valid_rows(p)` (zarr-python refuses padding rows).
-    Raises: LayoutError for an unknown engine.
-    """
-    if engine not in (None, "tensorstore", "zarr"):
-        raise LayoutError(f"chunk I/O engine must be 'tensorstore' or 'zarr', got {engine!r}")
+    directory: Path  # the array's directory; chunk keys are relative to it
+    metadata: ArrayV3Metadata  # encode_chunk_key: the array's own key encoding and separator
+    layout: ArrayLayout
+    chunk_rows: int
+    row_bytes: int  # bytes of one row in the file (storage dtype)
+    chunk_nbytes: int  # size of every chunk file (edge chunks are stored full size too)
+
+
+def raw_layout_problem(metadata: ArrayV3Metadata, layout: ArrayLayout) -> str | None:
+    """Why an array's chunk files are not its plain little-endian bytes (None: they are)."""
+    codecs = tuple(metadata.codecs)
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return f"codecs {[type(c).__name__ for c in codecs]}, not only bytes"
+    endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+    if endian not in (None, "little") or (endian is None and layout.storage_dtype.itemsize > 1):
+        return f"bytes codec endian {endian!r}"
+    if sys.byteorder != "little":
+        return "this machine is big-endian"
+    if metadata.storage_transformers:
+        return "storage transformers"
+    if not isinstance(metadata.chunk_grid, RegularChunkGrid):
+        return f"chunk grid {type(metadata.chunk_grid).__name__}"
+    if np.dtype(metadata.data_type.to_native_dtype()).newbyteorder("<") != layout.storage_dtype.newbyteorder("<"):
+        return f"data type {metadata.data_type}"
+    if np.asarray(metadata.fill_value).astype(layout.storage_dtype).tobytes() != bytes(layout.storage_dtype.itemsize):
+        return f"fill value {metadata.fill_value!r} (a missing chunk must read as zero bytes)"
+    return None
+
+
+def _close_fds(fds: OrderedDict[tuple[str, int, int], int]) -> None:
+    while fds:
+        os.close(fds.popitem(last=False)[1])
+
+
+class RawChunkIO(ChunkIO):
+    """Chunk I/O with `pread`/`pwrite` on the chunk files of raw arrays, in place; the rest falls back."""
+
+    engine = "raw"
+
+    def __init__(self, store: TableStore, *, max_open_files: int = MAX_OPEN_FILES,
+                 fallback: Literal["tensorstore", "zarr"] | None = None) -> None:
+        """Serve the raw arrays of `store` in place and the others through `fallback`.
+
+        Args:
+            store: the table group (read-only stores open files read-only and refuse writes).
+            max_open_files: chunk files kept open between calls (least recently used closed first).
+            fallback: engine for arrays that are not raw; default TensorStore, zarr-python without it.
+        Raises: LayoutError for max_open_files < 1 or an unknown fallback.
+        """
+        super().__init__(store)
+        if isinstance(max_open_files, bool) or not isinstance(max_open_files, int) or max_open_files < 1:
+            raise LayoutError(f"max_open_files must be an int >= 1, got {max_open_files!r}")
+        if fallback not in (None, "tensorstore", "zarr"):
+            raise LayoutError(f"fallback engine must be 'tensorstore' or 'zarr', got {fallback!r}")
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_open_files = max(1, min(max_open_files, soft // 8)) if soft > 0 else max_open_files
+        self._raw: dict[str, _RawArray] = {}
+        others = []
+        for name in store.array_names:
+            metadata, layout = store.array_metadata(name), self._layouts[name]
+            problem = raw_layout_problem(metadata, layout)
+            if problem is not None:
+                others.append(name)
+                logger.debug("table %s array %s is not raw (%s): it falls back", store.spec.name, name, problem)
+                continue
+            rows = store.chunk_shape(name)[1]
+            row_bytes = int(np.prod(layout.trailing, dtype=np.int64)) * layout.storage_dtype.itemsize
+            self._raw[name] = _RawArray(store.array_path(name), metadata, layout, rows, row_bytes, rows * row_bytes)
+        self._fallback = _open_fallback(store, others, fallback) if others else None
+        for name in others:
+            self.engines[name] = self._fallback.engine  # type: ignore[union-attr]
+        self._fds: OrderedDict[tuple[str, int, int], int] = OrderedDict()  # (array, p, chunk) -> fd, LRU first
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)  # an owner that forgets close()
+
+    def open_files(self) -> int:
+        with self._lock:
+            return len(self._fds)
+
+    def close(self) -> None:
+        with self._lock:
+            _close_fds(self._fds)
+
+    def _read(self, name: str, spans: Sequence[Span]) -> list[np.ndarray]:
+        a = self._raw.get(name)
+        if a is None:
+            return self._fallback._read(name, spans)  # type: ignore[union-attr]
+        out = []
+        with self._lock:
+            for p, start, stop in spans:
+                buf = np.empty((stop - start, *a.layout.trailing), dtype=a.layout.storage_dtype)
+                flat = memoryview(buf).cast("B")  # buf is C-contiguous: its bytes are the rows in order
+                for c, lo, hi in _pieces(start, stop, a.chunk_rows):
+                    part = flat[(lo - start) * a.row_bytes:(hi - start) * a.row_bytes]
+                    fd = self._fd(a, name, p, c, create=False)
+                    if fd is None:  # never written: the fill value
+                        buf[lo - start:hi - start] = 0
+                        continue
+                    got = os.preadv(fd, [part], (lo - c * a.chunk_rows) * a.row_bytes)
+                    if got != len(part):
+                        raise LayoutError(f"table {self.store.spec.name}: chunk file {self._path(a, p, c)} is "
+                                          f"shorter than {a.chunk_nbytes} B (truncated?)")
+                out.append(from_storage(buf, a.layout.dtype))
+        return out
+
+    def _write(self, items: Sequence[WriteItem]) -> None:
+        other = [item for item in items if item[0] not in self._raw]
+        with self._lock:
+            for name, p, start, data in items:
+                a = self._raw.get(name)
+                if a is None:
+                    continue
+                flat = memoryview(np.ascontiguousarray(to_storage(data))).cast("B")
+                for c, lo, hi in _pieces(start, start + len(data), a.chunk_rows):
+                    part = flat[(lo - start) * a.row_bytes:(hi - start) * a.row_bytes]
+                    fd = self._fd(a, name, p, c, create=True)
+                    assert fd is not None
+                    written = os.pwrite(fd, part, (lo - c * a.chunk_rows) * a.row_bytes)
+                    if written != len(part):  # a regular file short-writes only when the disk is full
+                        raise OSError(f"short write to {self._path(a, p, c)}: {written} of {len(part)} B")
+        if other:
+            self._fallback._write(other)  # type: ignore[union-attr]
+
+    def _path(self, a: _RawArray, p: int, c: int) -> Path:
+        coords = (p, c, *(0 for _ in a.layout.trailing))
+        return a.directory / a.metadata.encode_chunk_key(coords)
+
+    def _fd(self, a: _RawArray, name: str, p: int, c: int, *, create: bool) -> int | None:
+        """Open descriptor of chunk c of partition p (most recently used now); None if missing and not create."""
+        key = (name, p, c)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        path = self._path(a, p, c)
+        try:
+            fd = os.open(path, os.O_RDONLY if self.store.read_only else os.O_RDWR)
+        except FileNotFoundError:
+            if not create:
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(fd).st_size < a.chunk_nbytes:  # full size at once: the rest reads as 0, the fill value
+                os.ftruncate(fd, a.chunk_nbytes)
+        self._fds[key] = fd
+        while len(self._fds) > self.max_open_files:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+
+def _pieces(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int, int]]:
+    """Rows [start, stop) split at chunk boundaries -> (chunk, lo, hi) with [lo, hi) inside that chunk."""
+    out = []
+    lo = start
+    while lo < stop:
+        c = lo // chunk_rows
+        hi = min(stop, (c + 1) * chunk_rows)
+        out.append((c, lo, hi))
+        lo = hi
+    return out
+
+
+def _open_fallback(store: TableStore, names: Sequence[str], engine: str | None) -> ChunkIO:
     if engine == "zarr":
-        return ZarrChunkIO(store)
+        return ZarrChunkIO(store, names)
     try:
-        return TensorStoreChunkIO(store)
+        return TensorStoreChunkIO(store, names)
     except ImportError:
         if engine == "tensorstore":
             raise
-        logger.warning("tensorstore is not installed: the chunk cache falls back to zarr-python (~5x slower)")
+        logger.warning("tensorstore is not installed: compressed arrays fall back to zarr-python (~5x slower)")
+        return ZarrChunkIO(store, names)
+
+
+def open_chunk_io(store: TableStore, engine: Engine | None = None) -> ChunkIO:
+    """Chunk I/O over `store`: by default raw (in place) for raw arrays and TensorStore for the rest.
+
+    engine "tensorstore" or "zarr" forces that engine for every array (side-by-side measurements);
+    "raw" or None is the default. Spans must end at or before `valid_rows(p)` (zarr-python refuses
+    padding rows). Raises: LayoutError for an unknown engine; ImportError for "tensorstore" without it.
+    """
+    if engine not in (None, *ENGINES):
+        raise LayoutError(f"chunk I/O engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "zarr":
         return ZarrChunkIO(store)
+    if engine == "tensorstore":
+        return TensorStoreChunkIO(store)
+    io = RawChunkIO(store)
+    logger.debug("table %s chunk I/O engines: %s", store.spec.name, io.engines)
+    return io

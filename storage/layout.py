@@ -15,7 +15,11 @@ Zarr object (chunk file) is written by exactly one partition owner (DESIGN §5: 
 to one chunk silently lose data). The sharding codec is not used: zarr-python 3.1 cannot write an
 orthogonal row subset into a sharded array (DESIGN §8). `values` are stored uncompressed (trained
 floats barely compress, and decompression halves read speed); optimizer state, mostly zeros early
-on, uses zstd level 1. Every array has fill value 0, so state arrays need no initial writes.
+on, uses zstd level 1, except in work tables served beyond RAM (`table_arrays(spec,
+compress_state=False)`): there every array is plain `bytes` (little-endian), so the chunk cache
+reads and writes chunk files in place (storage/chunk_io.py, the raw engine). The codec chain is in
+each array's own zarr.json, so readers need no flag. Every array has fill value 0, so state arrays
+need no initial writes.
 
 Group attributes, under the key "ultramem" (`ATTRIBUTE_KEY`): every `TableSpec` field (`name`,
 `rows` = P, `dim` = d_v, `dtype`, `num_partitions` = NP, `optimizer`, `optimizer_args` (an
@@ -243,13 +247,18 @@ def state_layout(spec: TableSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]
     return out
 
 
-def table_arrays(spec: TableSpec) -> dict[str, ArrayLayout]:
-    """Every array of a table, `values` first, then the optimizer state in OPTIMIZER_STATE order."""
+def table_arrays(spec: TableSpec, *, compress_state: bool = True) -> dict[str, ArrayLayout]:
+    """Every array of a table, `values` first, then the optimizer state in OPTIMIZER_STATE order.
+
+    compress_state: optimizer state in zstd (the default: checkpoints, resident tables); False for
+    work tables served beyond RAM, whose chunks the raw engine rewrites in place (storage/chunk_io.py).
+    Only `create_table` needs it: readers take the codecs from each array's metadata.
+    """
     arrays = {
         VALUES: ArrayLayout(VALUES, (spec.dim,), numpy_dtype(spec.dtype), storage_dtype(spec.dtype), False)
     }
     for name, (trailing, dtype) in state_layout(spec).items():
-        arrays[name] = ArrayLayout(name, trailing, dtype, dtype, True)
+        arrays[name] = ArrayLayout(name, trailing, dtype, dtype, compress_state)
     return arrays
 
 

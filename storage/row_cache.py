@@ -224,6 +224,13 @@ class HotRowCache:
                 self._counters["row_writebacks"] += dirty.size
             self.lower.flush()
 
+    def close(self) -> None:
+        """Flush, then close the chunk cache below (which releases the files of an engine it owns)."""
+        with self._lock:
+            if not self.lower.store.read_only:
+                self.flush()
+            self.lower.close()
+
     def copy_to(self, target: TableStore) -> None:
         """Flush, then copy the owned partitions into `target` (see `CachedPartitions.copy_to`)."""
         with self._lock:

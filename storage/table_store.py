@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.storage import LocalStore
 
 from storage.errors import LayoutError, ReadOnlyTableError, TableExistsError, TableNotFoundError
@@ -52,6 +53,7 @@ def create_table(
     initialize: bool | Iterable[int] = True,
     overwrite: bool = False,
     target_chunk_bytes: int = DEFAULT_TARGET_CHUNK_BYTES,
+    compress_state: bool = True,
 ) -> TableStore:
     """Create a table group at path: arrays, attributes and (optionally) initial values.
 
@@ -65,6 +67,9 @@ def create_table(
             targets). Optimizer state needs no writes: it starts at the fill value 0.
         overwrite: replace an existing table at path (never anything that is not a table).
         target_chunk_bytes: about how many bytes one chunk holds (chunk rows are capped at R).
+        compress_state: optimizer state in zstd (default, for checkpoints and resident tables);
+            False makes every array plain little-endian `bytes`, which the chunk cache's raw engine
+            reads and rewrites in place (work tables served beyond RAM; storage/chunk_io.py).
 
     Returns: a writable TableStore.
     Raises: TableExistsError if path holds data (or, with overwrite, data that is not a table);
@@ -79,7 +84,9 @@ def create_table(
         partitions = []
     else:
         partitions = [check_partition(spec, p) for p in initialize]
-    layouts = table_arrays(spec)
+    if not isinstance(compress_state, bool):
+        raise LayoutError(f"compress_state must be a bool, got {compress_state!r}")
+    layouts = table_arrays(spec, compress_state=compress_state)
     chunks = {name: a.chunks(spec, target_chunk_bytes) for name, a in layouts.items()}  # validates target
     _clear_for_create(path, overwrite)
 
@@ -97,12 +104,13 @@ def create_table(
             attributes=array_attributes(spec, a),
         )
     logger.info(
-        "created table %s at %s: %s partitions x %s rows, chunks %s",
+        "created table %s at %s: %s partitions x %s rows, chunks %s, state %s",
         spec.name,
         path,
         spec.num_partitions,
         spec.rows_per_partition,
         chunks,
+        "zstd" if compress_state else "raw",
     )
     store = TableStore(path, spec, arrays, read_only=False)
     store.initialize_partitions(partitions)
@@ -199,6 +207,16 @@ class TableStore:
     def chunk_shape(self, name: str) -> tuple[int, ...]:
         """Chunk shape (1, chunk_rows, *trailing) of one array."""
         return tuple(self._arrays[self._check_name(name)].chunks)
+
+    def array_metadata(self, name: str) -> ArrayV3Metadata:
+        """The Zarr v3 metadata of one array as stored (codecs, chunk key encoding, fill value)."""
+        metadata = self._arrays[self._check_name(name)].metadata
+        assert isinstance(metadata, ArrayV3Metadata), "tables are Zarr v3 (create_table, _open_array)"
+        return metadata
+
+    def array_path(self, name: str) -> Path:
+        """Directory of one array (its zarr.json and chunk keys live under it)."""
+        return self.path / self._check_name(name)
 
     def nbytes(self) -> dict[str, int]:
         """Uncompressed bytes per array, padding rows included: NP * R * prod(trailing) * itemsize."""

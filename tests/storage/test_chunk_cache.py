@@ -246,6 +246,27 @@ def test_copy_to_writes_only_owned_partitions_with_cached_changes(tmp_path):
         assert not copied[name][~owned].any()  # partition 1 was never written: fill value 0
 
 
+def test_copy_to_from_a_raw_work_table_fills_a_default_checkpoint_table(tmp_path):
+    spec = _spec("bfloat16")
+    store = create_table(tmp_path / "work", spec, target_chunk_bytes=SMALL_CHUNKS, compress_state=False)
+    oracle = _oracle(store)
+    cache = CachedPartitions(store, OWNED, budget_bytes=1 << 20)
+    assert set(cache.io.engines.values()) == {"raw"}
+    rows = _owned_rows(spec)[::3]
+    data = _random_arrays(oracle, len(rows), np.random.default_rng(4))
+    cache.write_rows(rows, data)  # dirty in the cache: copy_to must flush them first
+    target = create_table(tmp_path / "ckpt", spec, initialize=False)  # 2 MiB chunks, zstd state
+    cache.copy_to(target)
+    cache.close()
+    copied = _oracle(open_table(tmp_path / "ckpt"))
+    owned = np.isin(np.arange(spec.rows) % 4, OWNED)
+    for name in store.array_names:
+        oracle[name][rows] = data[name]
+        assert np.array_equal(_bits(copied[name][owned]), _bits(oracle[name][owned])), name
+        assert not _bits(copied[name][~owned]).any()
+    assert [type(c).__name__ for c in target.array_metadata("exp_avg").codecs] == ["BytesCodec", "ZstdCodec"]
+
+
 _RSS_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, psutil

@@ -188,3 +188,21 @@ def test_bad_writes_change_nothing(tmp_path):
     ro = HotRowCache(CachedPartitions(open_table(tmp_path / "t", "r"), OWNED, 1 << 16), 1 << 16)
     with pytest.raises(ReadOnlyTableError):
         ro.write_rows(rows[:1], {"values": np.zeros((1, 8), np.float32)})
+
+
+def test_close_writes_dirty_rows_in_place_and_releases_the_chunk_files(tmp_path):
+    store = create_table(tmp_path / "t", _spec(), target_chunk_bytes=SMALL_CHUNKS, compress_state=False)
+    cache = _cache(store, 4)
+    assert set(cache.lower.io.engines.values()) == {"raw"}
+    rows = _owned_rows(store.spec)[:3]
+    new = _random_arrays(_oracle(store), len(rows), np.random.default_rng(2))
+    cache.read_rows(rows)  # admitted: the write below stays in RAM, dirty
+    cache.write_rows(rows, new)
+    assert cache.metrics()["row_dirty"] == len(rows) and cache.lower.io.open_files() > 0
+    cache.close()
+    assert cache.metrics()["row_dirty"] == 0 and cache.lower.io.open_files() == 0
+    reopened = open_table(tmp_path / "t")
+    for i, r in enumerate(rows.tolist()):
+        got = reopened.read_rows(r % 4, np.array([r // 4]))
+        for name, x in new.items():
+            assert np.array_equal(_bits(got[name][0]), _bits(x[i])), name

@@ -294,3 +294,34 @@ def test_nbytes_counts_every_array_uncompressed(tmp_path):
         "exp_avg_sq": 3 * 4 * 4 * 4,
         "step": 3 * 4 * 4,
     }
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compress_state_false_makes_every_array_plain_bytes_that_any_reader_reads(tmp_path, dtype):
+    import tensorstore as ts
+
+    spec = TableSpec("t", rows=53, dim=5, dtype=dtype, num_partitions=4, optimizer="adamw", seed=2)
+    raw = create_table(tmp_path / "raw", spec, target_chunk_bytes=64, compress_state=False)
+    default = create_table(tmp_path / "zstd", spec, target_chunk_bytes=64)
+    for name in raw.array_names:
+        codecs = [type(c).__name__ for c in raw.array_metadata(name).codecs]
+        assert codecs == ["BytesCodec"], name
+        zstd = [type(c).__name__ for c in default.array_metadata(name).codecs]
+        assert zstd == (["BytesCodec"] if name == "values" else ["BytesCodec", "ZstdCodec"]), name
+    group = zarr.open_group(tmp_path / "raw", mode="r")
+    for name in raw.array_names:
+        by_ts = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "raw" / name)}})
+        by_ts = by_ts.result().read().result()
+        assert np.array_equal(group[name][:], by_ts)
+        assert np.array_equal(by_ts, zarr.open_group(tmp_path / "zstd", mode="r")[name][:])
+        if name != "values":
+            assert not by_ts.any()  # state starts at the fill value 0
+    for p in range(4):
+        assert np.array_equal(raw.read_partition(p)["values"].view(np.uint8),
+                              init_partition_values(spec, p).view(np.uint8))
+
+
+def test_compress_state_must_be_a_bool(tmp_path):
+    with pytest.raises(LayoutError, match="compress_state"):
+        create_table(tmp_path / "t", TableSpec("t", rows=8, dim=2, num_partitions=2), compress_state="no")
+    assert not (tmp_path / "t").exists()
