@@ -25,54 +25,21 @@ from hypothesis import strategies as st
 from storage import LayoutError, ReadOnlyTableError, TableSpec, create_table, open_table
 from storage.chunk_cache import CachedPartitions
 from storage.chunk_io import RawChunkIO, open_chunk_io
-
-SMALL_CHUNKS = 160  # bytes per chunk: values chunks of 5 rows (float32) / 10 (bfloat16), step 40 rows
-OWNED = (0, 2, 3)  # partition 1 belongs to another shard
-
-
-def _spec(dtype: str = "float32", optimizer: str = "adamw") -> TableSpec:
-    # P = 47 rows over NP = 4: R = 12, partition 3 ends in a padding row
-    return TableSpec("t", rows=47, dim=8, dtype=dtype, num_partitions=4, optimizer=optimizer, seed=3)
+from tests.storage.test_chunk_cache import OWNED, SMALL_CHUNKS, _bits, _oracle, _random_arrays, _spec
 
 
 def _raw_table(path: Path, **kw) -> object:
     return create_table(path, _spec(**kw), target_chunk_bytes=SMALL_CHUNKS, compress_state=False)
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint16) if a.dtype == ml_dtypes.bfloat16 else a
-
-
-def _oracle(store) -> dict[str, np.ndarray]:
-    """The table as numpy arrays in global row order, read with zarr-python: {name: [P, ...]}."""
-    spec = store.spec
-    rows = np.arange(spec.rows)
-    out = {}
-    for name in store.array_names:
-        parts = {p: store.read_partition(p, [name])[name] for p in range(spec.num_partitions)}
-        out[name] = np.stack([parts[r % spec.num_partitions][r // spec.num_partitions] for r in rows])
-    return out
-
-
 def _tensorstore_table(path: Path, spec: TableSpec) -> dict[str, np.ndarray]:
-    """The same, read with TensorStore alone (bfloat16 values come back as their uint16 bits)."""
+    """The table in global row order, read with TensorStore alone (bfloat16 values as their uint16 bits)."""
     rows = np.arange(spec.rows)
     out = {}
     for name in open_table(path).array_names:
         arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / name)}}).result()
         whole = arr.read().result()
         out[name] = whole[rows % spec.num_partitions, rows // spec.num_partitions]
-    return out
-
-
-def _random_arrays(templates: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    out = {}
-    for name, a in templates.items():
-        shape = (n, *a.shape[1:])
-        if a.dtype == np.int32:
-            out[name] = rng.integers(0, 1000, shape).astype(np.int32)
-        else:
-            out[name] = rng.standard_normal(shape).astype(np.float32).astype(a.dtype)
     return out
 
 
