@@ -92,6 +92,19 @@ _op = st.one_of(
 )
 
 
+def _write(cache, oracle, rows: np.ndarray, names, rng: np.random.Generator
+           ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """write_rows of random data to `rows` (deduplicated, shuffled) of arrays `names` (None: all);
+    the oracle follows. Returns (the rows written [n], what was written {name: [n, ...]})."""
+    rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]
+    data = _random_arrays(oracle, len(rows), rng)
+    data = {n: data[n] for n in (names or oracle)}
+    cache.write_rows(rows, data)
+    for name, a in data.items():
+        oracle[name][rows] = a
+    return rows, data
+
+
 def _update(cache, oracle, rows: np.ndarray, rng: np.random.Generator) -> None:
     """update_rows with new random data per row; checks each block it is handed against the oracle."""
     new = _random_arrays(oracle, len(rows), rng)
@@ -130,12 +143,7 @@ def test_cached_reads_and_writes_match_a_resident_oracle(ops, dtype, budget_chun
                     assert np.array_equal(_bits(a), _bits(oracle[name][rows]))
                 accesses += _accesses(cache, rows, names or store.array_names)
             elif kind == "write":
-                rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]
-                data = _random_arrays(oracle, len(rows), rng)
-                data = {n: data[n] for n in (names or store.array_names)}
-                cache.write_rows(rows, data)
-                for name, a in data.items():
-                    oracle[name][rows] = a
+                rows, data = _write(cache, oracle, rows, names, rng)
                 accesses += _accesses(cache, rows, data)
             elif kind == "update":
                 rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from storage import LayoutError, ReadOnlyTableError, TableSpec, create_table, open_table
 from storage.chunk_cache import CachedPartitions
 from storage.chunk_io import RawChunkIO, open_chunk_io
-from tests.storage.test_chunk_cache import OWNED, SMALL_CHUNKS, _bits, _oracle, _random_arrays, _spec
+from tests.storage.test_chunk_cache import OWNED, SMALL_CHUNKS, _bits, _oracle, _random_arrays, _spec, _update, _write
 
 
 def _raw_table(path: Path, **kw) -> object:
@@ -85,24 +85,9 @@ def test_raw_cache_matches_an_oracle_and_zarr_and_tensorstore_read_what_it_wrote
                     assert a.dtype == oracle[name].dtype
                     assert np.array_equal(_bits(a), _bits(oracle[name][rows])), name
             elif kind == "write":
-                rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]
-                data = _random_arrays(oracle, len(rows), rng)
-                data = {n: data[n] for n in (names or store.array_names)}
-                cache.write_rows(rows, data)
-                for name, a in data.items():
-                    oracle[name][rows] = a
+                _write(cache, oracle, rows, names, rng)
             elif kind == "update":
-                rows = np.unique(rows)
-                new = _random_arrays(oracle, len(rows), rng)
-
-                def update(block, pos, rows=rows, new=new):
-                    for name, a in block.items():
-                        assert np.array_equal(_bits(a), _bits(oracle[name][rows[pos]])), name
-                        a[...] = new[name][pos]
-
-                cache.update_rows(rows, update)
-                for name, a in new.items():
-                    oracle[name][rows] = a
+                _update(cache, oracle, np.unique(rows), rng)
             else:
                 cache.flush()
         cache.close()

@@ -30,6 +30,7 @@ from tests.storage.test_chunk_cache import (
     _random_arrays,
     _spec,
     _update,
+    _write,
 )
 
 
@@ -81,12 +82,7 @@ def test_row_cache_reads_and_writes_match_a_resident_oracle(ops, dtype, capacity
                     assert a.dtype == oracle[name].dtype
                     assert np.array_equal(_bits(a), _bits(oracle[name][rows])), name
             elif kind == "write":
-                rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]
-                data = _random_arrays(oracle, len(rows), rng)
-                data = {n: data[n] for n in (names or store.array_names)}
-                cache.write_rows(rows, data)
-                for name, a in data.items():
-                    oracle[name][rows] = a
+                _write(cache, oracle, rows, names, rng)
             elif kind == "update_in_place":  # what the cached tier's optimizer step does with hot rows
                 slots = cache.slots(rows)
                 held = slots[slots >= 0]
