@@ -22,11 +22,18 @@ Measured side by side in one run (legs take turns round by round, so machine noi
   * training tokens/s (bench/_beyond_ram_train.py, the issue's headline figure): real distributed
     training (`DistributedTrainer`: 2 shard actors, 1 model worker, async) of the `small` preset and
     of the same with 16x the memory rows, shards resident vs `shard_budget_bytes` = table / (4 x
-    shards), rounds interleaved after a warm-up; the shards' hit rates, the stream's skew (recorded
-    in-process from the same steps, seed and batches), the floor set by the disk (`train` in the JSON).
-Targets: cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups; elsewhere
-cached step time within 2x of the disk floor. Writes <out>/beyond_ram.json. `--quick` runs fewer
-steps and only the `small` training config; `--quick --train-large` adds the 16x-rows one.
+    shards), rounds interleaved after a warm-up; the shards' hit rates, the skew of the timed steps
+    (recorded in-process by a training run from the same seed and batches), the floor set by the disk
+    (`train` in the JSON). The 16x table runs twice: cold (timed from step 4, where a fresh model's
+    reads are spread) and warm (`small-x16-warm`: timed after WARM_STEPS untimed training steps,
+    where the trained model's reads have concentrated); the warm timed steps' recorded rows are
+    also replayed on the memory path (`large_streams["model-warm"]`).
+Targets: cached >= 0.5x resident where the hottest 25% of rows take >= 75% of lookups (of the
+steps measured); elsewhere cached step time within 2x of the disk floor (`target_kind` in the JSON
+says which applied). Writes <out>/beyond_ram.json. `--quick` runs fewer steps and only the `small`
+training config; `--quick --train-large` adds both 16x-rows ones (the warm one after WARM_STEPS_QUICK).
+`python bench/beyond_ram.py --train-only --configs small-x16-warm --out DIR` runs only the named
+training configs (with their recordings and the disk floor), not the memory path or gRPC legs.
 Cached tables are created as the planner creates work tables beyond RAM
 (`param_server.partitions.work_table_options`: chunks from the cache share, every array raw, so
 the chunk cache reads and writes in place; `cache_io_*_arrays` in the JSON says which engine served).
@@ -67,16 +74,24 @@ LR = 1e-3
 LARGE = 16  # the large-table leg: 16x the rows at the same selections per step (a step touches a small share)
 CACHE_SHARE = 1.0  # in-process cached legs give the whole budget to the caches (rows + chunks), no resident partitions
 # the training leg's configs: --set overrides of the small preset (num_keys 256: P = 65,536 rows, 16x)
-TRAIN_CONFIGS = {"small": [], "small-x16": [f"model.memory.num_keys={64 * 4}"]}
+TRAIN_CONFIGS = {"small": [], "small-x16": [f"model.memory.num_keys={64 * 4}"],
+                 "small-x16-warm": [f"model.memory.num_keys={64 * 4}"]}
+# Untimed training steps before the warm config's timed rounds. Recorded in-process (16-step windows),
+# the 16x table's hottest 25% of rows take 51% of lookups at steps 0-16, 73% at 40-56, 97% at 80-96
+# and 99% from step 120 on: from 96 the timed steps (96-108) sit past the turn, near the plateau.
+WARM_STEPS, WARM_STEPS_QUICK = 96, 8  # quick: only exercises the path, not the trained regime
+TRAIN_WARMUP = {"small-x16-warm": (WARM_STEPS, WARM_STEPS_QUICK)}  # name -> (full, quick); others: the run's
+WARM_CONFIG = "small-x16-warm"  # its timed steps' rows also go through the memory path (large table)
 
 
 # -- the streams ---------------------------------------------------------------------------------
-def record_model_stream(steps: int, train: bool, overrides: tuple[str, ...] = ()) -> tuple[TableSpec, list[np.ndarray],
-                                                                                          int]:
+def record_model_stream(steps: int, train: bool, overrides: tuple[str, ...] = (),
+                        losses: list[float] | None = None) -> tuple[TableSpec, list[np.ndarray], int]:
     """Selected physical rows of the small preset's (with `overrides`) memory layer on real batches.
 
     Returns (the layer's table spec, per step int64 [B*T*H*m] rows with repeats, tokens per step).
-    train=True records a short training run (rows of step s come from the model after s updates).
+    train=True records a training run (rows of step s come from the model after s updates), and
+    appends each step's loss to `losses` if given.
     """
     import torch
 
@@ -105,7 +120,10 @@ def record_model_stream(steps: int, train: bool, overrides: tuple[str, ...] = ()
         x, y = get_batch(corpus.train, step, seed=cfg.train.seed, batch_size=cfg.data.batch_size,
                          seq_len=cfg.data.seq_len)
         if train:
-            train_step(model, opt, x, y, step=step, cfg=cfg.train, max_steps=cfg.train.max_steps, amp_dtype=amp)
+            res = train_step(model, opt, x, y, step=step, cfg=cfg.train, max_steps=cfg.train.max_steps,
+                             amp_dtype=amp)
+            if losses is not None:
+                losses.append(res.loss)
         else:
             with torch.no_grad():
                 model.eval()(x)
@@ -124,9 +142,13 @@ def zipf_stream(rows: int, entries_per_step: int, steps: int, exponent: float = 
 
 
 def skew(stream: list[np.ndarray], spec: TableSpec, chunk_rows: int) -> dict[str, float]:
-    """Share of lookups on the hottest 10% / 25% of rows, and of chunk accesses on the hottest 25% of chunks."""
+    """Share of lookups on the hottest 10% / 25% of rows, and of chunk accesses on the hottest 25% of chunks.
+
+    `top25_rows_share_uniform`: the same for as many lookups drawn uniformly over the rows, the share a
+    window this short shows with no skew at all (a few lookups per row leave rows untouched)."""
     counts = np.sort(np.bincount(np.concatenate(stream), minlength=spec.rows))[::-1]
     total = counts.sum()
+    uniform = np.sort(np.bincount(np.random.default_rng(0).integers(0, spec.rows, int(total)), minlength=spec.rows))
     per_partition = -(-spec.rows_per_partition // chunk_rows)
     chunk_hits = np.zeros(spec.num_partitions * per_partition, dtype=np.int64)
     for entries in stream:  # a chunk is touched once per step in which any of its rows is
@@ -137,6 +159,7 @@ def skew(stream: list[np.ndarray], spec: TableSpec, chunk_rows: int) -> dict[str
     uniq = [np.unique(e).size for e in stream]
     return {"top10_rows_share": float(counts[: max(1, spec.rows // 10)].sum() / total),
             "top25_rows_share": float(counts[: max(1, spec.rows // 4)].sum() / total),
+            "top25_rows_share_uniform": float(uniform[::-1][: max(1, spec.rows // 4)].sum() / total),
             "top25_chunks_share": float(chunk_hits[: max(1, chunk_hits.size // 4)].sum() / chunk_hits.sum()),
             "rows_touched_share": float((counts > 0).mean()),
             "entries_per_step": float(statistics.median(e.size for e in stream)),
@@ -316,85 +339,153 @@ def _verdicts(res: dict[str, Any], floor: dict[str, Any], chunk_bytes: int) -> N
                + c["io_write_bytes_per_step"] / f["write_bytes_per_s"])
     res["floor_s_per_step"] = floor_s
     res["cached_over_floor_time"] = (1 / c["steps_per_s"]) / floor_s if floor_s else None
-    skewed = res["skew"]["top25_rows_share"] >= 0.75
-    res["target"] = (f"cached >= {TARGET_SKEWED}x resident (skewed)" if skewed
+    kind, met = train_leg.judge(res["skew"]["top25_rows_share"], res["cached_over_resident"],
+                                res["cached_over_floor_time"], TARGET_SKEWED, TARGET_FLOOR)
+    res["target_kind"], res["target_met"] = kind, met
+    res["target"] = (f"cached >= {TARGET_SKEWED}x resident (skewed)" if kind == "skewed"
                      else f"cached step time <= {TARGET_FLOOR}x disk floor")
-    res["target_met"] = bool(res["cached_over_resident"] >= TARGET_SKEWED if skewed
-                             else res["cached_over_floor_time"] is not None
-                             and res["cached_over_floor_time"] <= TARGET_FLOOR)
 
 
-def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large: bool = False) -> dict[str, Any]:
+def _train_plan(names: list[str], quick: bool, warmup: int) -> dict[str, tuple[list[str], int]]:
+    """{name: (overrides, untimed steps)} for the named training configs; a warm config's own warm-up."""
+    unknown = [n for n in names if n not in TRAIN_CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown training config(s) {unknown}; known: {list(TRAIN_CONFIGS)}")
+    return {n: (TRAIN_CONFIGS[n], TRAIN_WARMUP[n][quick] if n in TRAIN_WARMUP else warmup) for n in names}
+
+
+def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large: bool = False,
+        train_configs: list[str] | None = None, train_only: bool = False) -> dict[str, Any]:
     """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict.
 
     quick: fewer steps and rounds, and only the `small` training config unless `train_large`
-    (then the 16x-rows training config runs too, as in the full run)."""
+    (then both 16x-rows training configs run too, the warm one after WARM_STEPS_QUICK).
+    train_configs: the training configs to run (default as above); train_only: only those, their
+    recordings and the disk floor (no memory path, no gRPC legs)."""
     steps, rounds, grpc_rounds, large_steps = (4, 2, 1, 2) if quick else (16, 4, 2, 8)
-    # training leg: warm-up steps, rounds, steps per round (warm-up + rounds x steps = the recorded steps)
+    # training leg: warm-up steps, rounds, steps per round (timed steps: [warm-up, warm-up + rounds x steps))
     t_warmup, t_rounds, t_per_round = (1, 2, 1) if quick else (4, 3, 4)
-    train_configs = {"small": TRAIN_CONFIGS["small"]} if quick and not train_large else TRAIN_CONFIGS
-    spec, model_entries, tokens_per_step = record_model_stream(steps, train=not quick)
-    train_streams = {name: record_model_stream(steps, train=not quick, overrides=tuple(o))[:2] if o else
-                     (spec, model_entries) for name, o in train_configs.items()}
-    entries = int(np.median([e.size for e in model_entries]))
-    streams = {"model": model_entries, "zipf": zipf_stream(spec.rows, entries, steps)}
-    large = dataclasses.replace(spec, name=f"{spec.name}-x{LARGE}", rows=spec.rows * LARGE)
-    large_streams = {"zipf": zipf_stream(large.rows, entries, large_steps, seed=1)}
-    table_bytes = partition_nbytes(spec) * spec.num_partitions
-    budget = table_bytes // OVERSUBSCRIPTION
-    large_budget = partition_nbytes(large) * large.num_partitions // OVERSUBSCRIPTION
+    names = train_configs or (["small"] if quick and not train_large else list(TRAIN_CONFIGS))
+    plan = _train_plan(names, quick, t_warmup)
+    load_at_start, t_start = os.getloadavg(), time.perf_counter()
+
+    # One in-process recording per (overrides, trained) covers every config's timed steps and the memory
+    # path's model stream (the 16x cold config's steps are the first of the warm one's recording).
+    # --quick records forward passes of the untrained model, except for a warm config (a trained one is its point).
+    def trained(name: str) -> bool:
+        return not quick or name in TRAIN_WARMUP
+
+    needs: dict[tuple[tuple[str, ...], bool], int] = {} if train_only else {((), not quick): steps}
+    for name, (overrides, warmup) in plan.items():
+        key = (tuple(overrides), trained(name))
+        needs[key] = max(needs.get(key, 0), warmup + t_rounds * t_per_round)
+    recordings, recorded_losses = {}, {}
+    for key, n in needs.items():
+        recorded_losses[key] = []
+        recordings[key] = record_model_stream(n, train=key[1], overrides=key[0], losses=recorded_losses[key])
+    recording_s = time.perf_counter() - t_start
+    tokens_per_step = next(iter(recordings.values()))[2]
     results: dict[str, Any] = {
-        "preset": "small", "table": {"rows": spec.rows, "dim": spec.dim, "optimizer": spec.optimizer,
-                                     "partitions": spec.num_partitions, "bytes_with_state": table_bytes},
-        "large_table": {"rows": large.rows, "bytes_with_state": partition_nbytes(large) * large.num_partitions,
-                        "budget_bytes": large_budget, "steps": large_steps},
-        "budget_bytes": budget, "oversubscription": OVERSUBSCRIPTION, "steps_per_stream": steps,
-        "cache_share_in_process": CACHE_SHARE, "row_share": ROW_SHARE, "tokens_per_step": tokens_per_step,
-        "recorded_from": "forward passes (untrained)" if quick else f"a {steps}-step training run",
-        "rounds": rounds, "quick": quick, "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg(),
-        "streams": {}, "large_streams": {}, "shards": {}}
+        "preset": "small", "oversubscription": OVERSUBSCRIPTION, "tokens_per_step": tokens_per_step,
+        "quick": quick, "train_only": train_only, "cpus": os.cpu_count(), "load_avg_at_start": load_at_start,
+        "recording_s": recording_s,  # steps recorded in-process, per (overrides, trained or forward passes)
+        "recordings": {f"{' '.join(k[0]) or 'small'} ({'trained' if k[1] else 'forward'})": n
+                       for k, n in needs.items()}}
+    windows: dict[str, list[np.ndarray]] = {}
+    for name, (overrides, warmup) in plan.items():
+        _, entries, _ = recordings[(tuple(overrides), trained(name))]
+        windows[name] = entries[warmup: warmup + t_rounds * t_per_round]
+
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-beyond-") as tmp_name:
         tmp = Path(tmp_name)
-        results["train"] = train_leg.run_configs(train_configs, OVERSUBSCRIPTION, t_warmup, t_rounds, t_per_round,
-                                                 tmp / "train")
+        t0 = time.perf_counter()
+        results["train"] = train_leg.run_configs(plan, OVERSUBSCRIPTION, t_rounds, t_per_round, tmp / "train")
+        results["train_s"] = time.perf_counter() - t0
         results["load_avg_after_train"] = os.getloadavg()
-        small_res, results["cached_metrics"] = _replay_legs(spec, tmp, streams, budget, rounds, tokens_per_step, steps)
-        large_res, results["large_cached_metrics"] = _replay_legs(large, tmp, large_streams, large_budget, rounds,
-                                                                  tokens_per_step, large_steps)
-        chunk_rows = open_table(tmp / f"{spec.name}-cached" / spec.name).chunk_shape("values")[1]
-        large_chunk_rows = open_table(tmp / f"{large.name}-cached" / large.name).chunk_shape("values")[1]
-        results["table"].update(chunk_rows=chunk_rows, chunk_bytes=chunk_rows * spec.dim * 4)
-        results["large_table"].update(chunk_rows=large_chunk_rows, chunk_bytes=large_chunk_rows * spec.dim * 4)
-        for label, stream in streams.items():
-            results["streams"][label] = {"skew": skew(stream, spec, chunk_rows), **small_res[label]}
-        for label, stream in large_streams.items():
-            results["large_streams"][label] = {"skew": skew(stream, large, large_chunk_rows), **large_res[label]}
-        sizes = sorted({4096, results["table"]["chunk_bytes"], results["large_table"]["chunk_bytes"],
-                        *(r["table"]["chunk_bytes"] for r in results["train"].values())})
-        floor = disk_floor(tmp, (64 if quick else 512) << 20, tuple(sizes), 0.5 if quick else 2.0)
+        sizes = {4096, *(r["table"]["chunk_bytes"] for r in results["train"].values())}
+        if not train_only:
+            spec, budget, chunk_sizes = _memory_path(results, recordings[((), not quick)], recordings, plan, windows,
+                                                     tmp, quick, steps, rounds, large_steps)
+            sizes |= chunk_sizes
+        floor = disk_floor(tmp, (64 if quick else 512) << 20, tuple(sorted(sizes)), 0.5 if quick else 2.0)
         results["disk_floor"] = floor
-        for res in results["streams"].values():
+        for res in results.get("streams", {}).values():
             _verdicts(res, floor, results["table"]["chunk_bytes"])
-        for res in results["large_streams"].values():
+        for res in results.get("large_streams", {}).values():
             _verdicts(res, floor, results["large_table"]["chunk_bytes"])
         for name, res in results["train"].items():
-            t_spec, t_stream = train_streams[name]
-            train_leg.verdict(res, skew(t_stream, t_spec, res["table"]["chunk_rows"]), floor, TARGET_SKEWED,
-                              TARGET_FLOOR)
-        scale_path = create_table(tmp / "grpc" / spec.name, spec, **work_table_options(spec, budget, 1)).path
-        unique_model = [np.unique(e) for e in model_entries]
-        for s in (1, 2, 4):
-            results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique_model, s, budget, grpc_rounds)
-        results["shards"]["resident/1"] = shard_scaling(spec, scale_path, unique_model, 1, None, grpc_rounds)
-    one = results["shards"]["cached/1"]["rows_per_s"]
-    for r in results["shards"].values():
-        r["rows_per_s_over_1_cached_shard"] = r["rows_per_s"] / one
+            overrides, warmup = plan[name]
+            key = (tuple(overrides), trained(name))
+            t_spec = recordings[key][0]
+            a, b = res["timed_steps"]
+            t_skew = {**skew(windows[name], t_spec, res["table"]["chunk_rows"]), "window": [a, b],
+                      "recorded_from": (f"in-process training run, steps {a}-{b} of {needs[key]}" if key[1]
+                                        else f"forward passes of the untrained model, steps {a}-{b}")}
+            train_leg.verdict(res, t_skew, floor, TARGET_SKEWED, TARGET_FLOOR)
+            if recorded_losses[key]:  # the recorded model against the trainers: same loss, same regime
+                res["recorded_loss_last_round"] = float(np.mean(recorded_losses[key][b - t_per_round: b]))
+        if not train_only:
+            scale_path = create_table(tmp / "grpc" / spec.name, spec, **work_table_options(spec, budget, 1)).path
+            unique_model = [np.unique(e) for e in recordings[((), not quick)][1][:steps]]
+            for s in (1, 2, 4):
+                results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique_model, s, budget,
+                                                                 grpc_rounds)
+            results["shards"]["resident/1"] = shard_scaling(spec, scale_path, unique_model, 1, None, grpc_rounds)
+    if not train_only:
+        one = results["shards"]["cached/1"]["rows_per_s"]
+        for r in results["shards"].values():
+            r["rows_per_s_over_1_cached_shard"] = r["rows_per_s"] / one
+    results["wall_s"], results["load_avg_at_end"] = time.perf_counter() - t_start, os.getloadavg()
     _print(results)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "beyond_ram.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     print(f"  wrote {out_path / 'beyond_ram.json'}")
     return results
+
+
+def _memory_path(results: dict[str, Any], model_rec: tuple[TableSpec, list[np.ndarray], int],
+                 recordings: dict[Any, tuple[TableSpec, list[np.ndarray], int]],
+                 plan: dict[str, tuple[list[str], int]], windows: dict[str, list[np.ndarray]], tmp: Path,
+                 quick: bool, steps: int, rounds: int, large_steps: int) -> tuple[TableSpec, int, set[int]]:
+    """The in-process resident vs cached replays (table and 16x table) into `results`.
+
+    Returns the table's spec and RAM budget (for the gRPC legs) and the chunk sizes (for the disk floor)."""
+    spec, model_all, tokens_per_step = model_rec
+    model_entries = model_all[:steps]
+    entries = int(np.median([e.size for e in model_entries]))
+    streams = {"model": model_entries, "zipf": zipf_stream(spec.rows, entries, steps)}
+    large = dataclasses.replace(spec, name=f"{spec.name}-x{LARGE}", rows=spec.rows * LARGE)
+    large_streams = {"zipf": zipf_stream(large.rows, entries, large_steps, seed=1)}
+    if WARM_CONFIG in plan:  # the warm config's timed steps, as recorded: the trained model's reads
+        warm_spec = recordings[(tuple(plan[WARM_CONFIG][0]), True)][0]
+        assert warm_spec.rows == large.rows and warm_spec.num_partitions == large.num_partitions
+        large_streams["model-warm"] = windows[WARM_CONFIG][:large_steps]
+    table_bytes = partition_nbytes(spec) * spec.num_partitions
+    budget = table_bytes // OVERSUBSCRIPTION
+    large_budget = partition_nbytes(large) * large.num_partitions // OVERSUBSCRIPTION
+    results.update({
+        "table": {"rows": spec.rows, "dim": spec.dim, "optimizer": spec.optimizer,
+                  "partitions": spec.num_partitions, "bytes_with_state": table_bytes},
+        "large_table": {"rows": large.rows, "bytes_with_state": partition_nbytes(large) * large.num_partitions,
+                        "budget_bytes": large_budget, "steps": large_steps},
+        "budget_bytes": budget, "steps_per_stream": steps, "cache_share_in_process": CACHE_SHARE,
+        "row_share": ROW_SHARE, "rounds": rounds, "streams": {}, "large_streams": {}, "shards": {},
+        "recorded_from": "forward passes (untrained)" if quick else f"a {steps}-step training run",
+        "large_model_warm_from": (f"`{WARM_CONFIG}` timed steps {plan[WARM_CONFIG][1]}-"
+                                  f"{plan[WARM_CONFIG][1] + large_steps}" if WARM_CONFIG in plan else None)})
+    small_res, results["cached_metrics"] = _replay_legs(spec, tmp, streams, budget, rounds, tokens_per_step, steps)
+    large_res, results["large_cached_metrics"] = _replay_legs(large, tmp, large_streams, large_budget, rounds,
+                                                              tokens_per_step, large_steps)
+    chunk_rows = open_table(tmp / f"{spec.name}-cached" / spec.name).chunk_shape("values")[1]
+    large_chunk_rows = open_table(tmp / f"{large.name}-cached" / large.name).chunk_shape("values")[1]
+    results["table"].update(chunk_rows=chunk_rows, chunk_bytes=chunk_rows * spec.dim * 4)
+    results["large_table"].update(chunk_rows=large_chunk_rows, chunk_bytes=large_chunk_rows * spec.dim * 4)
+    for label, stream in streams.items():
+        results["streams"][label] = {"skew": skew(stream, spec, chunk_rows), **small_res[label]}
+    for label, stream in large_streams.items():
+        results["large_streams"][label] = {"skew": skew(stream, large, large_chunk_rows), **large_res[label]}
+    return spec, budget, {results["table"]["chunk_bytes"], results["large_table"]["chunk_bytes"]}
 
 
 def _print_stream(label: str, r: dict[str, Any]) -> None:
@@ -416,6 +507,14 @@ def _print_stream(label: str, r: dict[str, Any]) -> None:
 
 
 def _print(results: dict[str, Any]) -> None:
+    print(f"beyond-ram run: {results['wall_s']:.0f} s (recordings {results['recording_s']:.0f} s, training leg "
+          f"{results['train_s']:.0f} s); load average {results['load_avg_at_start'][0]:.1f} at the start, "
+          f"{results['load_avg_after_train'][0]:.1f} after training, {results['load_avg_at_end'][0]:.1f} at the end")
+    if results["train_only"]:
+        for name, r in results["train"].items():
+            train_leg.print_result(name, r)
+        _print_floor(results["disk_floor"])
+        return
     t, lt = results["table"], results["large_table"]
     print(f"beyond-ram bench: `small` preset table P={t['rows']} d_v={t['dim']} {t['optimizer']} "
           f"({t['bytes_with_state'] / 2**20:.1f} MiB with state, chunks of {t['chunk_rows']} rows), RAM budget "
@@ -432,15 +531,32 @@ def _print(results: dict[str, Any]) -> None:
           f"{lt['chunk_rows']} rows), budget 1/{results['oversubscription']}, {lt['steps']} steps")
     for label, r in results["large_streams"].items():
         _print_stream(f"large {label}", r)
-    f = results["disk_floor"]
-    for size in (k for k in f if k.isdigit()):
-        print(f"  disk ({f['mode']}) random {int(size) // 1024} KiB: read {f[size]['read_bytes_per_s'] / 1e6:.0f} MB/s "
-              f"({f[size]['read_iops']:,.0f} IOPS), write {f[size]['write_bytes_per_s'] / 1e6:.0f} MB/s")
+    _print_floor(results["disk_floor"])
     for name, r in results["shards"].items():
         print(f"  gRPC {name:11s} {r['rows_per_s'] / 1e6:6.3f} M rows/s "
               f"({r['rows_per_s_over_1_cached_shard']:.2f}x 1 cached shard), "
               f"{r['cpu_s_per_million_rows_per_shard_mean']:.2f} CPU-s per M rows per shard")
 
 
+def _print_floor(f: dict[str, Any]) -> None:
+    for size in (k for k in f if k.isdigit()):
+        print(f"  disk ({f['mode']}) random {int(size) // 1024} KiB: read {f[size]['read_bytes_per_s'] / 1e6:.0f} MB/s "
+              f"({f[size]['read_iops']:,.0f} IOPS), write {f[size]['write_bytes_per_s'] / 1e6:.0f} MB/s")
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--train-large", action="store_true", help="with --quick: the 16x-rows training configs too")
+    ap.add_argument("--configs", nargs="+", choices=list(TRAIN_CONFIGS), help="training configs to run")
+    ap.add_argument("--train-only", action="store_true", help="only the training configs and the disk floor")
+    args = ap.parse_args(argv)
+    run(args.out, quick=args.quick, train_large=args.train_large, train_configs=args.configs,
+        train_only=args.train_only)
+
+
 if __name__ == "__main__":
-    run(REPO / "bench" / "results", quick="--quick" in sys.argv, train_large="--train-large" in sys.argv)
+    _main(sys.argv[1:])

@@ -74,21 +74,27 @@ def _wire(r: dict[str, Any], fig: plt.Figure) -> None:
 
 def _beyond_ram(r: dict[str, Any], fig: plt.Figure) -> None:
     train = r.get("train", {})  # the training leg (absent from results before it existed)
-    axes = fig.subplots(1, 4 if train else 3)
+    memory_path = "streams" in r  # absent from a --train-only run
+    axes = list(fig.subplots(1, (1 if train else 0) + (3 if memory_path else 1), squeeze=False)[0])
     if train:
         ax0 = axes[0]
         _bars(ax0, list(train), [v["cached_over_resident"] for v in train.values()],
               f"training tokens/s: table {r['oversubscription']}x RAM budget / resident", 0.5, "target (skewed)")
         for i, v in enumerate(train.values()):  # the access skew that decides which target applies
-            ax0.annotate(f"top 25% rows: {100 * v['skew']['top25_rows_share']:.0f}%", (i, 0), xytext=(0, 4),
-                         textcoords="offset points", ha="center", fontsize=7, color="white")
+            kind = v.get("target_kind", "skewed" if v["skew"]["top25_rows_share"] >= 0.75 else "floor")
+            ax0.annotate(f"top 25%: {100 * v['skew']['top25_rows_share']:.0f}%\n{kind} target", (i, 0),
+                         xytext=(0, 4), textcoords="offset points", ha="center", fontsize=7, color="white")
+    legs = {**r.get("streams", {}), **{f"{k} x{r['large_table']['rows'] // r['table']['rows']} rows": v
+                                       for k, v in r.get("large_streams", {}).items()}}
+    floors = {**{f"train {k}": v for k, v in train.items()}, **legs}
+    if not memory_path:
+        _bars(axes[-1], list(floors), [v["cached_over_floor_time"] or 0.0 for v in floors.values()],
+              "cached step time / (resident step + disk time)", 2.0, "target (elsewhere)")
+        return
     ax1, ax2, ax3 = axes[-3:]
-    legs = {**r["streams"], **{f"{k} x{r['large_table']['rows'] // r['table']['rows']} rows": v
-                               for k, v in r.get("large_streams", {}).items()}}
     streams = list(legs)
     _bars(ax1, streams, [legs[s]["cached_over_resident"] for s in streams],
           "memory path only (no dense compute): steps/s / resident", 0.5, "target (skewed)")
-    floors = {**{f"train {k}": v for k, v in train.items()}, **legs}
     _bars(ax2, list(floors), [v["cached_over_floor_time"] or 0.0 for v in floors.values()],
           "cached step time / disk floor (train: + resident step)", 2.0, "target (elsewhere)")
     shards = list(r["shards"])

@@ -83,3 +83,33 @@ def test_bench_one_missing_from_this_build_is_a_usage_error(fake_bench_dir: Path
 def test_bench_one_failing_propagates_its_error(fake_bench_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="broken on purpose"):
         cmd_bench.bench(argparse.Namespace(which="train", out=str(tmp_path), quick=True))
+
+
+@pytest.mark.parametrize(("top25", "ratio", "over_floor", "expected"), [
+    (0.75, 0.5, 9.0, ("skewed", True)),  # skewed from 75% on: judged on the ratio alone, the floor does not count
+    (0.97, 0.49, 1.0, ("skewed", False)),
+    (0.74, 0.1, 2.0, ("floor", True)),  # below 75%: judged on the floor alone, the ratio does not count
+    (0.51, 1.0, 2.01, ("floor", False)),
+    (0.36, 1.0, None, ("floor", False)),  # no floor measured: not met
+])
+def test_beyond_ram_judges_skewed_windows_on_the_ratio_and_others_on_the_floor(
+        top25: float, ratio: float, over_floor: float | None, expected: tuple[str, bool]) -> None:
+    from bench._beyond_ram_train import judge
+
+    assert judge(top25, ratio, over_floor, target_skewed=0.5, target_floor=2.0) == expected
+
+
+def test_beyond_ram_skew_of_a_short_uniform_window_is_its_uniform_baseline() -> None:
+    import numpy as np
+
+    from bench.beyond_ram import skew
+    from storage.layout import TableSpec
+
+    spec = TableSpec(name="t", rows=4096, dim=8, num_partitions=4)
+    rng = np.random.default_rng(5)
+    hot = [rng.integers(0, 512, 4096) for _ in range(4)]  # every lookup on 1/8 of the rows
+    flat = [rng.integers(0, 4096, 4096) for _ in range(4)]  # 4 lookups per row: top 25% take ~45%, not 25%
+    s_hot, s_flat = skew(hot, spec, chunk_rows=64), skew(flat, spec, chunk_rows=64)
+    assert s_hot["top25_rows_share"] == 1.0 and s_hot["unique_rows_per_step"] <= 512
+    assert abs(s_flat["top25_rows_share"] - s_flat["top25_rows_share_uniform"]) < 0.03
+    assert 0.3 < s_flat["top25_rows_share_uniform"] < 0.6
