@@ -378,13 +378,16 @@ class CachedTablePartitions(TablePartitions):
         return self._cache.read_rows(rows, names=[VALUES])[VALUES]
 
     def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
-        # one read-modify-write: hot rows as one block in the row cache, cold ones chunk batch by batch
+        # one read-modify-write: hot rows stepped in their row-cache slots, cold ones chunk batch by batch
+
+        def apply_at(arrays: dict[str, np.ndarray], index: np.ndarray, pos: np.ndarray) -> None:
+            state = {n: a for n, a in arrays.items() if n != VALUES}
+            optimizer.step(arrays[VALUES], state, index, grads[pos], lr)
 
         def apply(block: dict[str, np.ndarray], pos: np.ndarray) -> None:
-            state = {n: a for n, a in block.items() if n != VALUES}
-            optimizer.step(block[VALUES], state, np.arange(pos.size), grads[pos], lr)
+            apply_at(block, np.arange(pos.size), pos)
 
-        self._cache.update_rows(rows, apply)
+        self._cache.update_rows(rows, apply, update_at=apply_at)  # hot rows stepped in their slots
 
     def _rebuild(self, partitions: Iterable[int]) -> None:
         """A cache over another partition set (the old one flushed first; its rows and chunks are dropped).
@@ -485,6 +488,8 @@ class TieredPartitions(TablePartitions):
         ram, cache = self._split(rows)
         if cache.size == 0:
             return self.resident.read(rows)
+        if ram.size == 0:  # all cached: no split copies
+            return self.cached.read(rows)
         out = np.empty((rows.shape[0], self.spec.dim), dtype=numpy_dtype(self.spec.dtype))
         if ram.size:
             out[ram] = self.resident.read(rows[ram])
@@ -496,6 +501,9 @@ class TieredPartitions(TablePartitions):
             self.resident.step(optimizer, rows, grads, lr)
             return
         ram, cache = self._split(rows)
+        if ram.size == 0:  # all cached: no split copies
+            self.cached.step(optimizer, rows, grads, lr)
+            return
         if ram.size:
             self.resident.step(optimizer, rows[ram], grads[ram], lr)
         if cache.size:

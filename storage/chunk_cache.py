@@ -10,10 +10,11 @@ served and stays 0, and that write still has this one writer).
 
 Values and optimizer state go through the same cache; each array has its own chunk grid
 (`TableStore.chunk_shape`), so a cache entry is one (array, partition, chunk) and the budget
-covers them all. Requests are vectorised: rows are grouped by chunk with `np.unique`, chunks
-already resident are served first (so loading a miss never evicts a chunk this request still
-needs), then the missing chunks are loaded in batches that fit the budget: the least recently used
-chunks are evicted (the dirty ones written back in one batch), the batch is read in one call, and
+covers them all. Requests are vectorised: rows are grouped by chunk (one stable sort, none when
+they arrive in (partition, local) order, as from `update_rows` and the row cache), chunks already
+resident are served first (so loading a miss never evicts a chunk this request still needs), then
+the missing chunks are loaded in batches that fit the budget: the least recently used chunks are
+evicted (the dirty ones written back in one batch), the batch is read in one call, and
 rows are gathered or scattered with numpy fancy indexing. `update_rows` (the cached optimizer
 step) reads, changes and writes rows in one visit per chunk, batch by batch, each batch's chunks of
 every array fitting the budget together. The batched I/O is `storage/chunk_io.py`: by default
@@ -56,6 +57,16 @@ class _Chunk:
 
     data: np.ndarray  # [chunk rows, *trailing] in the array's logical dtype (padding rows included)
     dirty: bool = False  # written since it was loaded: must be written back before it is dropped
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A request's rows grouped by chunk of one array (`CachedPartitions._group`)."""
+
+    codes: list[int]  # the chunks touched, ascending: partition * chunks_per_partition + chunk
+    bounds: list[int]  # chunk i holds sorted positions [bounds[i], bounds[i + 1])
+    order: np.ndarray | None  # sorted position -> request position (None: the request was sorted)
+    offset: np.ndarray  # int64 [N] row inside its chunk, in sorted order
 
 
 class CachedPartitions:
@@ -109,6 +120,7 @@ class CachedPartitions:
         # chunks per partition of each array: chunk c of partition p has key (name, p * n + c)
         R = self.spec.rows_per_partition
         self._chunks_per_partition = {n: -(-R // self._chunk_rows[n]) for n in self._names}
+        self._valid_rows = [self.spec.valid_rows(p) for p in range(self.spec.num_partitions)]
         self._chunks: OrderedDict[tuple[str, int], _Chunk] = OrderedDict()  # LRU first
         self._lock = threading.RLock()
         self._bytes = 0
@@ -145,10 +157,11 @@ class CachedPartitions:
         part, local = self.check_rows(rows)
         with self._lock:
             out = {}
+            groups = self._groups(names, part, local)
             for name in names:
                 template = self._templates[name]
                 buf = np.empty((len(part), *template.shape[1:]), dtype=template.dtype)
-                self._visit(name, part, local, buf, write=False)
+                self._visit(name, groups[name], buf, write=False)
                 out[name] = buf
             self._counters["rows_read"] += len(part)
             return out
@@ -168,8 +181,9 @@ class CachedPartitions:
             raise LayoutError(f"table {self.spec.name}: write_rows got duplicate rows")
         checked = self.check_arrays(arrays, len(part))
         with self._lock:
+            groups = self._groups([name for name, _ in checked], part, local)
             for name, data in checked:
-                self._visit(name, part, local, data, write=True)
+                self._visit(name, groups[name], data, write=True)
             self._counters["rows_written"] += len(part)
 
     def update_rows(self, rows: np.ndarray, update: RowUpdate) -> None:
@@ -199,26 +213,26 @@ class CachedPartitions:
         with self._lock:
             for lo, hi in self._batches(part, local):
                 sel = slice(lo, hi)
-                self._make_room(self._missing_bytes(part[sel], local[sel]))  # one write-back batch, not one per array
+                groups = self._groups(self._names, part[sel], local[sel])  # rows sorted: no sort
+                self._make_room(self._missing_bytes(groups))  # one write-back batch, not one per array
                 block = {}
                 for name in self._names:
                     t = self._templates[name]
                     block[name] = np.empty((hi - lo, *t.shape[1:]), dtype=t.dtype)
-                    self._visit(name, part[sel], local[sel], block[name], write=False)
+                    self._visit(name, groups[name], block[name], write=False)
                 update(block, order[sel])
                 for name in self._names:
-                    self._visit(name, part[sel], local[sel], block[name], write=True)
+                    self._visit(name, groups[name], block[name], write=True)
             self._counters["rows_read"] += len(order)
             self._counters["rows_written"] += len(order)
 
-    def _missing_bytes(self, part: np.ndarray, local: np.ndarray) -> int:
-        """Bytes of the chunks (of every array) that rows sorted by (partition, local) need and are
-        not held; the held ones become most recently used, so making room never evicts them."""
+    def _missing_bytes(self, groups: Mapping[str, _Group]) -> int:
+        """Bytes of the chunks (of every array) that the grouped rows need and are not held; the
+        held ones become most recently used, so making room never evicts them."""
         total = 0
-        for name in self._names:
-            codes = np.unique(part * self._chunks_per_partition[name] + local // self._chunk_rows[name])
+        for name, group in groups.items():
             missing = 0
-            for c in codes.tolist():
+            for c in group.codes:
                 if (name, c) in self._chunks:
                     self._chunks.move_to_end((name, c))
                 else:
@@ -324,42 +338,63 @@ class CachedPartitions:
 
     # --- the request path ----------------------------------------------------------------------
 
-    def _visit(self, name: str, part: np.ndarray, local: np.ndarray, data: np.ndarray, *, write: bool) -> None:
-        """Gather (write=False: data[i] = row i) or scatter (write=True: row i = data[i]), chunk by chunk."""
-        if len(part) == 0:
-            return
+    def _groups(self, names: Sequence[str], part: np.ndarray, local: np.ndarray) -> dict[str, _Group]:
+        """`_group` of each array; arrays on the same chunk grid share one."""
+        by_rows: dict[int, _Group] = {}
+        for name in names:
+            if self._chunk_rows[name] not in by_rows:
+                by_rows[self._chunk_rows[name]] = self._group(name, part, local)
+        return {name: by_rows[self._chunk_rows[name]] for name in names}
+
+    def _group(self, name: str, part: np.ndarray, local: np.ndarray) -> _Group:
+        """Request positions grouped by the chunk of `name` they fall in, chunks in ascending order.
+
+        Rows that arrive in (partition, local) order (update_rows, the row cache's misses) are
+        grouped without a sort: each chunk is then a contiguous span of the request."""
         chunk_rows = self._chunk_rows[name]
         within = local // chunk_rows
         codes = part * self._chunks_per_partition[name] + within  # one int per (partition, chunk)
-        unique, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
-        order = np.argsort(inverse, kind="stable")  # request positions grouped by chunk
-        bounds = np.concatenate(([0], np.cumsum(counts)))
         offset = local - within * chunk_rows  # row inside its chunk
+        order = None
+        if len(codes) > 1 and (codes[1:] < codes[:-1]).any():
+            order = np.argsort(codes, kind="stable")
+            codes, offset = codes[order], offset[order]
+        starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+        bounds = [0, *starts.tolist(), len(codes)]
+        return _Group(codes[bounds[:-1]].tolist() if len(codes) else [], bounds, order, offset)
+
+    def _visit(self, name: str, group: _Group, data: np.ndarray, *, write: bool) -> None:
+        """Gather (write=False: data[i] = row i) or scatter (write=True: row i = data[i]), chunk by chunk."""
+        if not group.codes:
+            return
+        bounds, order, offset = group.bounds, group.order, group.offset
 
         def serve(i: int, chunk: _Chunk) -> None:
-            sel = order[bounds[i] : bounds[i + 1]]
+            lo, hi = bounds[i], bounds[i + 1]
+            sel = slice(lo, hi) if order is None else order[lo:hi]
             if write:
-                chunk.data[offset[sel]] = data[sel]
+                chunk.data[offset[lo:hi]] = data[sel]
                 chunk.dirty = True
             else:
-                data[sel] = chunk.data[offset[sel]]
+                data[sel] = chunk.data[offset[lo:hi]]
 
         # hits first: loading a miss may evict, and must never evict a chunk still to be served
         missing = []
-        for i, code in enumerate(unique.tolist()):
-            chunk = self._chunks.get((name, code))
+        chunks = self._chunks
+        for i, code in enumerate(group.codes):
+            chunk = chunks.get((name, code))
             if chunk is None:
                 missing.append(i)
                 continue
-            self._chunks.move_to_end((name, code))
-            self._counters["hits"] += 1
+            chunks.move_to_end((name, code))
             serve(i, chunk)
+        self._counters["hits"] += len(group.codes) - len(missing)
         self._counters["misses"] += len(missing)
-        chunk_bytes = chunk_rows * self._row_bytes[name]
+        chunk_bytes = self._chunk_rows[name] * self._row_bytes[name]
         per_batch = max(1, self.budget_bytes // chunk_bytes)
         for b in range(0, len(missing), per_batch):  # as many misses as the budget holds, read in one call
             batch = missing[b : b + per_batch]
-            for i, chunk in zip(batch, self._load(name, [int(unique[i]) for i in batch]), strict=True):
+            for i, chunk in zip(batch, self._load(name, [group.codes[i] for i in batch]), strict=True):
                 serve(i, chunk)
 
     def _load(self, name: str, codes: list[int]) -> list[_Chunk]:
@@ -368,7 +403,7 @@ class CachedPartitions:
         for code in codes:
             p, c = divmod(code, self._chunks_per_partition[name])
             start, stop = self._chunk_span(name, p, c)
-            spans.append((p, start, min(stop, self.spec.valid_rows(p))))  # never the padding row
+            spans.append((p, start, min(stop, self._valid_rows[p])))  # never the padding row
             sizes.append((stop - start) * self._row_bytes[name])
         self._make_room(sum(sizes))
         loaded = []
@@ -409,7 +444,7 @@ class CachedPartitions:
         for (name, code), chunk in chunks:
             p, c = divmod(code, self._chunks_per_partition[name])
             start, _ = self._chunk_span(name, p, c)
-            n = min(len(chunk.data), self.spec.valid_rows(p) - start)
+            n = min(len(chunk.data), self._valid_rows[p] - start)
             items.append((name, p, start, chunk.data[:n]))
         self.io.write(items)
         for (_, chunk), (name, _, _, data) in zip(chunks, items, strict=True):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 INDEX_BYTES_PER_ROW = 4 + 2  # slot (int32) + access counter (uint16) per row of the cached partitions
 SLOT_OVERHEAD_BYTES = 8 + 1  # row of the slot (int64) + dirty flag per slot
 _MAX_COUNT = np.iinfo(np.uint16).max
+
+RowUpdateAt = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]  # (arrays, index [k], positions [k])
 
 
 class HotRowCache:
@@ -120,26 +122,34 @@ class HotRowCache:
             if count:
                 self._touch(u)
             slot = self._slot_of[u]
-            hit = slot >= 0
+            hit = np.flatnonzero(slot >= 0)
+            miss = np.flatnonzero(slot < 0)
+            # without repeats each unique row goes straight to its place in the answer (u[j] is
+            # rows[dest[j]]); with repeats the answer is built per unique row, then expanded by inv
+            dest = None
+            if len(u) == len(idx):
+                dest = np.empty(len(u), dtype=np.int64)
+                dest[inv] = np.arange(len(u))
             out = {n: np.empty((len(u), *self.arrays[n].shape[1:]), self.arrays[n].dtype) for n in names}
-            for n in names:
-                out[n][hit] = self.arrays[n][slot[hit]]
-            miss = np.flatnonzero(~hit)
+
+            def put(at: np.ndarray, got: Mapping[str, np.ndarray]) -> None:
+                where = at if dest is None else dest[at]
+                for n in names:
+                    out[n][where] = got[n]
+
+            if hit.size:
+                put(hit, {n: self.arrays[n][slot[hit]] for n in names})
             if count:
-                self._counters["row_hits"] += len(u) - len(miss)
-                self._counters["row_misses"] += len(miss)
+                self._counters["row_hits"] += hit.size
+                self._counters["row_misses"] += miss.size
             if miss.size:
                 admit, slots = self._choose(u[miss], protect=slot[hit])
                 if admit.size:
-                    got = self._install(u[miss[admit]], slots, None)
-                    for n in names:
-                        out[n][miss[admit]] = got[n]
+                    put(miss[admit], self._install(u[miss[admit]], slots, None))
                 rest = np.delete(miss, admit)
                 if rest.size:
-                    got = self.lower.read_rows(self._global(u[rest]), names)
-                    for n in names:
-                        out[n][rest] = got[n]
-            return {n: a[inv] for n, a in out.items()}
+                    put(rest, self.lower.read_rows(self._global(u[rest]), names))
+            return out if dest is not None else {n: a[inv] for n, a in out.items()}
 
     def write_rows(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
         """Overwrite rows: rows int [N] global and unique, arrays {name: [N, ...]} in exact dtypes.
@@ -176,10 +186,16 @@ class HotRowCache:
             if rest.size:
                 self.lower.write_rows(self._global(idx[rest]), {n: d[rest] for n, d in checked.items()})
 
-    def update_rows(self, rows: np.ndarray, update: RowUpdate) -> None:
+    def update_rows(self, rows: np.ndarray, update: RowUpdate, *, update_at: RowUpdateAt | None = None) -> None:
         """Read-modify-write unique global rows int [N] with `update(block, positions)` (see
         `CachedPartitions.update_rows`): cached rows as one block in RAM (then dirty), the others
         in one pass over their chunks below; counts nothing and admits nothing.
+
+        update_at, when given, changes the cached rows where they are held instead of in a copied
+        block: `update_at(arrays, index, positions)` gets the slot arrays {name: [capacity, ...]},
+        index int64 [k] (the rows' slots) and positions int64 [k] into `rows`, and changes
+        arrays[name][index] in place (as a sparse optimizer's step does; it saves a gather and a
+        scatter of every array).
         Raises (nothing changed): LayoutError for duplicate, out-of-range or foreign rows;
         ReadOnlyTableError when the store is open read-only.
         """
@@ -192,11 +208,14 @@ class HotRowCache:
             slot = self._slot_of[idx] if self.capacity else np.full(len(idx), -1, np.int32)
             hit = np.flatnonzero(slot >= 0)
             if hit.size:
-                s = slot[hit]
-                block = {n: a[s] for n, a in self.arrays.items()}
-                update(block, hit)
-                for n, a in self.arrays.items():
-                    a[s] = block[n]
+                s = slot[hit].astype(np.int64)
+                if update_at is not None:
+                    update_at(self.arrays, s, hit)
+                else:
+                    block = {n: a[s] for n, a in self.arrays.items()}
+                    update(block, hit)
+                    for n, a in self.arrays.items():
+                        a[s] = block[n]
                 self._dirty[s] = True
             miss = np.flatnonzero(slot < 0)
             if miss.size:

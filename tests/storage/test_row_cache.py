@@ -2,7 +2,7 @@
 
 The contract test drives `HotRowCache` (over a chunk cache of one or two chunks) and a whole-table
 numpy oracle with hypothesis-generated lookups, counted and uncounted reads, writes of all or some
-arrays, in-place updates through `slots`/`mark_dirty`, and flushes; the row capacity is a few
+arrays, in-place updates through `slots`/`mark_dirty` and `update_rows(update_at=)`, and flushes; the row capacity is a few
 rows, so admission, eviction and write-back of dirty rows happen all the time. After every op the
 byte budget is checked; at the end (after flush) the Zarr store must equal the oracle. Other tests
 pin the admission rule (frequency wins, a one-off scan does not flush hot rows, counters age).
@@ -46,6 +46,27 @@ def _cache(store, rows: int, chunks: int = 1, **kw) -> HotRowCache:
     return cache
 
 
+def _update_at(cache: HotRowCache, oracle, rows: np.ndarray, rng: np.random.Generator) -> None:
+    """update_rows with `update_at` for the cached rows (slot arrays changed in place) and the block
+    `update` for the others; both check what they are handed against the oracle."""
+    new = _random_arrays(oracle, len(rows), rng)
+
+    def update(block, pos):
+        for name, a in block.items():
+            assert np.array_equal(_bits(a), _bits(oracle[name][rows[pos]])), name
+            a[...] = new[name][pos]
+
+    def update_at(arrays, index, pos):
+        assert len(index) == len(pos) and np.all(cache.slots(rows[pos]) == index)
+        for name, a in arrays.items():
+            assert np.array_equal(_bits(a[index]), _bits(oracle[name][rows[pos]])), name
+            a[index] = new[name][pos]
+
+    cache.update_rows(rows, update, update_at=update_at)
+    for name, a in new.items():
+        oracle[name][rows] = a
+
+
 _op = st.one_of(
     st.tuples(st.just("read"), st.lists(st.integers(0, 10**6), min_size=0, max_size=20),
               st.sampled_from([None, ("values",), ("exp_avg_sq", "step")]), st.booleans()),
@@ -54,6 +75,8 @@ _op = st.one_of(
     st.tuples(st.just("update_in_place"), st.lists(st.integers(0, 10**6), min_size=1, max_size=20, unique=True),
               st.just(None), st.just(False)),
     st.tuples(st.just("update"), st.lists(st.integers(0, 10**6), min_size=1, max_size=20, unique=True),
+              st.just(None), st.just(False)),
+    st.tuples(st.just("update_at"), st.lists(st.integers(0, 10**6), min_size=1, max_size=20, unique=True),
               st.just(None), st.just(False)),
     st.tuples(st.just("flush"), st.just([]), st.just(None), st.just(False)),
     st.tuples(st.just("hot"), st.lists(st.integers(0, 10**6), min_size=1, max_size=6),  # becomes frequent
@@ -93,6 +116,8 @@ def test_row_cache_reads_and_writes_match_a_resident_oracle(ops, dtype, capacity
                     oracle["values"][rows[slots >= 0]] = new.astype(oracle["values"].dtype)
             elif kind == "update":  # the cached tier's optimizer step on rows that may or may not be cached
                 _update(cache, oracle, np.unique(rows)[rng.permutation(len(np.unique(rows)))], rng)
+            elif kind == "update_at":  # the same, cached rows changed where they are held
+                _update_at(cache, oracle, np.unique(rows)[rng.permutation(len(np.unique(rows)))], rng)
             else:
                 cache.flush()
                 assert cache.metrics()["row_dirty"] == 0 and cache.lower.metrics()["dirty_chunks"] == 0
