@@ -2,10 +2,11 @@
 
 The contract test drives `HotRowCache` (over a chunk cache of one or two chunks) and a whole-table
 numpy oracle with hypothesis-generated lookups, counted and uncounted reads, writes of all or some
-arrays, in-place updates through `slots`/`mark_dirty` and `update_rows(update_at=)`, and flushes; the row capacity is a few
-rows, so admission, eviction and write-back of dirty rows happen all the time. After every op the
-byte budget is checked; at the end (after flush) the Zarr store must equal the oracle. Other tests
-pin the admission rule (frequency wins, a one-off scan does not flush hot rows, counters age).
+arrays, in-place updates through `slots`/`mark_dirty` and `update_rows(update_at=)`, and flushes;
+the row capacity is a few rows, so admission, eviction and write-back of dirty rows happen all the
+time. After every op the byte budget is checked; at the end (after flush) the Zarr store must equal
+the oracle. Other tests pin the admission rule (frequency wins, a one-off scan does not flush hot
+rows, counters age).
 """
 
 from __future__ import annotations
