@@ -40,6 +40,7 @@ from storage.chunk_io import ChunkIO, Engine, open_chunk_io
 from storage.layout import (
     DEFAULT_TARGET_CHUNK_BYTES,
     VALUES,
+    ArrayLayout,
     TableSpec,
     init_partition_values,
     numpy_dtype,
@@ -101,18 +102,24 @@ class TierPlan:
     used_bytes: int  # resident bytes + cache_bytes: what this table takes of the shard's budget
 
 
+def _chunk_bytes(store: TableStore) -> list[int]:
+    """Bytes of one chunk of each array of `store`."""
+    layouts = table_arrays(store.spec)
+    return [_bytes_of_rows(layouts[n], store.chunk_shape(n)[1]) for n in store.array_names]
+
+
+def _bytes_of_rows(layout: ArrayLayout, rows: int) -> int:
+    return rows * math.prod(layout.trailing) * layout.storage_dtype.itemsize
+
+
 def min_cache_bytes(store: TableStore) -> int:
     """The smallest cache budget over `store`: one chunk of its largest array (CachedPartitions' rule)."""
-    layouts = table_arrays(store.spec)
-    return max(store.chunk_shape(n)[1] * math.prod(layouts[n].trailing) * layouts[n].dtype.itemsize
-               for n in store.array_names)
+    return max(_chunk_bytes(store))
 
 
 def chunk_set_bytes(store: TableStore) -> int:
     """One chunk of every array together: the chunk budget below which an update pass thrashes."""
-    layouts = table_arrays(store.spec)
-    return sum(store.chunk_shape(n)[1] * math.prod(layouts[n].trailing) * layouts[n].dtype.itemsize
-               for n in store.array_names)
+    return sum(_chunk_bytes(store))
 
 
 def plan_tiers(spec: TableSpec, partitions: Iterable[int], budget_bytes: int | None, *,
@@ -277,8 +284,7 @@ def fits_budget(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int
 
 def chunk_set_bytes_for(spec: TableSpec, target_chunk_bytes: int) -> int:
     """`chunk_set_bytes` of a table that `create_table(target_chunk_bytes=...)` would make."""
-    return sum(a.chunks(spec, target_chunk_bytes)[1] * math.prod(a.trailing) * a.storage_dtype.itemsize
-               for a in table_arrays(spec).values())
+    return sum(_bytes_of_rows(a, a.chunks(spec, target_chunk_bytes)[1]) for a in table_arrays(spec).values())
 
 
 def chunk_bytes_for_budget(spec: TableSpec, shard_budget_bytes: int | None, num_shards: int, *,
@@ -491,8 +497,7 @@ class TieredPartitions(TablePartitions):
         if ram.size == 0:  # all cached: no split copies
             return self.cached.read(rows)
         out = np.empty((rows.shape[0], self.spec.dim), dtype=numpy_dtype(self.spec.dtype))
-        if ram.size:
-            out[ram] = self.resident.read(rows[ram])
+        out[ram] = self.resident.read(rows[ram])
         out[cache] = self.cached.read(rows[cache])
         return out
 
@@ -504,8 +509,7 @@ class TieredPartitions(TablePartitions):
         if ram.size == 0:  # all cached: no split copies
             self.cached.step(optimizer, rows, grads, lr)
             return
-        if ram.size:
-            self.resident.step(optimizer, rows[ram], grads[ram], lr)
+        self.resident.step(optimizer, rows[ram], grads[ram], lr)
         if cache.size:
             self.cached.step(optimizer, rows[cache], grads[cache], lr)
 
