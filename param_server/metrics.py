@@ -18,6 +18,9 @@ class ShardCounters:
     pushes_applied: int = 0  # pushes (and pooled backwards) applied by the apply thread
     rows_applied: int = 0  # unique rows updated by those applies
     wait_timeouts: int = 0  # min_step lookups that gave up
+    lookups_waiting: int = 0  # gauge: min_step lookups blocked right now on a push not yet applied
+    wait_checks: int = 0  # times a blocked min_step lookup re-checked its clock (each wake-up)
+    requests_waiting_handoff: int = 0  # gauge: requests paused right now on a partition being handed off
 
     def count_lookup(self, rows: int) -> None:
         """One lookup of `rows` rows answered."""

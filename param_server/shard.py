@@ -631,7 +631,15 @@ class Shard:
     def _wait_unfrozen(self, t: _Table, rows: np.ndarray) -> None:
         """With self._cond held: wait while a row's partition is being handed off, then check ownership."""
         part = rows % t.spec.num_partitions
-        if not self._cond.wait_for(lambda: not self._frozen[part].any(), self.config.wait_timeout_s):
+        if self._frozen[part].any():
+            self._counters.requests_waiting_handoff += 1
+            try:
+                unfrozen = self._cond.wait_for(lambda: not self._frozen[part].any(), self.config.wait_timeout_s)
+            finally:
+                self._counters.requests_waiting_handoff -= 1
+        else:
+            unfrozen = True
+        if not unfrozen:
             raise WaitTimeoutError(f"partitions of shard {self.shard_id} stayed frozen for "
                                    f"{self.config.wait_timeout_s} s (a hand-off did not finish)")
         self._check_owned(t, rows)
@@ -661,11 +669,21 @@ class Shard:
         """With self._cond held: wait until the worker's applied step on `table` >= min_step and no
         queued push of the worker at a step <= min_step is left (a re-routed push may arrive after a
         later one was applied, DESIGN §4.1)."""
-        if min_step is None:
+        if min_step is None or self._clocks.reached(worker_id, table, min_step):
             return
-        if not self._cond.wait_for(lambda: self._clocks.reached(worker_id, table, min_step),
-                                   self.config.wait_timeout_s):
-            self._counters.wait_timeouts += 1
+        counters = self._counters
+
+        def reached() -> bool:
+            counters.wait_checks += 1
+            return self._clocks.reached(worker_id, table, min_step)
+
+        counters.lookups_waiting += 1
+        try:
+            ok = self._cond.wait_for(reached, self.config.wait_timeout_s)
+        finally:
+            counters.lookups_waiting -= 1
+        if not ok:
+            counters.wait_timeouts += 1
             raise WaitTimeoutError(
                 f"worker {worker_id} step {min_step} not applied within {self.config.wait_timeout_s} s "
                 f"on table {table} (applied: {self._clocks.step(worker_id, table)})"

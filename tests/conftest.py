@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -41,3 +42,24 @@ def ray_session() -> Iterator[None]:
         yield None
     finally:
         cluster.close()
+
+
+def _wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "the condition") -> object:
+    """Poll `condition` until it returns something truthy (returned); fail the test after `timeout` s.
+
+    What tests wait on instead of a fixed sleep: a state of the code under test, with a deadline that
+    is generous, because it only bounds a failing test and costs a passing one nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)  # a poll interval, not a synchronization: the condition decides
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., object]:
+    """`wait_until(condition, timeout=60, what=...)`: poll a state with a deadline (never a bare sleep)."""
+    return _wait_until

@@ -4,7 +4,6 @@ waited for only after block j, so blocks i+1..j compute while the values travel.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import Future
 
 import torch
@@ -13,11 +12,13 @@ from model_workers.model import LanguageModel
 from orchestration.config import load_config
 
 
-class SlowLookups:
-    """Wraps a backend: every async fetch answers 50 ms later on another thread; records the order."""
+class HeldLookups:
+    """Wraps a backend: every async fetch is answered on another thread once `release` is set (or
+    after a deadline, so a model that waits for the answer first fails the test instead of hanging);
+    records the order."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.events = inner, []
+        self.inner, self.events, self.release = inner, [], threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -27,7 +28,7 @@ class SlowLookups:
         done: Future = Future()
 
         def answer() -> None:
-            time.sleep(0.05)
+            self.release.wait(10)
             self.events.append(("answered", table))
             done.set_result(self.inner.fetch_rows(table, rows))
 
@@ -42,14 +43,15 @@ def test_dense_blocks_between_read_and_add_run_while_the_lookup_is_in_flight():
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     want = model(tokens).logits  # the synchronous in-process path
 
-    slow = SlowLookups(model.backend)
+    slow = HeldLookups(model.backend)
     for layer in model.memories:
         layer.backend = slow
     block1 = model.blocks[1]
     original = block1.forward
 
-    def traced(*args, **kw):
+    def traced(*args, **kw):  # block 1 runs while the lookup is still unanswered, then lets it answer
         slow.events.append(("block 1", None))
+        slow.release.set()
         return original(*args, **kw)
 
     block1.forward = traced

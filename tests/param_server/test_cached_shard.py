@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -202,7 +201,7 @@ def test_lazily_initialised_shard_equals_one_loaded_from_an_initialised_table(tm
 
 
 @pytest.mark.parametrize("budget", [None, 2 * 16 * DIM * 4, 4096], ids=["resident", "cached", "rows+chunks"])
-def test_handoff_moves_a_partition_without_losing_or_repeating_an_update(tmp_path, budget):
+def test_handoff_moves_a_partition_without_losing_or_repeating_an_update(tmp_path, budget, wait_until):
     spec, path = _table(tmp_path)
     reference = Shard()
     reference.load_table(open_table(path), range(NP))
@@ -229,7 +228,7 @@ def test_handoff_moves_a_partition_without_losing_or_repeating_an_update(tmp_pat
 
         t = threading.Thread(target=late_push)
         t.start()
-        time.sleep(0.2)
+        wait_until(lambda: src.metrics()["requests_waiting_handoff"] == 1, what="the push to pause")
         assert t.is_alive() and src.last_seq(0) == 1  # paused, not accepted
         exported = src.handoff_export([1])
         dst.adopt({spec.name: exported[spec.name] if budget is None else {1: None}})
@@ -251,26 +250,29 @@ def test_handoff_moves_a_partition_without_losing_or_repeating_an_update(tmp_pat
             s.close()
 
 
-def test_min_step_lookup_waits_for_a_queued_push_of_that_step(tmp_path):
+def test_min_step_lookup_waits_for_a_queued_push_of_that_step(tmp_path, monkeypatch, wait_until):
     spec, path = _table(tmp_path, "sgd")
-    shard = Shard(ShardConfig(wait_timeout_s=5))
+    shard = Shard(ShardConfig(wait_timeout_s=60))
     shard.load_table(open_table(path), range(NP))
     one = np.ones((1, DIM), np.float32)
     before = shard.gather(spec.name, np.array([5]))
+    gate = threading.Event()
     try:
         shard.push(spec.name, 0, 1, 3, 1.0, np.array([1]), one)  # step 3 applied
         shard.drain()
+        apply = shard._queue._apply  # noqa: SLF001
+        monkeypatch.setattr(shard._queue, "_apply", lambda u: (gate.wait(60), apply(u)))  # noqa: SLF001
         got = {}
-        with shard._cond:  # stall the apply thread: a re-routed push of step 3 is queued, not applied
-            shard.push(spec.name, 0, 2, 3, 1.0, np.array([5]), one)
-            t = threading.Thread(target=lambda: got.setdefault("v", shard.gather(spec.name, np.array([5]),
-                                                                                min_step=3)))
-            t.start()
-            time.sleep(0.1)
-            assert "v" not in got
-        t.join(5)
+        shard.push(spec.name, 0, 2, 3, 1.0, np.array([5]), one)  # a re-routed push of step 3: queued, not applied
+        t = threading.Thread(target=lambda: got.setdefault("v", shard.gather(spec.name, np.array([5]), min_step=3)))
+        t.start()
+        wait_until(lambda: shard.metrics()["lookups_waiting"] == 1, what="the lookup to block on the queued push")
+        assert "v" not in got
+        gate.set()
+        t.join(60)
         np.testing.assert_allclose(got["v"], before - 1.0)
     finally:
+        gate.set()
         shard.close()
 
 

@@ -8,6 +8,7 @@ of a push, step 0 included.
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -76,6 +77,7 @@ def test_shard_accepts_step_minus_one_and_it_advances_no_clock() -> None:
         with pytest.raises(InvalidRequestError, match="step"):
             shard.push("mem", 0, 2, -2, 1.0, np.array([1]), np.ones((1, 8), np.float32))
         shard.push("mem", 0, 3, 0, 1.0, np.zeros(0, np.int64), np.zeros((0, 8), np.float32))
+        shard.drain()
         np.testing.assert_allclose(shard.gather("mem", np.array([1]), min_step=0)[0], _full(np.array([1]))[0] - 1.0)
 
 
@@ -96,7 +98,9 @@ def test_min_step_zero_lookup_never_sees_part_of_a_step_zero_push(served) -> Non
     with Client([address], config=SMALL_CHUNKS) as pusher, \
             Client([address], config=ClientConfig(max_attempts=1)) as reader:
         pusher.push("mem", rows, np.ones((7, 8), np.float32), lr=1.0, step=0, wait=False)
+        deadline = time.monotonic() + 60
         while len(steps.steps) < 4:  # the first three chunks went through; the last one is held
+            assert time.monotonic() < deadline, steps.steps
             threading.Event().wait(0.01)
         shard.drain()
         assert shard.metrics()["pushes_applied"] == 3  # a partial update is in the table now...
@@ -104,4 +108,5 @@ def test_min_step_zero_lookup_never_sees_part_of_a_step_zero_push(served) -> Non
             reader.gather("mem", rows, min_step=0)
         steps.release.set()
         pusher.flush()
+        shard.drain()  # applied: the lookup's short wait_timeout_s bounds only the failing case above
         np.testing.assert_allclose(reader.gather("mem", rows, min_step=0), _full(rows) - 1.0, rtol=1e-6)

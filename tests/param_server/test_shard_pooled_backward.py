@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 
 import numpy as np
 from hypothesis import given, settings
@@ -91,20 +91,21 @@ def test_retried_pooled_backward_answers_again_but_updates_once(make_table, shar
 
 
 def test_a_backward_with_min_step_reads_the_values_the_workers_earlier_push_left(make_table, monkeypatch):
-    # the apply thread is slowed down, so the backward arrives while the push of step 0 is queued:
-    # with min_step=0 it waits for that push (read-your-writes, as a lookup); without, it reads the
-    # values from before it (what the client-level oracle test caught as a rare race)
+    # the apply thread is held at a gate (before it takes the shard's lock), so the backward arrives
+    # while the push of step 0 is queued: with min_step=0 it waits for that push (read-your-writes, as
+    # a lookup); without, it reads the values from before it (what the client-level oracle test
+    # caught as a rare race)
     table = make_table(rows=12, dim=4, num_partitions=2, owned=[0, 1])
     with Shard(ShardConfig()) as shard:
         shard.add_table(table.spec, table.partitions)
-        optimizer = type(shard._tables[table.spec.name].optimizer)  # noqa: SLF001
-        step = optimizer.step
+        apply = shard._queue._apply  # noqa: SLF001
+        gate = threading.Event()
 
-        def slow_step(self, *args, **kw):
-            time.sleep(0.3)
-            return step(self, *args, **kw)
+        def gated_apply(update):
+            assert gate.wait(60), "the test never opened the apply thread's gate"
+            return apply(update)
 
-        monkeypatch.setattr(optimizer, "step", slow_step)
+        monkeypatch.setattr(shard._queue, "_apply", gated_apply)  # noqa: SLF001
         rows, scores = np.array([3], np.int64), np.ones((1, 1), np.float32)
         grad_out = np.ones((1, 1, 4), np.float32)
         before = shard.gather(table.spec.name, rows)
@@ -112,6 +113,7 @@ def test_a_backward_with_min_step_reads_the_values_the_workers_earlier_push_left
         shard.push(table.spec.name, 5, 1, 0, 1.0, rows, np.full((1, 4), 2.0, np.float32))
         stale = shard.pooled_backward(table.spec.name, 5, 2, 1, 0.0, *args)
         np.testing.assert_allclose(stale, before.sum(1, keepdims=True), rtol=1e-6)  # the push was still queued
+        gate.set()
         shard.push(table.spec.name, 5, 3, 2, 1.0, rows, np.full((1, 4), 2.0, np.float32))
         fresh = shard.pooled_backward(table.spec.name, 5, 4, 3, 0.0, *args, min_step=2)
         after = shard.gather(table.spec.name, rows)

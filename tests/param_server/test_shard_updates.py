@@ -86,17 +86,19 @@ def test_empty_push_only_advances_the_step(make_table, shards):
     np.testing.assert_array_equal(shard.gather("mem", np.arange(50)), table.values)
 
 
-def test_min_step_lookup_waits_for_the_push_then_answers_with_it_applied(make_table, shards):
+def test_min_step_lookup_waits_for_the_push_then_answers_with_it_applied(make_table, shards, wait_until):
     table = make_table()
     shard = shards(table)
     answer: list[np.ndarray] = []
     reader = threading.Thread(target=lambda: answer.append(shard.gather("mem", np.array([5]), worker_id=3, min_step=1)))
     reader.start()
-    time.sleep(0.2)
+    wait_until(lambda: shard.metrics()["lookups_waiting"] == 1, what="the lookup to block")
     assert reader.is_alive() and not answer  # worker 3 has applied nothing yet
+    checks = shard.metrics()["wait_checks"]
     shard.push("mem", 3, 1, 0, 1.0, np.array([5]), np.ones((1, 8), np.float32))  # step 0: not enough
-    time.sleep(0.1)
-    assert reader.is_alive()
+    shard.drain()
+    wait_until(lambda: shard.metrics()["wait_checks"] > checks, what="the lookup to re-check after step 0")
+    assert reader.is_alive() and not answer and shard.metrics()["lookups_waiting"] == 1  # woke, still waits
     shard.push("mem", 3, 2, 1, 1.0, np.array([5]), np.ones((1, 8), np.float32))
     reader.join(timeout=10)
     np.testing.assert_allclose(answer[0][0], table.values[5] - 2.0)
@@ -185,7 +187,7 @@ def test_concurrent_gathers_during_applies_never_see_a_torn_row(make_table, shar
             try:
                 shard.push("mem", 0, seq, seq, 0.01, rows, grads)
                 break
-            except QueueFullError:
+            except QueueFullError:  # back-pressure: a real client backs off and retries the same way
                 time.sleep(0.001)
     shard.drain()
     stop.set()
@@ -205,6 +207,7 @@ def test_min_step_on_one_table_is_not_satisfied_by_another_tables_push(make_tabl
     with pytest.raises(WaitTimeoutError, match="table b"):
         shard.gather("b", np.array([1]), worker_id=0, min_step=0)
     shard.push("b", 0, 2, 0, 0.1, np.array([1]), np.ones((1, 8), np.float32))
+    shard.drain()  # applied before the lookup: its short wait_timeout_s bounds only the refusal above
     got = shard.gather("b", np.array([1]), worker_id=0, min_step=0)
     np.testing.assert_allclose(got, b.values[[1]] - 0.1, rtol=1e-6)
     assert shard.applied_step(0) == 0

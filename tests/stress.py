@@ -1,0 +1,69 @@
+"""Run a command while a bounded CPU hog keeps every core busy (`make test-stress`).
+
+    python tests/stress.py [--procs N] [--max-minutes M] -- COMMAND...
+
+Starts N busy-loop processes (default: one per core), runs COMMAND, then stops the hog processes
+by PID, also when COMMAND fails or is interrupted. Each hog also ends by itself after
+--max-minutes (default 60), so nothing outlives a killed run for long. Exits with COMMAND's
+status. Tests that use a fixed sleep, or a deadline too tight for a loaded machine, in place of
+synchronization fail here while they pass on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+
+
+def _burn(deadline: float) -> None:
+    """Spin on one core until `deadline` (time.monotonic) or until terminated."""
+    x = 0
+    while time.monotonic() < deadline:
+        for _ in range(10_000):
+            x = (x * 1_103_515_245 + 12_345) & 0x7FFFFFFF
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="stress.py")
+    parser.add_argument("--procs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--max-minutes", type=float, default=60.0)
+    args = parser.parse_args(argv[:split])
+    command = argv[split + 1:]
+    if not command:
+        parser.error("no command after --")
+
+    ctx = mp.get_context("spawn")
+    deadline = time.monotonic() + 60 * args.max_minutes
+    hogs = [ctx.Process(target=_burn, args=(deadline,), daemon=True, name=f"cpu-hog-{i}") for i in range(args.procs)]
+    for hog in hogs:
+        hog.start()
+    print(f"stress: {len(hogs)} CPU hog processes (pids {', '.join(str(h.pid) for h in hogs)}), "
+          f"at most {args.max_minutes:g} min; running: {' '.join(command)}", flush=True)
+    started = time.monotonic()
+    try:
+        status = subprocess.call(command)
+    finally:
+        for hog in hogs:
+            hog.terminate()
+        for hog in hogs:
+            hog.join(10)
+            if hog.is_alive():
+                hog.kill()
+                hog.join(10)
+    alive = [h.pid for h in hogs if h.is_alive()]
+    print(f"stress: command exited {status} after {time.monotonic() - started:.0f} s; hogs stopped"
+          + (f" (still alive: {alive})" if alive else ""), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
