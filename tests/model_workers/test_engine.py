@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -98,16 +97,14 @@ def test_more_requests_than_rows_wait_for_a_free_row() -> None:
         eng.stop()
 
 
-def test_cancelled_sequence_frees_its_row(engine: Engine) -> None:
+def test_cancelled_sequence_frees_its_row(engine: Engine, wait_until) -> None:
     keep = engine.submit([3, 4], SamplingParams(max_tokens=60, temperature=0))
     gone = engine.submit([1, 2], SamplingParams(max_tokens=4000, temperature=0))
     gone.next_token(10)
     gone.cancel()
     assert keep.result(30) == reference([3, 4], 60)  # the other sequence is not disturbed
-    deadline = time.monotonic() + 60  # the engine frees the row at its next step: poll that state
-    while engine.active_count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.active_count == 0 and gone.finish_reason == "cancelled"
+    wait_until(lambda: engine.active_count == 0, what="the engine to free the cancelled row at its next step")
+    assert gone.finish_reason == "cancelled"
     assert len(gone.tokens) < 4000
 
 
