@@ -10,6 +10,7 @@ with exactly the state of the uninterrupted local run (`e2e.assert_same_state`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -233,8 +234,11 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_previous
 
 
 def test_a_stopped_shard_makes_training_fail_naming_it_within_the_deadline(ray_session, e2e, tmp_path):
-    cfg = e2e.tiny_config(shards=2, consistency="sync", call_timeout_s=3.0)
+    cfg = e2e.tiny_config(shards=2, consistency="sync", call_timeout_s=3.0)  # the workers' client deadline
     trainer = DistributedTrainer(cfg, tmp_path, progress=False)
+    # the driver's own backstop (call_timeout_s per step of a chunk) stays long: on a busy machine the
+    # first steps alone can take longer than 3 s each, and the failure under test is the client's
+    trainer.dist = dataclasses.replace(trainer.dist, call_timeout_s=300.0)
     info = ray.get(trainer.shards[0].info.remote(), timeout=60)
     try:
         trainer.run(max_steps=2)
