@@ -32,6 +32,13 @@ def _resolve(args: argparse.Namespace, base: dict | None) -> RunConfig:
     return load_config(preset=args.preset, path=args.config, overrides=overrides, base=base)
 
 
+def _is_step_dir(path: Path) -> bool:
+    """The user named one checkpoint (step-N), not a run or a checkpoints root."""
+    from storage.checkpoint import MANIFEST
+
+    return (path / MANIFEST).exists() or path.name.startswith("step-")
+
+
 def _run_dir_of(checkpoint: Path) -> Path:
     """<run>/checkpoints/step-N -> <run>; a checkpoint elsewhere -> its parent directory."""
     parent = checkpoint.parent
@@ -50,7 +57,7 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(given)} only apply to distributed training, not --local")
 
     try:
-        checkpoint = checkpoint_io.find_checkpoint(args.resume) if args.resume else None
+        checkpoint = checkpoint_io.find_checkpoint(args.resume) if args.resume else None  # verified
         base = checkpoint_io.read_config(checkpoint) if checkpoint else None
     except CheckpointError as err:
         raise UsageError(f"cannot resume: {err}") from None
@@ -62,6 +69,9 @@ def train(args: argparse.Namespace) -> int:
     else:
         run_dir = Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None and not _is_step_dir(Path(args.resume)) and \
+            checkpoint.parent.resolve() == (run_dir / "checkpoints").resolve():
+        checkpoint_io.set_aside_newer(checkpoint)  # damaged: find_checkpoint fell back past them (warns)
     save_config(cfg, run_dir / "config.toml")
 
     if not args.local:
@@ -70,7 +80,7 @@ def train(args: argparse.Namespace) -> int:
         trainer = LocalTrainer(cfg.model, cfg.train, cfg.data, run_dir, config=to_dict(cfg),
                                progress=not args.no_progress)
         if checkpoint is not None:
-            trainer.resume(checkpoint)
+            trainer.resume(checkpoint, verified=True)
     except DataError as err:
         raise UsageError(str(err)) from None
     except CheckpointError as err:
@@ -95,7 +105,7 @@ def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, 
 
     try:
         result = train_distributed(cfg, run_dir, address=args.address, resume=checkpoint,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, resume_verified=True)
     except DataError as err:
         raise UsageError(str(err)) from None
     print(f"run:            {result.run_dir}")
