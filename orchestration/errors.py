@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class OrchestrationError(Exception):
     """Base of every error raised by orchestration/."""
@@ -20,6 +22,7 @@ class ConfigError(UsageError):
 DEBUG_ENV = "ULTRAMEM_DEBUG"  # set to 1 (or pass --debug) to see the traceback of a failure
 
 _EXIT_USAGE, _EXIT_FAILURE = 2, 1
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its messages
 
 
 def _first_line(text: str) -> str:
@@ -32,9 +35,10 @@ def _ray_cause(text: str) -> str:
     remote traceback in between), else its first line."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     for line in reversed(lines):
-        head, sep, _ = line.partition(": ")
-        if sep and head.replace(".", "").isidentifier() and head.rsplit(".", 1)[-1].endswith(("Error", "Exception")):
-            return line
+        head, sep, rest = line.partition(": ")
+        name = head.rsplit(".", 1)[-1]  # "storage.errors.CheckpointError" -> "CheckpointError"
+        if sep and head.replace(".", "").isidentifier() and name.endswith(("Error", "Exception")):
+            return f"{name}: {rest}"
     return lines[0] if lines else ""
 
 
@@ -45,9 +49,12 @@ def _ray_actor(text: str) -> str:
         key, sep, value = line.strip().partition(": ")
         if sep and key in ("class_name", "pid", "name"):
             fields[key] = value.strip()
-    if not fields and "ray::" in text:  # a task error: "ray::ShardActor.__init__() (pid=..., ip=...)"
-        start = text.index("ray::") + 5
-        return text[start:].split("(", 1)[0].split()[0].rstrip(".")
+    task = re.search(r"ray::(\w+)", text)  # a task error: "ray::ShardActor.__init__() (pid=123, ip=...)"
+    pid = re.search(r"\(pid=(\d+)", text)
+    if task and "class_name" not in fields:
+        fields["class_name"] = task.group(1)
+    if pid and "pid" not in fields:
+        fields["pid"] = pid.group(1)
     return " ".join(v for v in (fields.get("class_name"), fields.get("name") and f"'{fields['name']}'",
                                 fields.get("pid") and f"pid {fields['pid']}") if v)
 
@@ -63,7 +70,7 @@ def describe(err: BaseException) -> tuple[int, str]:
     name = type(err).__name__
     module = type(err).__module__ or ""
     if module.startswith("ray."):
-        text = str(err)
+        text = _ANSI.sub("", str(err))
         actor = _ray_actor(text)
         if name in ("ActorDiedError", "RayActorError", "ActorUnavailableError"):
             what = f"a Ray actor ({actor}) died" if actor else "a Ray actor died"
