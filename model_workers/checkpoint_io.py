@@ -206,6 +206,25 @@ def set_aside_newer(checkpoint: Path) -> list[Path]:
     return [set_aside(p) for s, p in step_dirs(checkpoint.parent) if s > step and (p / MANIFEST).exists()]
 
 
+def resume_point(path: str | Path, run_dir: str | Path) -> Path:
+    """The checkpoint a run in `run_dir` resumes from: find_checkpoint(path) (verified), then
+    set_aside_passed: the resumed run never meets the damaged checkpoints it fell back past."""
+    found = find_checkpoint(path)
+    set_aside_passed(path, found, run_dir)
+    return found
+
+
+def set_aside_passed(given: str | Path, found: Path, run_dir: str | Path) -> list[Path]:
+    """When `given` is a run (not one step-N) and find_checkpoint(given) returned `found` in
+    run_dir/checkpoints, set aside the newer step directories it fell back past (set_aside_newer);
+    a run resumed into another directory, or from a step the user named, touches nothing."""
+    given = Path(given)
+    named_a_step = (given / MANIFEST).exists() or given.name.startswith("step-")
+    if named_a_step or found.parent.resolve() != (Path(run_dir) / "checkpoints").resolve():
+        return []
+    return set_aside_newer(found)
+
+
 def latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under `root`, or None (files not verified)."""
     return latest_checkpoint(root)

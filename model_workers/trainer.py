@@ -236,7 +236,7 @@ class LocalTrainer:
         """Load a checkpoint (or the newest valid one under a run/checkpoints dir); returns it.
 
         verified: `path` is a step directory checkpoint_io.find_checkpoint already verified."""
-        ckpt = Path(path) if verified else checkpoint_io.find_checkpoint(path)
+        ckpt = Path(path) if verified else checkpoint_io.resume_point(path, self.run_dir)
         state = checkpoint_io.load_checkpoint(ckpt, self.model, backend=self.backend, optimizer=self.optimizer)
         self.step = int(state["step"])
         rng = (state.get("rng") or {}).get("torch")

@@ -32,13 +32,6 @@ def _resolve(args: argparse.Namespace, base: dict | None) -> RunConfig:
     return load_config(preset=args.preset, path=args.config, overrides=overrides, base=base)
 
 
-def _is_step_dir(path: Path) -> bool:
-    """The user named one checkpoint (step-N), not a run or a checkpoints root."""
-    from storage.checkpoint import MANIFEST
-
-    return (path / MANIFEST).exists() or path.name.startswith("step-")
-
-
 def _run_dir_of(checkpoint: Path) -> Path:
     """<run>/checkpoints/step-N -> <run>; a checkpoint elsewhere -> its parent directory."""
     parent = checkpoint.parent
@@ -57,21 +50,21 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(given)} only apply to distributed training, not --local")
 
     try:
-        checkpoint = checkpoint_io.find_checkpoint(args.resume) if args.resume else None  # verified
-        base = checkpoint_io.read_config(checkpoint) if checkpoint else None
+        found = checkpoint_io.find_checkpoint(args.resume) if args.resume else None  # verified
+        base = checkpoint_io.read_config(found) if found else None
     except CheckpointError as err:
         raise UsageError(f"cannot resume: {err}") from None
     cfg = _resolve(args, base)
     if args.out:
         run_dir = Path(args.out)
-    elif checkpoint is not None:
-        run_dir = _run_dir_of(checkpoint)
+    elif found is not None:
+        run_dir = _run_dir_of(found)
     else:
         run_dir = Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and not _is_step_dir(Path(args.resume)) and \
-            checkpoint.parent.resolve() == (run_dir / "checkpoints").resolve():
-        checkpoint_io.set_aside_newer(checkpoint)  # damaged: find_checkpoint fell back past them (warns)
+    checkpoint = found
+    if found is not None:  # damaged checkpoints find_checkpoint fell back past: never met again
+        checkpoint_io.set_aside_passed(args.resume, found, run_dir)
     save_config(cfg, run_dir / "config.toml")
 
     if not args.local:

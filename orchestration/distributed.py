@@ -170,8 +170,8 @@ class DistributedTrainer:
             ckpt = None
         elif verified:
             ckpt = Path(resume)
-        else:  # verified here (falling back past damaged ones for a run directory)
-            ckpt = checkpoint_io.find_checkpoint(resume)
+        else:  # verified here (falling back past damaged ones of a run directory, which are set aside)
+            ckpt = checkpoint_io.resume_point(resume, self.run_dir)
         if ckpt is not None:
             table_paths = {s.name: str(tables_dir(ckpt) / s.name) for s in specs}
             self.step = int(checkpoint_io.read_manifest(ckpt)["step"])
@@ -308,8 +308,8 @@ class DistributedTrainer:
             raise WorkerFailedError(f"{what}; {self.worker_restarts} restarts already (cluster.max_restarts)") from None
         ckpt = None
         if checkpoint_io.latest(self.checkpoint_root) is not None:
-            try:  # the newest checkpoint that verifies (a damaged newer one is named in a warning)
-                ckpt = checkpoint_io.find_checkpoint(self.checkpoint_root)
+            try:  # the newest checkpoint that verifies (a damaged newer one is named in a warning, set aside)
+                ckpt = checkpoint_io.resume_point(self.checkpoint_root, self.run_dir)
             except CheckpointError as err:
                 raise WorkerFailedError(f"{what}; no valid checkpoint to restart from: {err}") from None
         logger.warning("%s; restarting every actor from %s", what, ckpt or "the initial state")
