@@ -78,6 +78,8 @@ def describe(err: BaseException) -> tuple[int, str]:
             return _EXIT_FAILURE, f"{what}: {cause}"
         if name == "GetTimeoutError":
             return _EXIT_FAILURE, f"timed out waiting for the cluster: {_first_line(text)}"
+        if name.startswith("RayTaskError"):  # a remote method raised: say where, then what
+            return _EXIT_FAILURE, f"{actor or 'a Ray task'} failed: {_ray_cause(text)}"
         where = f" in {actor}" if actor else ""
         return _EXIT_FAILURE, f"{name}{where}: {_ray_cause(text)}"
     if isinstance(err, OSError) and err.filename is not None:

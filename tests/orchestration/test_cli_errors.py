@@ -33,6 +33,18 @@ def _ray_init_error(message: str) -> BaseException:
     return ray.exceptions.ActorDiedError(task)
 
 
+def _ray_task_error(cause: Exception) -> BaseException:
+    """What ray.get raises when a remote method (here ModelWorker.run) raised `cause`."""
+    import ray.exceptions
+
+    try:
+        raise cause
+    except Exception as err:
+        task = ray.exceptions.RayTaskError("ModelWorker.run", traceback.format_exc(), err,
+                                           proctitle="ray::ModelWorker.run()", pid=77, ip="127.0.0.1")
+    return task.as_instanceof_cause()
+
+
 ERRORS: list[tuple[Callable[[], BaseException], int, str]] = [
     (lambda: ConfigError("train.lr must be > 0"), 2, "train.lr must be > 0"),
     (lambda: WorkerFailedError("a model worker died while training steps 17..17 (x)"), 1,
@@ -42,6 +54,8 @@ ERRORS: list[tuple[Callable[[], BaseException], int, str]] = [
     (lambda: _ray_init_error("checkpoint c/step-20 does not match its manifest: tables/m/values/c/1/0/0: missing"), 1,
      "a Ray actor (ShardActor pid 4242) died: CheckpointError: checkpoint c/step-20 does not match its manifest: "
      "tables/m/values/c/1/0/0: missing"),
+    (lambda: _ray_task_error(TimeoutError("shard 127.0.0.1:5555 did not answer within 3 s")), 1,
+     "ModelWorker pid 77 failed: TimeoutError: shard 127.0.0.1:5555 did not answer within 3 s"),
     (lambda: FileNotFoundError(2, "No such file or directory", "/data/run/dense.pt"), 1,
      "No such file or directory: /data/run/dense.pt"),
     (lambda: RuntimeError("Zstd decompression error\nmore detail"), 1, "RuntimeError: Zstd decompression error"),
