@@ -330,11 +330,10 @@ class ShardActor:
 
 def _checkpoint_of(table_paths: dict[str, str]) -> Path | None:
     """The step directory the tables live in (step-N/tables/<name>), or None for tables elsewhere."""
-    for path in table_paths.values():
-        parent = Path(path).parent
-        if parent.name == TABLES and parent.parent.name.startswith("step-"):
-            return parent.parent
-        return None
+    first = next(iter(table_paths.values()), None)
+    parent = Path(first).parent if first is not None else None
+    if parent is not None and parent.name == TABLES and parent.parent.name.startswith("step-"):
+        return parent.parent
     return None
 
 

@@ -45,3 +45,37 @@ def test_ray_resume_past_a_flipped_chunk_matches_local_and_local_resume_of_a_ray
     assert main(["train", "--local", "--resume", str(run), "--max-steps", "22", "--no-progress"]) == 0
     assert main(["train", "--local", "--resume", str(local), "--max-steps", "22", "--no-progress"]) == 0
     e2e.assert_same_state(run / "checkpoints" / "step-22", local / "checkpoints" / "step-22")
+
+
+def test_a_dead_worker_fails_the_job_in_one_line_and_the_shutdown_does_not_warn(ray_session, e2e, tmp_path, caplog):
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from orchestration.distributed import DistributedTrainer, WorkerFailedError
+    from orchestration.errors import describe
+
+    trainer = DistributedTrainer(e2e.tiny_config(shards=2, consistency="sync", on_worker_failure="fail"), tmp_path,
+                                 progress=False)
+    try:
+        worker = trainer.workers[0]
+        os.kill(ray.get(worker.pid.remote(), timeout=60), signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:  # poll the observable state: the actor answers until Ray has seen it die
+            try:
+                ray.get(worker.pid.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, "the killed worker still answers"
+        with pytest.raises(WorkerFailedError) as failed:
+            trainer.run()
+    finally:
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            trainer.close()
+    code, message = describe(failed.value)
+    assert code == 1 and message.startswith("a model worker died while training steps 1..") and "\n" not in message
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.name == "orchestration.distributed"]
+    assert "had already died" in caplog.text

@@ -118,6 +118,14 @@ def test_generate_from_the_damaged_step_itself_exits_2_with_one_line(damaged: tu
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_serve_of_the_damaged_step_itself_exits_2_before_starting_anything(damaged: tuple[Path, str],
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    run, reason = damaged
+    assert main(["serve", "--checkpoint", str(run / "checkpoints" / "step-20"), "--in-process", "--port", "0"]) == 2
+    out = capsys.readouterr()
+    assert "listening" not in out.out and reason in out.err and out.err.count("\n") == 1
+
+
 def test_checkpoint_verify_names_the_damage_and_fails_when_the_newest_is_invalid(
         damaged: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
     run, reason = damaged
