@@ -18,12 +18,17 @@ from orchestration.errors import UsageError
 def verify(args: argparse.Namespace) -> int:
     """Print one line per step directory, newest first; the exit status says whether the newest is valid."""
     from model_workers import checkpoint_io
-    from storage.checkpoint import MANIFEST, step_dirs
+    from storage.checkpoint import MANIFEST, step_dirs, step_of
+    from storage.errors import CheckpointError
 
     path = Path(args.path)
     if not path.exists():
         raise UsageError(f"{path} does not exist")
     if (path / MANIFEST).exists() or path.name.startswith("step-"):
+        try:
+            step_of(path)
+        except CheckpointError as err:
+            raise UsageError(str(err)) from None
         dirs = [path]
     else:
         dirs = [p for _, p in step_dirs(path / "checkpoints")] or [p for _, p in step_dirs(path)]
