@@ -232,12 +232,18 @@ class LocalTrainer:
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def resume(self, path: str | Path) -> Path:
-        """Load a checkpoint (or the newest complete one under a run/checkpoints dir); returns it."""
-        ckpt = checkpoint_io.find_checkpoint(path)
+    def resume(self, path: str | Path, *, verified: bool = False) -> Path:
+        """Load a checkpoint (or the newest valid one under a run/checkpoints dir); returns it.
+
+        verified: `path` is a step directory checkpoint_io.find_checkpoint already verified."""
+        ckpt = Path(path) if verified else checkpoint_io.resume_point(path, self.run_dir)
         state = checkpoint_io.load_checkpoint(ckpt, self.model, backend=self.backend, optimizer=self.optimizer)
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
+        rng = (state.get("rng") or {}).get("torch")
+        if rng is not None:
+            torch.set_rng_state(rng)
+        else:  # a checkpoint written on Ray: batches are a function of (seed, step), so nothing is lost
+            logger.info("%s holds no torch RNG state (written by the distributed trainer); keeping ours", ckpt)
         logger.info("resumed from %s at step %d", ckpt, self.step)
         return ckpt
 

@@ -3,6 +3,8 @@
 This module only builds the argument tree and dispatches; each command is one function in the
 module named beside it (imported lazily, so `ultramem table inspect` never pays for torch or Ray).
 Exit status: 0 on success, 2 on a usage or input error (one line, no traceback), 1 otherwise.
+Any other failure is one line too (orchestration.errors.describe names the file, shard or worker);
+`ultramem --debug ...` or ULTRAMEM_DEBUG=1 prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
-from orchestration.errors import UsageError
+from orchestration.errors import DEBUG_ENV, UsageError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ _HANDLERS: dict[str, str] = {
     "bench": "orchestration.cmd_bench:bench",
     "experiment quality": "orchestration.cmd_experiment:quality",
     "report": "orchestration.cmd_report:report",
+    "checkpoint verify": "orchestration.cmd_checkpoint:verify",
 }
 
 
@@ -154,7 +158,7 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side, JSON results")
     bench.add_argument("which", nargs="?", default="all",
-                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "overlap", "all"])
+                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "overlap", "checkpoint", "all"])
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
 
@@ -171,11 +175,18 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     report = sub.add_parser("report", help="PNG plots and a summary table for a run")
     report.add_argument("run_dir")
 
+    ckpt = sub.add_parser("checkpoint", help="inspect checkpoints")
+    cksub = ckpt.add_subparsers(dest="subcommand", required=True)
+    verify = cksub.add_parser("verify", help="check every checkpoint of a run against its manifest")
+    verify.add_argument("path", help="a run directory, its checkpoints/ directory, or one step-N")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole argument tree of DESIGN §7.1."""
     parser = argparse.ArgumentParser(prog="ultramem", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of a failure (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_table(sub)
     _add_shard(sub)
@@ -219,14 +230,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _passive_openmp(args)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return int(_handler(args)(args) or 0)
-    except UsageError as err:
-        print(f"ultramem: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("ultramem: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # one line for the user (DESIGN §7.1); the traceback only when asked
+        code, message = describe(err)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or isinstance(err, UsageError) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+        print(f"ultramem: error: {message}{hint}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

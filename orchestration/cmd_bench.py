@@ -20,7 +20,7 @@ from orchestration.errors import UsageError
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-NAMES = ("lookup", "train", "wire", "beyond-ram", "serve", "overlap")
+NAMES = ("lookup", "train", "wire", "beyond-ram", "serve", "overlap", "checkpoint")
 
 
 def _load(name: str) -> ModuleType | None:

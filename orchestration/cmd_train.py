@@ -50,18 +50,21 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(given)} only apply to distributed training, not --local")
 
     try:
-        checkpoint = checkpoint_io.find_checkpoint(args.resume) if args.resume else None
-        base = checkpoint_io.read_config(checkpoint) if checkpoint else None
+        found = checkpoint_io.find_checkpoint(args.resume) if args.resume else None  # verified
+        base = checkpoint_io.read_config(found) if found else None
     except CheckpointError as err:
         raise UsageError(f"cannot resume: {err}") from None
     cfg = _resolve(args, base)
     if args.out:
         run_dir = Path(args.out)
-    elif checkpoint is not None:
-        run_dir = _run_dir_of(checkpoint)
+    elif found is not None:
+        run_dir = _run_dir_of(found)
     else:
         run_dir = Path("runs") / f"{args.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = found
+    if found is not None:  # damaged checkpoints find_checkpoint fell back past: never met again
+        checkpoint_io.set_aside_passed(args.resume, found, run_dir)
     save_config(cfg, run_dir / "config.toml")
 
     if not args.local:
@@ -70,7 +73,7 @@ def train(args: argparse.Namespace) -> int:
         trainer = LocalTrainer(cfg.model, cfg.train, cfg.data, run_dir, config=to_dict(cfg),
                                progress=not args.no_progress)
         if checkpoint is not None:
-            trainer.resume(checkpoint)
+            trainer.resume(checkpoint, verified=True)
     except DataError as err:
         raise UsageError(str(err)) from None
     except CheckpointError as err:
@@ -95,7 +98,7 @@ def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, 
 
     try:
         result = train_distributed(cfg, run_dir, address=args.address, resume=checkpoint,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, resume_verified=True)
     except DataError as err:
         raise UsageError(str(err)) from None
     print(f"run:            {result.run_dir}")

@@ -112,9 +112,11 @@ class DistributedTrainer:
 
     def __init__(self, run_cfg: Any, run_dir: str | Path, *, address: str | None = None,
                  resume: str | Path | None = None, progress: bool = True,
-                 shard_budget_bytes: int | None = None) -> None:
+                 shard_budget_bytes: int | None = None, resume_verified: bool = False) -> None:
         """shard_budget_bytes: RAM each shard may give partition data (None: cluster.shard_budget_bytes
-        if the config has it, else unbounded); partitions beyond it are served through a chunk cache."""
+        if the config has it, else unbounded); partitions beyond it are served through a chunk cache.
+        resume_verified: `resume` is a step directory that checkpoint_io.find_checkpoint already
+        verified (the CLI's), so its files are not hashed again."""
         self.cfg = run_cfg
         self.dist: DistributedConfig = run_cfg.cluster
         self.run_dir = Path(run_dir)
@@ -142,7 +144,7 @@ class DistributedTrainer:
         self.shard_restarts = 0  # shard restarts noticed (their new map installed)
         self.worker_restarts = 0  # whole-job restarts after a model worker died
         try:
-            self._start(resume)
+            self._start(resume, verified=resume_verified)
         except BaseException:
             self.close()
             raise
@@ -152,7 +154,7 @@ class DistributedTrainer:
         return self.run_dir / "checkpoints"
 
     # --- start-up -----------------------------------------------------------------------------
-    def _start(self, resume: str | Path | None) -> None:
+    def _start(self, resume: str | Path | None, *, verified: bool = False) -> None:
 
         specs = LanguageModel(self.cfg.model).memory_tables()
         num_partitions = {s.num_partitions for s in specs}
@@ -164,7 +166,12 @@ class DistributedTrainer:
         resources = self.cluster.resources()
         check_capacity(resources, self.dist.shards, self.dist.workers)
 
-        ckpt = checkpoint_io.find_checkpoint(resume) if resume else None
+        if resume is None:
+            ckpt = None
+        elif verified:
+            ckpt = Path(resume)
+        else:  # verified here (falling back past damaged ones of a run directory, which are set aside)
+            ckpt = checkpoint_io.resume_point(resume, self.run_dir)
         if ckpt is not None:
             table_paths = {s.name: str(tables_dir(ckpt) / s.name) for s in specs}
             self.step = int(checkpoint_io.read_manifest(ckpt)["step"])
@@ -299,12 +306,17 @@ class DistributedTrainer:
                                     "last checkpoint instead)") from None
         if self.worker_restarts >= self.dist.max_restarts:
             raise WorkerFailedError(f"{what}; {self.worker_restarts} restarts already (cluster.max_restarts)") from None
-        ckpt = checkpoint_io.latest(self.checkpoint_root)
+        ckpt = None
+        if checkpoint_io.latest(self.checkpoint_root) is not None:
+            try:  # the newest checkpoint that verifies (a damaged newer one is named in a warning, set aside)
+                ckpt = checkpoint_io.resume_point(self.checkpoint_root, self.run_dir)
+            except CheckpointError as err:
+                raise WorkerFailedError(f"{what}; no valid checkpoint to restart from: {err}") from None
         logger.warning("%s; restarting every actor from %s", what, ckpt or "the initial state")
         self._teardown()
         self.worker_restarts += 1
         self.job = f"{self.run_dir.name}-{secrets.token_hex(3)}"
-        self._start(ckpt)
+        self._start(ckpt, verified=True)
         self._log({"kind": "worker_restart", "step": self.step, "from": str(ckpt) if ckpt else None})
 
     # --- rescaling (DESIGN §4.1, orchestration/rescale.py) ------------------------------------------
@@ -477,7 +489,8 @@ class DistributedTrainer:
         for spec in specs:
             create_table(path / "tables" / spec.name, spec, initialize=False)
         with self._control:  # no partition is in transit while the shards write theirs
-            self._get([s.save.remote(str(path)) for s in list(self._shard_by_id.values())])
+            saved = self._get([s.save.remote(str(path)) for s in list(self._shard_by_id.values())])
+        known = {rel: digest for result in saved for rel, digest in result["files"].items()}  # hashed by the shards
         try:
             dense = self._get(self.workers[0].dense_state.remote())
         except ray.exceptions.RayActorError as err:
@@ -485,7 +498,7 @@ class DistributedTrainer:
         train_state = {"step": self.step, "rng": {}, "data": {"seed": self.cfg.train.seed, "next_step": self.step}}
         checkpoint_io.finish_checkpoint(path, dense=dense, train_state=train_state,
                                         config=to_dict(self.cfg), tokenizer_json=self.corpus.tokenizer.to_json(),
-                                        tables=[s.name for s in specs], kind="ultramem.distributed")
+                                        tables=[s.name for s in specs], kind="ultramem.distributed", known=known)
         self._get(self.coordinator.record_checkpoint.remote(str(path)))
         if self.cfg.train.keep_checkpoints:
             checkpoint_io.prune_checkpoints(self.checkpoint_root, keep=self.cfg.train.keep_checkpoints)
@@ -521,26 +534,40 @@ class DistributedTrainer:
         if not ray.is_initialized():
             return
         self._retire(None)
-        try:
-            if self.workers:
-                ray.get([w.close.remote() for w in self.workers], timeout=60)
-            self.shards = list(self._shard_by_id.values()) or self.shards
-            if self.shards:
-                ray.get([s.stop.remote() for s in self.shards], timeout=60)
-        except Exception as err:  # still tear the actors down below
-            logger.warning("clean shutdown failed: %s", err)
+        self.shards = list(self._shard_by_id.values()) or self.shards
+        refs = [w.close.remote() for w in self.workers]
+        _settle(refs, "model worker")
+        _settle([s.stop.remote() for s in self.shards], "shard")
         self._teardown()
         if self.cluster.started_here:
             self.cluster.close()
 
 
+def _settle(refs: list[Any], what: str) -> None:
+    """Wait (once, 60 s) for clean-shutdown calls; an actor that already died is expected after a
+    failure (logged at info), anything else is a warning. The caller kills every actor afterwards."""
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=60)
+    for ref in refs:
+        if ref not in ready:
+            logger.warning("a %s did not stop within 60 s; killing it", what)
+            continue
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            logger.info("a %s had already died; nothing to stop cleanly", what)
+        except Exception as err:
+            logger.warning("a %s did not stop cleanly: %s", what, err)
+
+
 def train_distributed(run_cfg: Any, run_dir: str | Path, *, address: str | None = None,
                       resume: str | Path | None = None, max_steps: int | None = None,
                       progress: bool = True, on_trainer: Callable[[DistributedTrainer], None] | None = None,
-                      shard_budget_bytes: int | None = None) -> DistributedResult:
+                      shard_budget_bytes: int | None = None, resume_verified: bool = False) -> DistributedResult:
     """Build the job, train, always clean up."""
     trainer = DistributedTrainer(run_cfg, run_dir, address=address, resume=resume, progress=progress,
-                                 shard_budget_bytes=shard_budget_bytes)
+                                 shard_budget_bytes=shard_budget_bytes, resume_verified=resume_verified)
     try:
         if on_trainer is not None:
             on_trainer(trainer)

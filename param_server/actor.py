@@ -2,9 +2,12 @@
 
 The class is plain Python; `orchestration/placement.py` makes it remote with `.options(...)`
 (resources, `max_restarts`). Control goes through Ray (address, partition map, save, drain,
-metrics, partition hand-offs); data goes through gRPC. On (re)start the actor loads its partitions
-from the newest valid checkpoint under `checkpoint_root` when there is one, else from the initial
-tables, so a shard that Ray restarts comes back with the last checkpointed state. A fresh job's
+metrics, partition hand-offs); data goes through gRPC. A fresh actor loads its partitions from
+`table_paths` (the checkpoint the driver chose and verified, or the initial tables); an actor that
+Ray restarts after a crash loads them from the newest complete checkpoint under `checkpoint_root`
+(the base of its update log), after checking its own partitions' files against that checkpoint's
+manifest (sizes and sha256, docs/reliability.md §7): a damaged checkpoint fails the restart with a
+CheckpointError naming the file instead of serving wrong values. A fresh job's
 tables are created empty (metadata only): each shard initialises its own partitions (DESIGN §5,
 seeded per partition), in RAM when they fit `ShardConfig.ram_budget_bytes`, else in the shared
 work table that its chunk cache writes back into. After a rescale the coordinator knows the
@@ -46,7 +49,8 @@ from param_server.partitions import Arrays
 from param_server.server import ServerConfig, ShardServer, create_server
 from param_server.shard import Shard, ShardConfig
 from param_server.update_log import INIT, UpdateLog
-from storage.checkpoint import atomic_write_json, latest_checkpoint, step_of
+from storage.checkpoint import TABLES, atomic_write_json, digest_files, latest_checkpoint, step_of, verify_checkpoint
+from storage.layout import partition_file_filter
 from storage.table_store import open_table
 
 logger = logging.getLogger(__name__)
@@ -188,7 +192,9 @@ class ShardActor:
         return tuple(owned) if owned is not None else self.config.partitions
 
     def _load(self) -> str:
-        step_dir = latest_checkpoint(self.config.checkpoint_root) if self.config.checkpoint_root else None
+        step_dir = self._restart_checkpoint()
+        if step_dir is None and not self.config.initialize:  # a fresh launch from the checkpoint the driver chose
+            step_dir = _checkpoint_of(self.config.table_paths)
         self._loaded_step = step_of(step_dir) if step_dir is not None else INIT
         for name, initial in self.config.table_paths.items():
             source = tables_dir(step_dir) / name if step_dir is not None else Path(initial)
@@ -205,6 +211,25 @@ class ShardActor:
                 self.shard.restore_progress(json.loads(progress.read_text()))
             return str(step_dir)
         return "initialised partitions" if self.config.initialize else "initial tables"
+
+    def _restart_checkpoint(self) -> Path | None:
+        """After a crash: the newest complete checkpoint under checkpoint_root (its update log's base),
+        with this shard's partitions verified against the manifest; None on a fresh launch."""
+        if not self.restarted or not self.config.checkpoint_root:
+            return None
+        step_dir = latest_checkpoint(self.config.checkpoint_root)
+        if step_dir is None:
+            return None
+        mine = partition_file_filter(self.partitions)
+        names = set(self.config.table_paths)
+
+        def owned(rel: str) -> bool:  # tables/<name>/<array>/c/<p>/...: this shard's partitions and metadata
+            parts = rel.split("/", 2)
+            return len(parts) == 3 and parts[0] == TABLES and parts[1] in names and mine(parts[2])
+
+        progress = progress_path(step_dir, self.config.shard_id).relative_to(step_dir).as_posix()
+        verify_checkpoint(step_dir, only=lambda rel: rel == progress or owned(rel))
+        return step_dir
 
     # --- control plane (Ray calls) ----------------------------------------------------------------
     def address(self) -> str:
@@ -233,11 +258,14 @@ class ShardActor:
         """Wait until every accepted push is applied."""
         self.shard.drain()
 
-    def save(self, step_dir: str) -> list[int]:
-        """Drain, then write the owned partitions into `step_dir/tables/<name>`; returns them.
+    def save(self, step_dir: str) -> dict[str, Any]:
+        """Drain, then write the owned partitions into `step_dir/tables/<name>`.
 
-        The update log is cut at the drained state: later pushes go to segment `base-<step>`, and
-        segments older than the newest valid checkpoint are deleted.
+        Returns {"partitions": owned ids, "files": {path relative to step_dir: {"bytes", "sha256"}}}:
+        the digests of the chunk files just written (hashed here, while they are in the page cache and
+        in parallel with the other shards, so the manifest never re-reads the table). The update log
+        is cut at the drained state: later pushes go to segment `base-<step>`, and segments older
+        than the newest complete checkpoint are deleted.
         """
         log = self.log
         cut = (lambda: log.rotate(step_of(step_dir))) if log is not None else None
@@ -248,7 +276,8 @@ class ShardActor:
             if valid is not None:
                 log.prune(step_of(valid))
         names = self.shard.table_names()
-        return self.shard.owned_partitions(names[0]) if names else []
+        owned = self.shard.owned_partitions(names[0]) if names else []
+        return {"partitions": owned, "files": _digest_partitions(Path(step_dir), names, owned)}
 
     def metrics(self) -> dict[str, float]:
         return self.shard.metrics()
@@ -297,6 +326,30 @@ class ShardActor:
         self.shard.close()
         if self.log is not None:
             self.log.close()
+
+
+def _checkpoint_of(table_paths: dict[str, str]) -> Path | None:
+    """The step directory the tables live in (step-N/tables/<name>), or None for tables elsewhere."""
+    first = next(iter(table_paths.values()), None)
+    parent = Path(first).parent if first is not None else None
+    if parent is not None and parent.name == TABLES and parent.parent.name.startswith("step-"):
+        return parent.parent
+    return None
+
+
+def _digest_partitions(step_dir: Path, names: Sequence[str], partitions: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Digests of the chunk files of `partitions` under step_dir/tables/<name> (metadata excluded:
+    the driver wrote it), keyed by path relative to step_dir."""
+    mine = partition_file_filter(partitions)
+    rels = []
+    for name in names:
+        root = tables_dir(step_dir) / name
+        for dirpath, _, filenames in os.walk(root):
+            for f in filenames:
+                rel = (Path(dirpath) / f).relative_to(root).as_posix()
+                if f != "zarr.json" and not f.startswith(".") and mine(rel):
+                    rels.append(f"{TABLES}/{name}/{rel}")
+    return digest_files(step_dir, rels)
 
 
 def _reconstructed() -> bool:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -276,6 +276,21 @@ def table_attributes(spec: TableSpec) -> dict[str, Any]:
             "storage_dtype": {a.name: str(a.storage_dtype) for a in table_arrays(spec).values()},
         }
     }
+
+
+def partition_file_filter(partitions: Iterable[int]) -> Callable[[str], bool]:
+    """A predicate on file paths inside a table group (posix, relative to it): True for the group's
+    and arrays' metadata and for the chunks of `partitions` (Zarr v3 default chunk keys
+    `<array>/c/<partition>/...`; a chunk never straddles partitions, so each file has one)."""
+    wanted = {str(int(p)) for p in partitions}
+
+    def accept(rel: str) -> bool:
+        parts = rel.split("/")
+        if parts[-1] == "zarr.json":
+            return True
+        return len(parts) >= 3 and parts[1] == "c" and parts[2] in wanted
+
+    return accept
 
 
 def array_attributes(spec: TableSpec, array: ArrayLayout) -> dict[str, Any]:

@@ -124,10 +124,10 @@ def test_manifest_records_step_format_and_every_file_with_size_and_checksum(tmp_
 def test_verify_detects_changed_truncated_and_missing_files(tmp_path):
     d = step_dir(tmp_path, 1)
     atomic_write_bytes(d / "small", b"abc")
-    atomic_write_bytes(d / "big", b"0123456789")
-    write_manifest(d, {}, checksum_max_bytes=4)  # "big" gets only a size
+    atomic_write_bytes(d / "big", b"0123456789" * 300_000)  # 3 MB: hashed too, whatever its size
+    write_manifest(d, {})
     files = {f["path"]: f for f in read_manifest(d)["files"]}
-    assert "sha256" in files["small"] and "sha256" not in files["big"]
+    assert len(files["small"]["sha256"]) == len(files["big"]["sha256"]) == 64
     (d / "small").write_bytes(b"abd")  # same size, other bytes
     with pytest.raises(CheckpointError, match="small: sha256"):
         verify_checkpoint(d)
@@ -138,6 +138,89 @@ def test_verify_detects_changed_truncated_and_missing_files(tmp_path):
     (d / "big").unlink()
     with pytest.raises(CheckpointError, match="big: missing"):
         verify_checkpoint(d)
+
+
+def test_a_file_without_a_recorded_sha256_is_checked_by_size_only(tmp_path):
+    # manifests written before every file had a sha256 (files over 1 MiB had none) still load
+    d = step_dir(tmp_path, 1)
+    atomic_write_bytes(d / "big", b"0123456789")
+    write_manifest(d, {"files": [{"path": "big", "bytes": 10}]})
+    (d / "big").write_bytes(b"9876543210")
+    assert verify_checkpoint(d)["files"] == [{"path": "big", "bytes": 10}]
+    (d / "big").write_bytes(b"98765")
+    with pytest.raises(CheckpointError, match="big: 5 bytes"):
+        verify_checkpoint(d)
+
+
+def test_a_manifest_that_lists_no_files_does_not_verify(tmp_path):
+    d = step_dir(tmp_path, 1)
+    atomic_write_bytes(d / "x", b"abc")
+    write_manifest(d, {}, record_files=False)
+    with pytest.raises(CheckpointError, match="lists no files"):
+        verify_checkpoint(d)
+
+
+def test_required_files_must_be_listed_and_unlisted_table_files_are_wrong(tmp_path):
+    d = step_dir(tmp_path, 1)
+    atomic_write_bytes(d / "dense.pt", b"abc")
+    write_manifest(d, {})
+    with pytest.raises(CheckpointError, match="config.json: not in the manifest"):
+        verify_checkpoint(d, required=["dense.pt", "config.json"])
+    atomic_write_bytes(d / "tables" / "t" / "values" / "c" / "0" / "0", b"chunk")  # zarr would read it
+    with pytest.raises(CheckpointError, match="tables/t/values/c/0/0: not in the manifest"):
+        verify_checkpoint(d)
+
+
+def test_only_limits_verification_to_the_files_it_accepts(tmp_path):
+    d = step_dir(tmp_path, 1)
+    atomic_write_bytes(d / "a", b"abc")
+    atomic_write_bytes(d / "b", b"def")
+    write_manifest(d, {})
+    (d / "b").write_bytes(b"xyz")
+    verify_checkpoint(d, only=lambda rel: rel == "a")
+    with pytest.raises(CheckpointError, match="b: sha256"):
+        verify_checkpoint(d, only=lambda rel: rel == "b")
+
+
+def test_digests_the_writers_computed_are_used_and_never_read_again(tmp_path, monkeypatch):
+    d = step_dir(tmp_path, 1)
+    atomic_write_bytes(d / "chunk", b"payload")
+    atomic_write_bytes(d / "dense.pt", b"dense")
+    known = {"chunk": checkpoint.file_digest(d / "chunk")}
+    read = []
+    original = checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "file_digest", lambda path: read.append(os.path.basename(path)) or original(path))
+    write_manifest(d, {}, known=known)
+    assert read == ["dense.pt"]
+    assert {f["path"]: f for f in read_manifest(d)["files"]}["chunk"] == {"path": "chunk", **known["chunk"]}
+    stale = {"chunk": {"bytes": 3, "sha256": "0" * 64}}  # its size no longer matches: hashed afresh
+    d2 = step_dir(tmp_path, 2)
+    atomic_write_bytes(d2 / "chunk", b"payload")
+    write_manifest(d2, {}, known=stale)
+    verify_checkpoint(d2)
+
+
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=12), st.integers(1, 4))
+def test_parallel_digests_equal_serial_ones(tmp_path_factory, blobs, threads):
+    root = tmp_path_factory.mktemp("digests")
+    for i, blob in enumerate(blobs):
+        (root / f"f{i}").write_bytes(blob)
+    names = [f"f{i}" for i in range(len(blobs))]
+    parallel = checkpoint.digest_files(root, names, threads=threads)
+    assert parallel == {n: checkpoint.file_digest(root / n) for n in names}
+    assert [parallel[n]["bytes"] for n in names] == [len(b) for b in blobs]
+
+
+def test_set_aside_frees_the_step_and_hides_the_damaged_directory(tmp_path):
+    complete(tmp_path, 1)
+    d = complete(tmp_path, 2)
+    (d / "manifest.json").write_text("{not json")
+    first = checkpoint.set_aside(d)
+    assert first.name == "step-2.damaged" and not d.exists()
+    complete(tmp_path, 2)
+    (d / "manifest.json").write_text("{not json")
+    assert checkpoint.set_aside(d).name == "step-2.damaged-2"
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [1]
 
 
 def test_checkpoint_without_manifest_is_never_listed_or_loaded(tmp_path):
