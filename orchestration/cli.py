@@ -69,6 +69,8 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS only (with --tls-key)")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
+    serve.add_argument("--checkpoint-dir", default=None,
+                       help="allow the Checkpoint RPC, writing only under this directory (default: refused)")
     serve.add_argument("--shard-id", type=int, default=0)
     serve.add_argument("--num-shards", type=int, default=1)
     serve.add_argument("--ram-budget-mb", type=float, default=None,
@@ -129,6 +131,7 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--memory-shards", type=int, default=0, help="memory_shard units on this node")
     up.add_argument("--model-workers", type=int, default=0, help="model_worker units on this node")
     up.add_argument("--address", default=None, help="join this head instead of starting one")
+    up.add_argument("--temp-dir", default=None, help="Ray's session/socket/log directory on this node")
     st = csub.add_parser("status", help="ray status")
     st.add_argument("--address", default=None)
     csub.add_parser("down", help="ray stop: ends EVERY Ray process on this machine")

@@ -37,6 +37,7 @@ class ShardSet:
 
     addresses: list[str]
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    token: str | None = field(default=None, repr=False)  # the token these shards require (None: the caller's)
 
     def stop(self) -> None:
         """Stop every shard this set started, last first; errors are logged, not raised."""
@@ -125,7 +126,13 @@ def start_local_shards(tables: dict[str, Path], count: int, *, token: str | None
 
 
 def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token: str | None = None) -> ShardSet:
-    """`count` read-only ShardActors on the Ray cluster at `address` (this process's Ray if connected)."""
+    """`count` read-only ShardActors on the Ray cluster at `address` (this process's Ray if connected).
+
+    Each listens on its node's address as Ray knows it (reachable from this host) and requires
+    `token`, or a fresh random one when none is given (ShardSet.token: what the client must send).
+    """
+    import secrets
+
     import ray
 
     from orchestration.cluster import Cluster, ClusterConfig
@@ -139,7 +146,7 @@ def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token
     if len(nps) > 1:
         raise UsageError(f"the checkpoint's tables have different partition counts {sorted(nps)}")
     num_partitions = nps.pop() if nps else count
-    shards = ShardSet([])
+    shards = ShardSet([], token=token or secrets.token_urlsafe(32))
     if not ray.is_initialized():
         cluster = Cluster(ClusterConfig(address=address))
         cluster.connect()
@@ -149,7 +156,7 @@ def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token
         actors = [ray.remote(ShardActor).options(**opts).remote(ShardActorConfig(
             shard_id=i, table_paths={n: str(p) for n, p in tables.items()},
             partitions=tuple(range(i, num_partitions, count)), shard=ShardConfig(read_only=True),
-            server=ServerConfig(token=token))) for i in range(count)]
+            server=ServerConfig(token=shards.token), bind="node")) for i in range(count)]
         for actor in actors:
             shards.stoppers.append(lambda a=actor: ray.kill(a))
         shards.addresses = list(ray.get([a.address.remote() for a in actors]))  # submit all, wait once
@@ -227,7 +234,7 @@ def serve(args: argparse.Namespace) -> int:
                 shards = start_local_shards(tables, args.local_shards, token=token, token_file=args.token_file,
                                             in_process=args.in_process)
             engine_cfg = EngineConfig(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
-            engine, tokenizer, client = build_engine(checkpoint, shards.addresses, token=token,
+            engine, tokenizer, client = build_engine(checkpoint, shards.addresses, token=shards.token or token,
                                                      wire_dtype=args.wire_dtype, engine_config=engine_cfg)
             service = CompletionService(engine.start(), tokenizer, model_name=checkpoint.name, token=token)
             http = HttpServer(service, args.host, args.port).start()

@@ -85,18 +85,19 @@ def train(args: argparse.Namespace) -> int:
     print(f"unigram:        {result.unigram_entropy:.4f} nats/token (train-split unigram entropy)")
     print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s")
     print(f"checkpoint:     {result.checkpoint}")
+    print(f"shards:         {', '.join(result.shard_addresses)}")
     return 0
 
 
 def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, checkpoint: Path | None) -> int:
     """Train on Ray: shards and workers as actors (embedded local Ray unless --address)."""
     from model_workers.data import DataError
-    from orchestration.distributed import train_distributed
+    from orchestration.distributed import ShardStartError, train_distributed
 
     try:
         result = train_distributed(cfg, run_dir, address=args.address, resume=checkpoint,
                                    progress=not args.no_progress)
-    except DataError as err:
+    except (DataError, ShardStartError) as err:
         raise UsageError(str(err)) from None
     print(f"run:            {result.run_dir}")
     print(f"steps:          {result.steps}")
@@ -105,6 +106,7 @@ def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, 
     print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s, {result.lookups_per_s:,.0f} rows looked up/s "
           f"(staleness {result.staleness_mean:.2f} steps, bound {result.staleness_bound})")
     print(f"checkpoint:     {result.checkpoint}")
+    print(f"shards:         {', '.join(result.shard_addresses)}")
     return 0
 
 

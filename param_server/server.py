@@ -55,6 +55,7 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate (chain) path; with tls_key = TLS only
     tls_key: str | None = field(default=None, repr=False)  # PEM private key path of tls_cert
     tls_client_ca: str | None = None  # PEM CA path; set = clients must present a cert it signed (mTLS)
+    advertise_host: str | None = None  # the host clients dial (None: `host`); set when binding a wildcard
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -215,6 +216,7 @@ def create_server(
         raise ConfigError(f"cannot listen on {host_port}: {err}") from None
     if port == 0:
         raise ConfigError(f"cannot listen on {host_port}")
-    shard_server = ShardServer(server, servicer, health_servicer, config.host, port, tls=config.uses_tls)
+    shard_server = ShardServer(server, servicer, health_servicer, config.advertise_host or config.host, port,
+                               tls=config.uses_tls)
     servicer.set_address(shard_server.address)
     return shard_server, port
