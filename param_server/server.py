@@ -56,6 +56,7 @@ class ServerConfig:
     tls_key: str | None = field(default=None, repr=False)  # PEM private key path of tls_cert
     tls_client_ca: str | None = None  # PEM CA path; set = clients must present a cert it signed (mTLS)
     advertise_host: str | None = None  # the host clients dial (None: `host`); set when binding a wildcard
+    checkpoint_dir: str | None = None  # the Checkpoint RPC writes only under this directory (None: refused)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -197,7 +198,7 @@ def create_server(
         options=grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)],
         interceptors=chain,
     )
-    servicer = MemoryShardServicer(shard, partition_map)
+    servicer = MemoryShardServicer(shard, partition_map, checkpoint_dir=config.checkpoint_dir)
     server.add_generic_rpc_handlers((_memory_shard_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
