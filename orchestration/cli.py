@@ -122,6 +122,9 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
                        help="dtype of looked-up values on the wire")
     serve.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="idle wait to gather a batch")
+    serve.add_argument("--shard-tls-cert", default=None, help="with --address: PEM certificate the shards serve")
+    serve.add_argument("--shard-tls-key", default=None, help="PEM private key of --shard-tls-cert")
+    serve.add_argument("--shard-tls-ca", default=None, help="PEM CA the engine trusts for the shards (TLS on)")
 
     cluster = sub.add_parser("cluster", help="wrap Ray's own CLI for a real cluster")
     csub = cluster.add_subparsers(dest="subcommand", required=True)

@@ -119,7 +119,8 @@ class Hosts:
 
     def ultramem(self, host: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         done = self.run(host, [PY, "-m", "orchestration.cli", *args], timeout=timeout)
-        assert done.returncode == 0, f"ultramem {' '.join(args)} on {host}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        assert done.returncode == 0, (f"ultramem {' '.join(args)} on {host}:\n{done.stdout[-3000:]}\n"
+                                      f"{done.stderr[-6000:]}")
         return done
 
     def python(self, host: str, code: str, timeout: float = 120) -> str:
@@ -135,8 +136,8 @@ class Hosts:
 
     def wait_resources(self, resource: str, total: float, timeout: float = 60) -> None:
         """Poll the head until the cluster has `total` units of `resource` (a node registered)."""
-        code = ("import ray, json; ray.init(address='%s:6379', log_to_driver=False); "
-                "print(json.dumps(ray.cluster_resources()))") % self.addresses["head"]
+        code = (f"import ray, json; ray.init(address='{self.addresses['head']}:6379', log_to_driver=False); "
+                "print(json.dumps(ray.cluster_resources()))")
         deadline = time.monotonic() + timeout
         while True:
             got = json.loads(self.python("head", code).strip().splitlines()[-1])
@@ -203,3 +204,132 @@ def test_sync_training_with_shards_on_the_memory_node_equals_local(hosts, e2e, l
                           "--out", str(tmp_path / "run"))
     assert _shard_hosts(done.stdout) == {hosts.addresses["mem1"]}  # listened on the memory node's address
     e2e.assert_same_state(Path(_field(done.stdout, "checkpoint")), local_tiny_run)
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait(what: str, ready, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll `ready()` until true; fail if `proc` ends first or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"ended before {what}:\n{proc.communicate()[1][-4000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def _actor_pids(hosts: Hosts, host: str, actor: str) -> list[int]:
+    """PIDs of the Ray actor processes `ray::<actor>` in `host`'s namespace."""
+    pids = []
+    for pid in hosts.pids(host):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if title.startswith(f"ray::{actor}"):
+            pids.append(pid)
+    return pids
+
+
+def test_the_memory_nodes_shard_process_sigkilled_mid_run_loses_nothing(hosts, e2e, local_tiny_run, tmp_path):
+    head, run = f"{hosts.addresses['head']}:6379", tmp_path / "run"
+    # chunks of 2 steps (log_every): progress is visible early, the kill lands well before the end
+    train = hosts.start("head", [PY, "-m", "orchestration.cli", "train", "--address", head, *TRAIN, "--shards", "2",
+                                 "--consistency", "sync", "--set", "train.log_every=2", "--out", str(run)])
+    _wait("training progress", lambda: any(m.get("kind") == "train" for m in _metrics(run)), train)
+    victims = _actor_pids(hosts, "mem1", "ShardActor")
+    assert len(victims) == 2
+    os.kill(victims[0], signal.SIGKILL)
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 0, err[-4000:]
+    restarts = [m for m in _metrics(run) if m.get("kind") == "shard_restart"]
+    assert restarts and all(r["address"].startswith(hosts.addresses["mem1"] + ":") for r in restarts)
+    assert victims[0] not in _actor_pids(hosts, "mem1", "ShardActor")
+    e2e.assert_same_state(Path(_field(out, "checkpoint")), local_tiny_run)  # nothing lost, nothing twice
+
+
+def _certificate(directory: Path, name: str, ips: list[str]) -> tuple[str, str]:
+    """A self-signed EC certificate for `ips`: (cert.pem, key.pem)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    sans = ",".join(f"IP:{ip}" for ip in ips)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName={sans}"], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+_PROBE = """
+import json, sys
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from param_server.auth import bearer_metadata
+from protos.ultramem.v1 import memory_pb2 as pb, memory_pb2_grpc as pb_grpc
+address, ca, token = sys.argv[1:4]
+def code(call):
+    try:
+        call()
+        return "OK"
+    except grpc.RpcError as err:
+        return err.code().name
+roots = open(ca, "rb").read()
+plain = grpc.insecure_channel(address)
+tls = grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+info = lambda ch, md=(): pb_grpc.MemoryShardStub(ch).Info(pb.InfoRequest(), metadata=md, timeout=10)
+print(json.dumps({
+    "plaintext": code(lambda: info(plain)),
+    "tls_no_token": code(lambda: info(tls)),
+    "tls_wrong_token": code(lambda: info(tls, bearer_metadata("not-" + token))),
+    "tls_health": code(lambda: health_pb2_grpc.HealthStub(tls).Check(health_pb2.HealthCheckRequest(), timeout=10)),
+}))
+"""
+
+_LISTENING = """
+import json, psutil
+out = []
+for c in psutil.net_connections("tcp"):
+    if c.status == psutil.CONN_LISTEN and c.pid:
+        try:
+            title = psutil.Process(c.pid).cmdline()[0]
+        except (psutil.Error, IndexError):
+            title = "?"
+        out.append([c.laddr.ip.removeprefix("::ffff:"), c.laddr.port, title])  # v4-mapped on a v6 socket
+print(json.dumps(out))
+"""
+
+
+def test_serve_answers_with_its_shards_on_the_memory_node_and_refuses_clients_without_the_token(
+        hosts, local_tiny_run, tmp_path):
+    cert, key = _certificate(tmp_path, "shards", [hosts.addresses["mem1"]])
+    head_ip = hosts.addresses["head"]
+    serve = hosts.start("head", [PY, "-m", "orchestration.cli", "serve", "--checkpoint", str(local_tiny_run),
+                                 "--address", f"{head_ip}:6379", "--local-shards", "2", "--host", head_ip,
+                                 "--port", "18000", "--shard-tls-cert", cert, "--shard-tls-key", key,
+                                 "--shard-tls-ca", cert])
+    lines: list[str] = []
+    _wait("serve's shard line", lambda: bool(lines.append(serve.stdout.readline()) or lines[-1].startswith("shards:")),
+          serve, timeout=240)
+    assert lines[-2].startswith("listening on http://")
+    addresses = lines[-1].split(":", 1)[1].strip().split(", ")
+    assert {a.rsplit(":", 1)[0] for a in addresses} == {hosts.addresses["mem1"]}
+
+    ask = ("import json, urllib.request; r = urllib.request.urlopen(urllib.request.Request("
+           f"'http://{head_ip}:18000/v1/completions', data=json.dumps({{'prompt': 'The', 'max_tokens': 8}}).encode(),"
+           " headers={'Content-Type': 'application/json'}), timeout=120); print(json.dumps(json.load(r)))")
+    answer = json.loads(hosts.python("head", ask).strip().splitlines()[-1])
+    assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["text"]
+
+    # a client on the head without the job's token: refused; plaintext: no answer at all; health stays open
+    probe = json.loads(hosts.python("head", _PROBE.replace("sys.argv[1:4]", repr([addresses[0], cert, "x"])))
+                       .strip().splitlines()[-1])
+    assert probe == {"plaintext": "UNAVAILABLE", "tls_no_token": "UNAUTHENTICATED",
+                     "tls_wrong_token": "UNAUTHENTICATED", "tls_health": "OK"}
+    # the memory node: each shard listens on the node's address only, never on a wildcard
+    listening = json.loads(hosts.python("mem1", _LISTENING).strip().splitlines()[-1])
+    shard_ports = {int(a.rsplit(":", 1)[1]) for a in addresses}
+    assert {(ip, port) for ip, port, _ in listening if port in shard_ports} == {
+        (hosts.addresses["mem1"], p) for p in shard_ports}
+    serve.send_signal(signal.SIGTERM)
+    serve.communicate(timeout=60)
+    assert serve.returncode == 0
