@@ -69,12 +69,15 @@ class Hosts:
         self.procs: list[subprocess.Popen] = []
 
     # --- network -------------------------------------------------------------------------------
-    def add(self, host: str) -> str:
-        """A namespace for `host` with loopback and an address on the link; returns the address."""
+    def add(self, host: str, *, link: bool = True) -> str:
+        """A namespace for `host` with loopback and (link) an address on the link; returns the address."""
         ns = f"um{self.tag}{host}"[:15]
         _ip("netns", "add", ns)
         self.names[host] = ns
         _ip("-n", ns, "link", "set", "lo", "up")
+        (self.tmp / host).mkdir()
+        if not link:
+            return "127.0.0.1"
         n = len(self.addresses) + 1
         addr = f"{self.subnet}.{n}"
         if not self.addresses:  # the head: a bridge the memory nodes' veth pairs join
@@ -89,7 +92,6 @@ class Hosts:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth1")
             _ip("-n", ns, "link", "set", "eth1", "up")
         self.addresses[host] = addr
-        (self.tmp / host).mkdir()
         return addr
 
     def route_nowhere(self, host: str) -> None:
@@ -333,3 +335,65 @@ def test_serve_answers_with_its_shards_on_the_memory_node_and_refuses_clients_wi
     serve.send_signal(signal.SIGTERM)
     serve.communicate(timeout=60)
     assert serve.returncode == 0
+
+
+def test_shards_scale_onto_a_second_memory_node_while_training_with_mutual_tls(hosts, tmp_path):
+    hosts.add("mem2")
+    hosts.node_up("mem2", "--memory-shards", "2")
+    hosts.wait_resources("memory_shard", 4)
+    mem = [hosts.addresses["mem1"], hosts.addresses["mem2"]]
+    cert, key = _certificate(tmp_path, "shards", mem)
+    client_cert, client_key = _certificate(tmp_path, "workers", [hosts.addresses["head"]])
+    ca = tmp_path / "ca.pem"  # self-signed: each certificate is its own root
+    ca.write_text(Path(cert).read_text() + Path(client_cert).read_text())
+    tls = [f'cluster.tls_cert="{cert}"', f'cluster.tls_key="{key}"', f'cluster.tls_ca="{ca}"',
+           f'cluster.tls_client_cert="{client_cert}"', f'cluster.tls_client_key="{client_key}"']
+    head, run = f"{hosts.addresses['head']}:6379", tmp_path / "run"
+    train = hosts.start("head", [PY, "-m", "orchestration.cli", "train", "--address", head, *TRAIN, "--shards", "2",
+                                 "--set", "train.max_steps=80", "--set", "train.log_every=2", "--out", str(run),
+                                 *[a for t in tls for a in ("--set", t)]])
+    # posted as soon as the job exists: its driver takes the request while it trains
+    _wait("the job's coordinator", lambda: (run / "job.json").exists(), train)
+    scaled = hosts.ultramem("head", "shards", "scale", "--to", "4", "--address", head)
+    assert scaled.stdout.startswith("now 4 shards")
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 0, err[-4000:]
+    assert _field(out, "steps") == "80"
+    addresses = _field(out, "shards").split(", ")
+    assert sorted(a.rsplit(":", 1)[0] for a in addresses) == sorted(mem * 2)  # two on each memory node
+    rescaled = [m["step"] for m in _metrics(run) if m.get("kind") == "rescale"]
+    assert len(rescaled) == 1 and rescaled[0] < 80  # while training
+
+
+_EMBEDDED = """
+import json, psutil, tempfile, ray
+from orchestration.cluster import Cluster, ClusterConfig
+from param_server.actor import ShardActor, ShardActorConfig
+from storage.layout import TableSpec
+from storage.table_store import create_table
+path = tempfile.mkdtemp() + "/t"
+create_table(path, TableSpec(name="t", rows=64, dim=4, num_partitions=2))
+with Cluster(ClusterConfig(num_cpus=1)):
+    shard = ray.remote(ShardActor).options(num_cpus=0).remote(
+        ShardActorConfig(shard_id=0, table_paths={"t": path}, partitions=(0, 1), bind="node"))
+    address = ray.get(shard.address.remote())
+    sockets = sorted({(c.laddr.ip.removeprefix("::ffff:"), psutil.Process(c.pid).name() if c.pid else "?")
+                      for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN})
+    print(json.dumps({"nodes": [n["NodeManagerAddress"] for n in ray.nodes()], "shard": address,
+                      "listening": sockets}))
+"""
+
+
+def test_the_embedded_default_listens_on_loopback_only_on_a_machine_with_a_routable_interface():
+    why = _why_no_namespaces()
+    if why:
+        pytest.skip(why)
+    net = Hosts()
+    try:
+        net.add("solo", link=False)
+        net.route_nowhere("solo")
+        report = json.loads(net.python("solo", _EMBEDDED, timeout=240).strip().splitlines()[-1])
+    finally:
+        net.destroy()
+    assert report["nodes"] == ["127.0.0.1"] and report["shard"].startswith("127.0.0.1:")
+    assert report["listening"] and {ip for ip, _ in report["listening"]} <= {"127.0.0.1", "::1"}, report
