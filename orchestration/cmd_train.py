@@ -85,7 +85,6 @@ def train(args: argparse.Namespace) -> int:
     print(f"unigram:        {result.unigram_entropy:.4f} nats/token (train-split unigram entropy)")
     print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s")
     print(f"checkpoint:     {result.checkpoint}")
-    print(f"shards:         {', '.join(result.shard_addresses)}")
     return 0
 
 
