@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ class WorkerSpec:
     epoch: int
     consistency: str = "async"  # "sync" | "async"
     staleness: int = 2  # async bound k (DESIGN §4.3)
-    token: str | None = None  # shard auth token
+    token: str | None = field(default=None, repr=False)  # the job's shard token (never printed)
     client: ClientConfig | None = None  # deadlines, retries, failover wait (default ClientConfig())
 
 

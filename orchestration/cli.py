@@ -73,6 +73,8 @@ def _add_shard(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS only (with --tls-key)")
     serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates (mTLS)")
+    serve.add_argument("--checkpoint-dir", default=None,
+                       help="allow the Checkpoint RPC, writing only under this directory (default: refused)")
     serve.add_argument("--shard-id", type=int, default=0)
     serve.add_argument("--num-shards", type=int, default=1)
     serve.add_argument("--ram-budget-mb", type=float, default=None,
@@ -124,6 +126,9 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
                        help="dtype of looked-up values on the wire")
     serve.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="idle wait to gather a batch")
+    serve.add_argument("--shard-tls-cert", default=None, help="with --address: PEM certificate the shards serve")
+    serve.add_argument("--shard-tls-key", default=None, help="PEM private key of --shard-tls-cert")
+    serve.add_argument("--shard-tls-ca", default=None, help="PEM CA the engine trusts for the shards (TLS on)")
 
     cluster = sub.add_parser("cluster", help="wrap Ray's own CLI for a real cluster")
     csub = cluster.add_subparsers(dest="subcommand", required=True)
@@ -133,6 +138,7 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--memory-shards", type=int, default=0, help="memory_shard units on this node")
     up.add_argument("--model-workers", type=int, default=0, help="model_worker units on this node")
     up.add_argument("--address", default=None, help="join this head instead of starting one")
+    up.add_argument("--temp-dir", default=None, help="Ray's session/socket/log directory on this node")
     st = csub.add_parser("status", help="ray status")
     st.add_argument("--address", default=None)
     csub.add_parser("down", help="ray stop: ends EVERY Ray process on this machine")

@@ -53,6 +53,17 @@ class DistributedConfig:
     on_worker_failure: Literal["restart", "fail"] = "fail"  # a dead model worker: fail with a clear error,
     # or restart every actor from the last checkpoint and go on (docs/reliability.md §6)
     call_timeout_s: float = 300.0  # longest the driver waits on a control call; per step for a training chunk
+    # where shard servers listen (param_server/bind.py): "auto" = 127.0.0.1 on the embedded Ray, the
+    # node's address as Ray knows it (its `ultramem cluster up --host`) on a joined cluster; or an
+    # interface name ("eth1": its address on each node), or an IP ("0.0.0.0" = every interface)
+    shard_host: str = "auto"
+    # TLS on the job's gRPC (the per-job token is always on). PEM paths every node can read.
+    tls_cert: str | None = None  # certificate every shard serves (with tls_key); needs tls_ca
+    tls_key: str | None = None  # private key of tls_cert
+    tls_ca: str | None = None  # CA the workers and the driver trust for the shards' certificates
+    tls_client_cert: str | None = None  # mTLS: workers present this (with tls_client_key); shards then
+    tls_client_key: str | None = None  # require a client certificate signed by tls_ca
+    tls_server_name: str | None = None  # name shard certificates are checked against (default: shard's host)
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.workers < 1:
@@ -63,6 +74,15 @@ class DistributedConfig:
             raise ValueError(f"cluster.on_worker_failure must be 'restart' or 'fail', got {self.on_worker_failure!r}")
         if not self.call_timeout_s > 0:
             raise ValueError(f"cluster.call_timeout_s must be > 0, got {self.call_timeout_s}")
+        if not self.shard_host:
+            raise ValueError("cluster.shard_host must be \"auto\", \"node\", an interface name or an IP address")
+        if (self.tls_cert is None) != (self.tls_key is None) or (
+                (self.tls_client_cert is None) != (self.tls_client_key is None)):
+            raise ValueError("cluster.tls_cert/tls_key (and tls_client_cert/tls_client_key) go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("cluster.tls_cert needs cluster.tls_ca (the CA clients check shard certificates with)")
+        if self.tls_client_cert is not None and self.tls_cert is None:
+            raise ValueError("cluster.tls_client_cert (mTLS) needs cluster.tls_cert and cluster.tls_key")
         if self.staleness < 0 or self.max_restarts < 0 or self.num_cpus < 0:
             raise ValueError("cluster.staleness, cluster.max_restarts and cluster.num_cpus must be >= 0")
 
@@ -74,6 +94,21 @@ def loopback_environment() -> dict[str, str]:
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     return env
+
+
+def _loopback_node_ip(on: bool) -> None:
+    """Make this process's Ray take 127.0.0.1 as the node IP (on) or find its address again (off).
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported, and with it unset
+    `ray.init(_node_ip_address="127.0.0.1")` resolves "127.0.0.1" to the machine's routable address
+    (measured in a namespace with a default route: node IP 10.x, GCS, raylet and agents on `*`).
+    The started processes read the variable from their environment; this process's copy is set here.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # a Ray without this module reads the environment instead
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False if on else not ray_constants.IS_WINDOWS_OR_OSX
 
 
 def _refresh_ray_config() -> None:
@@ -122,6 +157,7 @@ class Cluster:
             return
         os.environ.update(loopback_environment())
         _refresh_ray_config()
+        _loopback_node_ip(True)
         ray.init(
             # "local": always start our own; a bare init() attaches to whatever Ray another job left
             # named in /tmp/ray/ray_current_cluster (then fails on num_cpus)
@@ -144,6 +180,8 @@ class Cluster:
 
         if ray.is_initialized():
             ray.shutdown()
+        if self.started_here:
+            _loopback_node_ip(False)
         self.started_here = False
 
     @staticmethod

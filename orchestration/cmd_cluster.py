@@ -2,6 +2,9 @@
 
 `up` starts a head node (or, with --address, joins one) bound to --host (127.0.0.1 unless told
 otherwise) and declares `memory_shard` units for nodes that should hold parameter-server shards.
+Head-only flags (`--head`, `--port`, `--include-dashboard`) go to the head only: Ray refuses them
+on a joining node. `--temp-dir` keeps this node's sockets, logs and session files apart from any
+other Ray on the machine.
 `down` is `ray stop`, which ends every Ray process of this machine: it is meant for a machine
 given to the cluster, never for tests (they stop what they started).
 """
@@ -30,8 +33,7 @@ def _ray_cli() -> str:
 
 def up_command(args: argparse.Namespace) -> list[str]:
     """The `ray start` command line for `ultramem cluster up` with these arguments."""
-    cmd = [_ray_cli(), "start", f"--node-ip-address={args.host}", "--include-dashboard=false",
-           "--disable-usage-stats"]
+    cmd = [_ray_cli(), "start", f"--node-ip-address={args.host}", "--disable-usage-stats"]
     resources = {}
     if args.memory_shards:
         resources["memory_shard"] = args.memory_shards
@@ -42,7 +44,9 @@ def up_command(args: argparse.Namespace) -> list[str]:
     if args.address:
         cmd.append(f"--address={args.address}")
     else:
-        cmd += ["--head", f"--port={args.port}"]
+        cmd += ["--head", f"--port={args.port}", "--include-dashboard=false"]  # head-only flags
+    if getattr(args, "temp_dir", None):
+        cmd.append(f"--temp-dir={args.temp_dir}")
     return cmd
 
 

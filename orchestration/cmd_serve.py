@@ -37,6 +37,7 @@ class ShardSet:
 
     addresses: list[str]
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    token: str | None = field(default=None, repr=False)  # the token these shards require (None: the caller's)
 
     def stop(self) -> None:
         """Stop every shard this set started, last first; errors are logged, not raised."""
@@ -124,8 +125,16 @@ def start_local_shards(tables: dict[str, Path], count: int, *, token: str | None
     return shards
 
 
-def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token: str | None = None) -> ShardSet:
-    """`count` read-only ShardActors on the Ray cluster at `address` (this process's Ray if connected)."""
+def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token: str | None = None,
+                     tls_cert: str | None = None, tls_key: str | None = None) -> ShardSet:
+    """`count` read-only ShardActors on the Ray cluster at `address` (this process's Ray if connected).
+
+    Each listens on its node's address as Ray knows it (reachable from this host) and requires
+    `token`, or a fresh random one when none is given (ShardSet.token: what the client must send);
+    with `tls_cert` and `tls_key` (PEM paths every node can read) they speak TLS only.
+    """
+    import secrets
+
     import ray
 
     from orchestration.cluster import Cluster, ClusterConfig
@@ -139,7 +148,7 @@ def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token
     if len(nps) > 1:
         raise UsageError(f"the checkpoint's tables have different partition counts {sorted(nps)}")
     num_partitions = nps.pop() if nps else count
-    shards = ShardSet([])
+    shards = ShardSet([], token=token or secrets.token_urlsafe(32))
     if not ray.is_initialized():
         cluster = Cluster(ClusterConfig(address=address))
         cluster.connect()
@@ -149,7 +158,8 @@ def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token
         actors = [ray.remote(ShardActor).options(**opts).remote(ShardActorConfig(
             shard_id=i, table_paths={n: str(p) for n, p in tables.items()},
             partitions=tuple(range(i, num_partitions, count)), shard=ShardConfig(read_only=True),
-            server=ServerConfig(token=token))) for i in range(count)]
+            server=ServerConfig(token=shards.token, tls_cert=tls_cert, tls_key=tls_key), bind="node"))
+            for i in range(count)]
         for actor in actors:
             shards.stoppers.append(lambda a=actor: ray.kill(a))
         shards.addresses = list(ray.get([a.address.remote() for a in actors]))  # submit all, wait once
@@ -160,7 +170,7 @@ def start_ray_shards(address: str, tables: dict[str, Path], count: int, *, token
 
 
 def build_engine(checkpoint: Path, addresses: list[str], *, token: str | None = None,
-                 wire_dtype: str = "bfloat16", engine_config: object = None):
+                 wire_dtype: str = "bfloat16", engine_config: object = None, tls_ca: str | None = None):
     """(engine (not started), tokenizer, client or None): the model over these shards, dense loaded."""
     from model_workers import checkpoint_io
     from model_workers.engine import Engine, EngineConfig, load_dense, serving_config
@@ -178,7 +188,7 @@ def build_engine(checkpoint: Path, addresses: list[str], *, token: str | None = 
     specs = [open_table(p).spec for p in table_paths(checkpoint).values()]
     client = backend = None
     if specs:
-        client = Client(addresses, config=ClientConfig(token=token))
+        client = Client(addresses, config=ClientConfig(token=token, tls_ca=tls_ca))
         backend = RemoteBackend(client, specs, wire_dtype=wire_dtype)
     try:
         model = LanguageModel(serving_config(cfg.model), backend=backend)  # pooled lookups (DESIGN §6)
@@ -220,20 +230,24 @@ def serve(args: argparse.Namespace) -> int:
             if args.shards:
                 shards = ShardSet([a.strip() for a in args.shards.split(",") if a.strip()])
             elif args.address and tables:
-                shards = start_ray_shards(args.address, tables, args.local_shards, token=token)
+                shards = start_ray_shards(args.address, tables, args.local_shards, token=token,
+                                          tls_cert=getattr(args, "shard_tls_cert", None),
+                                          tls_key=getattr(args, "shard_tls_key", None))
                 for sig in previous:  # ray.init installs its own SIGTERM handler: ours must win
                     signal.signal(sig, lambda *_: stop.set())
             elif tables:
                 shards = start_local_shards(tables, args.local_shards, token=token, token_file=args.token_file,
                                             in_process=args.in_process)
             engine_cfg = EngineConfig(max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
-            engine, tokenizer, client = build_engine(checkpoint, shards.addresses, token=token,
-                                                     wire_dtype=args.wire_dtype, engine_config=engine_cfg)
+            engine, tokenizer, client = build_engine(checkpoint, shards.addresses, token=shards.token or token,
+                                                     wire_dtype=args.wire_dtype, engine_config=engine_cfg,
+                                                     tls_ca=getattr(args, "shard_tls_ca", None))
             service = CompletionService(engine.start(), tokenizer, model_name=checkpoint.name, token=token)
             http = HttpServer(service, args.host, args.port).start()
         except (StorageError, ShardError, EngineError, OSError) as err:
             raise UsageError(str(err)) from None
         print(f"listening on {http.url}", flush=True)
+        print(f"shards: {', '.join(shards.addresses)}", flush=True)
         logger.info("serving %s with shards %s", checkpoint, shards.addresses)
         while not stop.wait(0.2):
             pass

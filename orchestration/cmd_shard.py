@@ -45,7 +45,8 @@ def serve(args: argparse.Namespace) -> int:
         try:
             token = read_token_file(args.token_file) if args.token_file else None
             config = ServerConfig(host=args.host, port=args.port, token=token, tls_cert=args.tls_cert,
-                                  tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+                                  tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                                  checkpoint_dir=getattr(args, "checkpoint_dir", None))
             budget = getattr(args, "ram_budget_mb", None)
             if budget is not None and budget <= 0:
                 raise UsageError("--ram-budget-mb must be > 0")

@@ -94,12 +94,12 @@ def train(args: argparse.Namespace) -> int:
 def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, checkpoint: Path | None) -> int:
     """Train on Ray: shards and workers as actors (embedded local Ray unless --address)."""
     from model_workers.data import DataError
-    from orchestration.distributed import train_distributed
+    from orchestration.distributed import ShardStartError, train_distributed
 
     try:
         result = train_distributed(cfg, run_dir, address=args.address, resume=checkpoint,
                                    progress=not args.no_progress, resume_verified=True)
-    except DataError as err:
+    except (DataError, ShardStartError) as err:
         raise UsageError(str(err)) from None
     print(f"run:            {result.run_dir}")
     print(f"steps:          {result.steps}")
@@ -108,6 +108,7 @@ def _train_distributed(cfg: RunConfig, run_dir: Path, args: argparse.Namespace, 
     print(f"throughput:     {result.tokens_per_s:,.0f} tokens/s, {result.lookups_per_s:,.0f} rows looked up/s "
           f"(staleness {result.staleness_mean:.2f} steps, bound {result.staleness_bound})")
     print(f"checkpoint:     {result.checkpoint}")
+    print(f"shards:         {', '.join(result.shard_addresses)}")
     return 0
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import threading
@@ -48,7 +49,7 @@ from model_workers import checkpoint_io
 from model_workers.data import prepare_corpus
 from model_workers.model import LanguageModel
 from model_workers.worker import ModelWorker, WorkerSpec
-from orchestration.cluster import Cluster, ClusterConfig, DistributedConfig
+from orchestration.cluster import LOOPBACK, Cluster, ClusterConfig, DistributedConfig
 from orchestration.config import to_dict
 from orchestration.coordinator import NAMESPACE, Coordinator, ShardRecord, coordinator_name
 from orchestration.placement import check_capacity, shard_options, worker_options
@@ -57,6 +58,7 @@ from param_server.actor import ShardActor, ShardActorConfig, tables_dir
 from param_server.fanout import ClientConfig
 from param_server.partition_map import PartitionMap
 from param_server.partitions import work_table_options
+from param_server.server import ServerConfig
 from param_server.shard import ShardConfig
 from storage.checkpoint import step_dir
 from storage.errors import CheckpointError
@@ -80,6 +82,7 @@ class DistributedResult:
     staleness_bound: int
     staleness_mean: float  # observed: this worker's newest push minus the shards' applied step, per lookup
     checkpoint: Path | None
+    shard_addresses: tuple[str, ...] = ()  # where the shards listened at the end (host:port each)
 
 
 class _WorkerGone(Exception):
@@ -92,6 +95,17 @@ class _WorkerGone(Exception):
 
 class WorkerFailedError(RuntimeError):
     """A model worker died and cluster.on_worker_failure is "fail" (or restarts ran out)."""
+
+
+class ShardStartError(RuntimeError):
+    """A shard actor failed in its constructor (for example: its node cannot see the run directory)."""
+
+
+def _cause(err: BaseException) -> str:
+    """The last `SomeError: message` line of a Ray error (the remote exception), else its first line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)]
+    return raised[-1] if raised else (lines[0] if lines else type(err).__name__)
 
 
 class CheckpointFailedError(RuntimeError):
@@ -189,6 +203,9 @@ class DistributedTrainer:
 
         self.step = self.step if ckpt is not None else 0
         self._stop_watch.clear()
+        # the job's shard token: fresh per job, handed to shards and workers through Ray only (never
+        # logged: ServerConfig/ClientConfig leave it out of their repr; never written to the run directory)
+        self._token = secrets.token_urlsafe(32)
         name = coordinator_name(self.job)
         self.coordinator = ray.remote(Coordinator).options(name=name, namespace=NAMESPACE,
                                                           num_cpus=0).remote(np_)
@@ -204,7 +221,10 @@ class DistributedTrainer:
         self._initialize = ckpt is None
         self.shards = [self._spawn_shard(i, tuple(pmap.partitions_of(i))) for i in range(self.dist.shards)]
         self._shard_by_id = dict(enumerate(self.shards))
-        addresses = self._get([s.address.remote() for s in self.shards], _START_TIMEOUT_S)
+        try:
+            addresses = self._get([s.address.remote() for s in self.shards], _START_TIMEOUT_S)
+        except ray.exceptions.RayActorError as err:  # its constructor raised: say why in one line
+            raise ShardStartError(f"a shard could not start: {_cause(err)}") from None
         records = [ShardRecord(i, a, pmap.partitions_of(i)) for i, a in enumerate(addresses)]
         epoch = self._get(self.coordinator.set_shards.remote(records), _START_TIMEOUT_S)
         self.pmap = PartitionMap(epoch=epoch, addresses=tuple(addresses), owner=pmap.owner)
@@ -219,7 +239,7 @@ class DistributedTrainer:
                                          train=self.cfg.train, data=self.cfg.data, addresses=tuple(addresses),
                                          owner=tuple(pmap.owner.tolist()), epoch=epoch,
                                          consistency=self.dist.consistency, staleness=self.dist.staleness,
-                                         client=self._client_config()))
+                                         token=self._token, client=self._client_config()))
             for r in range(self.dist.workers)
         ]
         if self.dist.workers > 1:
@@ -238,13 +258,32 @@ class DistributedTrainer:
             checkpoint_root=str(self.checkpoint_root), work_paths=self.work_paths,
             initialize=self._initialize, coordinator=coordinator_name(self.job), namespace=NAMESPACE,
             shard=ShardConfig(ram_budget_bytes=self.shard_budget_bytes),
-            update_log_dir=str(self.run_dir / "update-log")))
+            update_log_dir=str(self.run_dir / "update-log"), server=self._server_config(), bind=self._bind()))
+
+    def _bind(self) -> str:
+        """Where shards listen (cluster.shard_host): loopback on the Ray we started, else resolved on each
+        node (its address as Ray knows it, a named interface's, or the IP given)."""
+        if self.dist.shard_host == "auto":
+            return LOOPBACK if self.cluster.started_here else "node"
+        return self.dist.shard_host
+
+    def _server_config(self) -> ServerConfig:
+        """The shards' gRPC server: the job's token, TLS and mTLS from the cluster config."""
+        d = self.dist
+        return ServerConfig(token=self._token, tls_cert=d.tls_cert, tls_key=d.tls_key,
+                            tls_client_ca=d.tls_ca if d.tls_client_cert else None)
+
+    def client_config(self) -> ClientConfig:
+        """How to call this job's shards (the job's token, TLS): for its workers, tools and tests."""
+        return self._client_config()
 
     def _client_config(self) -> ClientConfig:
         """Workers' client: each call attempt bounded by call_timeout_s (at most 60 s), and a dead shard
-        waited for as long as the driver waits for anything."""
-        return ClientConfig(timeout_s=min(60.0, self.dist.call_timeout_s),
-                            failover_timeout_s=self.dist.call_timeout_s)
+        waited for as long as the driver waits for anything; the job's token and TLS."""
+        d = self.dist
+        return ClientConfig(timeout_s=min(60.0, d.call_timeout_s), failover_timeout_s=d.call_timeout_s,
+                            token=self._token, tls_ca=d.tls_ca, tls_cert=d.tls_client_cert,
+                            tls_key=d.tls_client_key, tls_server_name=d.tls_server_name)
 
     def _get(self, refs: Any, timeout: float | None = None) -> Any:
         """ray.get with the job's deadline (GetTimeoutError past it): the driver never waits forever."""
@@ -424,7 +463,8 @@ class DistributedTrainer:
             "staleness_mean": 0.0}
         return DistributedResult(self.run_dir, self.step, stats["loss"], ev["val_loss"], ev["val_bpb"],
                                  self.corpus.unigram_entropy, stats["tokens_per_s"], stats["lookups_per_s"],
-                                 stats["staleness_bound"], stats["staleness_mean"], ckpt)
+                                 stats["staleness_bound"], stats["staleness_mean"], ckpt,
+                                 tuple(self.pmap_addresses()))
 
     def _stats(self, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         return {
@@ -511,6 +551,10 @@ class DistributedTrainer:
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def pmap_addresses(self) -> list[str]:
+        """The shard addresses of the newest partition map (after restarts and rescales)."""
+        return list(self._get(self.coordinator.routing.remote(), 30)[1])
 
     def shard_metrics(self) -> list[dict[str, float]]:
         return ray.get([s.metrics.remote() for _, s in sorted(self._shard_by_id.items())])

@@ -57,7 +57,8 @@ class CompletionReplica:
     """
 
     def __init__(self, checkpoint: str, addresses: list[str], *, token: str | None, wire_dtype: str,
-                 max_batch: int, batch_wait_ms: float, torch_threads: int) -> None:
+                 max_batch: int, batch_wait_ms: float, torch_threads: int, shard_token: str | None = None,
+                 shard_tls_ca: str | None = None) -> None:
         import torch
 
         from model_workers.engine import EngineConfig
@@ -66,7 +67,7 @@ class CompletionReplica:
         torch.set_num_threads(torch_threads)
         path = Path(checkpoint)
         engine, tokenizer, self._client = build_engine(
-            path, addresses, token=token, wire_dtype=wire_dtype,
+            path, addresses, token=shard_token or token, wire_dtype=wire_dtype, tls_ca=shard_tls_ca,
             engine_config=EngineConfig(max_batch=max_batch, batch_wait_ms=batch_wait_ms))
         self.service = CompletionService(engine.start(), tokenizer, model_name=path.name, token=token)
         try:
@@ -216,10 +217,12 @@ def free_port(host: str) -> int:
 
 def deploy(checkpoint: Path, addresses: list[str], *, replicas: int, host: str, port: int,
            token: str | None = None, wire_dtype: str = "bfloat16", max_batch: int = 64,
-           batch_wait_ms: float = 5.0, replica_cpus: float = 1.0) -> str:
+           batch_wait_ms: float = 5.0, replica_cpus: float = 1.0, shard_token: str | None = None,
+           shard_tls_ca: str | None = None) -> str:
     """Start Serve's HTTP proxy on host:port and run `replicas` CompletionReplicas; returns the URL.
 
-    Needs a Ray connection. Returns once every replica has built its engine and /health answers.
+    `token` guards HTTP (and the shards, unless `shard_token` names theirs). Needs a Ray connection.
+    Returns once every replica has built its engine and /health answers.
     """
     serve.start(http_options={"host": host, "port": port})
     threads = max(1, (os.cpu_count() or 1) // replicas)
@@ -227,7 +230,7 @@ def deploy(checkpoint: Path, addresses: list[str], *, replicas: int, host: str, 
         num_replicas=replicas, max_ongoing_requests=max(2 * max_batch, 8),
         ray_actor_options={"num_cpus": replica_cpus},
     ).bind(str(checkpoint), list(addresses), token=token, wire_dtype=wire_dtype, max_batch=max_batch,
-           batch_wait_ms=batch_wait_ms, torch_threads=threads)
+           batch_wait_ms=batch_wait_ms, torch_threads=threads, shard_token=shard_token, shard_tls_ca=shard_tls_ca)
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     _wait_healthy(url, timeout=60.0)
@@ -286,17 +289,21 @@ def serve_replicated(args: argparse.Namespace) -> int:
             if args.shards:
                 shards = ShardSet([a.strip() for a in args.shards.split(",") if a.strip()])
             elif args.address and tables:
-                shards = start_ray_shards(args.address, tables, args.local_shards, token=token)
+                shards = start_ray_shards(args.address, tables, args.local_shards, token=token,
+                                          tls_cert=getattr(args, "shard_tls_cert", None),
+                                          tls_key=getattr(args, "shard_tls_key", None))
             elif tables:
                 shards = start_local_shards(tables, args.local_shards, token=token, token_file=args.token_file,
                                             in_process=args.in_process)
             deployed = True
             url = deploy(checkpoint, shards.addresses, replicas=args.replicas, host=args.host,
                          port=args.port or free_port(args.host), token=token, wire_dtype=args.wire_dtype,
-                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, shard_token=shards.token,
+                         shard_tls_ca=getattr(args, "shard_tls_ca", None))
         except (StorageError, ShardError, OSError) as err:
             raise UsageError(str(err)) from None
         print(f"listening on {url}", flush=True)
+        print(f"shards: {', '.join(shards.addresses)}", flush=True)
         logger.info("serving %s on %d Ray Serve replicas %s with shards %s", checkpoint, args.replicas,
                     replica_states(), shards.addresses)
         while not stop.wait(0.2):

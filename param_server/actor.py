@@ -32,9 +32,11 @@ checkpoint already holds nor lets a re-sent push in twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from param_server.bind import resolve_bind
+from param_server.errors import PathNotFoundError
 from param_server.partition_map import PartitionMap
 from param_server.partitions import Arrays
 from param_server.server import ServerConfig, ShardServer, create_server
@@ -74,6 +78,8 @@ class ShardActorConfig:
     namespace: str = "ultramem"
     update_log_dir: str | None = None  # <run>/update-log: this shard logs to shard-<id>/ there (None: no log)
     log_fsync: bool = False  # fsync each log append (machine crashes too; a process crash needs only a flush)
+    bind: str | None = None  # None: listen on server.host; "node" (the node's address as Ray knows it), an
+    # interface name or an IP address, resolved on the node the actor lands on (param_server/bind.py)
 
 
 def progress_path(step_dir: Path | str, shard_id: int) -> Path:
@@ -128,6 +134,7 @@ class ShardActor:
 
     def __init__(self, config: ShardActorConfig) -> None:
         self.config = config
+        self._check_storage_visible()
         self.partitions = self._current_partitions()
         self.shard = Shard(config.shard, shard_id=config.shard_id)
         self.restarted = _reconstructed()
@@ -136,13 +143,41 @@ class ShardActor:
         self.log: UpdateLog | None = self._open_log()
         self.gate = PushGate()
         self.server: ShardServer
-        self.server, _ = create_server(self.shard, config.server, interceptors=[self.gate])
+        self.server, _ = create_server(self.shard, self._server_config(), interceptors=[self.gate])
         self.server.start()
         logger.info("shard actor %d (pid %d) serving %s from %s%s", config.shard_id, os.getpid(),
                     self.server.address, self.loaded_from,
                     f", {self.replayed} logged pushes replayed" if self.restarted else "")
         if self.restarted:
             self._report_restart()
+
+    def _server_config(self) -> ServerConfig:
+        """config.server with the bind address resolved on this node (config.bind)."""
+        if self.config.bind is None:
+            return self.config.server
+        import ray
+
+        host, advertise = resolve_bind(self.config.bind, ray.util.get_node_ip_address())
+        return dataclasses.replace(self.config.server, host=host, advertise_host=advertise)
+
+    def _check_storage_visible(self) -> None:
+        """Fail at start, naming the path and the node, when this node cannot see the run directory
+        (a real cluster needs it on a filesystem every node mounts at the same path)."""
+        paths = [*self.config.table_paths.values(), *self.config.work_paths.values()]
+        paths += [str(Path(p).parent) for p in (self.config.checkpoint_root, self.config.update_log_dir) if p]
+        missing = next((p for p in paths if not Path(p).exists()), None)
+        if missing is None:
+            return
+        try:
+            import ray
+
+            node = ray.util.get_node_ip_address()
+        except Exception:  # outside Ray
+            node = "this node"
+        raise PathNotFoundError(
+            f"shard {self.config.shard_id} on node {node} ({socket.gethostname()}) cannot see {missing}: on a "
+            "cluster the run directory (tables, checkpoints, update log) must be on a filesystem that every "
+            "node mounts at the same path")
 
     def _open_log(self) -> UpdateLog | None:
         """Open this shard's update log: after a Ray restart replay it on top of the loaded checkpoint;

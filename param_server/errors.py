@@ -31,6 +31,10 @@ class UnknownTableError(ShardError, KeyError):
         return str(self.args[0]) if self.args else "unknown table"
 
 
+class PathNotFoundError(ShardError, FileNotFoundError):
+    """A directory or table group the request or the shard needs does not exist (where it looked)."""
+
+
 class WrongShardError(ShardError, LookupError):
     """A row lives in a partition this shard does not own (the client's partition map is stale)."""
 
@@ -78,6 +82,7 @@ STATUS_CODE_NAMES: dict[type[ShardError], str] = {
     ConfigError: "INVALID_ARGUMENT",
     InvalidRequestError: "INVALID_ARGUMENT",
     UnknownTableError: "NOT_FOUND",
+    PathNotFoundError: "NOT_FOUND",
     WrongShardError: "FAILED_PRECONDITION",
     StaleEpochError: "FAILED_PRECONDITION",
     QueueFullError: "RESOURCE_EXHAUSTED",

@@ -55,6 +55,8 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate (chain) path; with tls_key = TLS only
     tls_key: str | None = field(default=None, repr=False)  # PEM private key path of tls_cert
     tls_client_ca: str | None = None  # PEM CA path; set = clients must present a cert it signed (mTLS)
+    advertise_host: str | None = None  # the host clients dial (None: `host`); set when binding a wildcard
+    checkpoint_dir: str | None = None  # the Checkpoint RPC writes only under this directory (None: refused)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -196,7 +198,7 @@ def create_server(
         options=grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)],
         interceptors=chain,
     )
-    servicer = MemoryShardServicer(shard, partition_map)
+    servicer = MemoryShardServicer(shard, partition_map, checkpoint_dir=config.checkpoint_dir)
     server.add_generic_rpc_handlers((_memory_shard_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -215,6 +217,7 @@ def create_server(
         raise ConfigError(f"cannot listen on {host_port}: {err}") from None
     if port == 0:
         raise ConfigError(f"cannot listen on {host_port}")
-    shard_server = ShardServer(server, servicer, health_servicer, config.host, port, tls=config.uses_tls)
+    shard_server = ShardServer(server, servicer, health_servicer, config.advertise_host or config.host, port,
+                               tls=config.uses_tls)
     servicer.set_address(shard_server.address)
     return shard_server, port

@@ -23,6 +23,8 @@ import numpy as np
 from param_server import wire
 from param_server.errors import (
     InvalidRequestError,
+    PathNotFoundError,
+    PermissionDeniedError,
     ShardError,
     StaleEpochError,
     status_code_name,
@@ -30,6 +32,7 @@ from param_server.errors import (
 from param_server.partition_map import PartitionMap
 from protos.ultramem.v1 import memory_pb2 as pb
 from protos.ultramem.v1 import memory_pb2_grpc as pb_grpc
+from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from param_server.shard import Shard
@@ -61,6 +64,34 @@ def _rpc(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_MAX_PATH_CHARS = 1024
+
+
+def confined_dir(base: Path, name: str) -> Path:
+    """The existing directory `name` (relative to `base`, or absolute) if it lies inside `base`.
+
+    Raises:
+        InvalidRequestError: empty, too long, a NUL byte, or a name the filesystem rejects.
+        PermissionDeniedError: it resolves (symlinks followed) outside `base`.
+        PathNotFoundError: inside `base` but not an existing directory.
+    """
+    if not name:
+        raise InvalidRequestError("empty request: no tables_dir")
+    if len(name) > _MAX_PATH_CHARS or "\x00" in name:
+        raise InvalidRequestError(f"tables_dir must be a path of at most {_MAX_PATH_CHARS} characters without NUL")
+    try:
+        path = (base / name).resolve()  # an absolute `name` replaces base; symlinks are followed
+        inside = path == base or path.is_relative_to(base)
+        is_dir = inside and path.is_dir()
+    except (OSError, RuntimeError, ValueError) as err:  # name too long, symlink loop
+        raise InvalidRequestError(f"tables_dir {name[:80]!r} is not a usable path: {err}") from None
+    if not inside:
+        raise PermissionDeniedError(f"tables_dir {name[:80]!r} is outside this shard's checkpoint directory")
+    if not is_dir:
+        raise PathNotFoundError(f"tables_dir {name[:80]!r} is not a directory in this shard's checkpoint directory")
+    return path
+
+
 def _min_step(header: pb.LookupHeader) -> int | None:
     return header.min_step if header.HasField("min_step") else None
 
@@ -75,8 +106,11 @@ def _require(request: Any, *fields: str) -> None:
 class MemoryShardServicer(pb_grpc.MemoryShardServicer):
     """Serves one `Shard`; holds the partition map this shard answers with and checks epochs against."""
 
-    def __init__(self, shard: Shard, partition_map: PartitionMap | None = None, address: str = "") -> None:
+    def __init__(self, shard: Shard, partition_map: PartitionMap | None = None, address: str = "",
+                 checkpoint_dir: str | Path | None = None) -> None:
+        """checkpoint_dir: the only directory the Checkpoint RPC may write under (None: the RPC is refused)."""
         self._shard = shard
+        self._checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
         self._map = partition_map
         self._address = address
         self._lock = threading.Lock()
@@ -207,13 +241,21 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
 
     @_rpc
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
-        if not request.tables_dir:
-            raise InvalidRequestError("empty request: no tables_dir")
-        root = Path(request.tables_dir)
-        if not root.is_dir():
-            raise InvalidRequestError(f"tables_dir {root} is not an existing directory")
+        if self._checkpoint_dir is None:
+            raise PermissionDeniedError("Checkpoint is off on this shard: a training job checkpoints its shards "
+                                        "through Ray; `ultramem shard serve --checkpoint-dir DIR` allows it under DIR")
+        root = confined_dir(self._checkpoint_dir, request.tables_dir)
+        for name in self._shard.table_names():  # check all, then write: a missing group changes nothing
+            if not (root / name / "zarr.json").is_file():
+                raise PathNotFoundError(f"no table group {name!r} in tables_dir {request.tables_dir!r}")
         self._shard.drain()
-        self._shard.save(root)
+        try:
+            self._shard.save(root)
+        except PermissionError as err:
+            raise PermissionDeniedError(f"cannot write into tables_dir {request.tables_dir!r}: {err.strerror}"
+                                        ) from None
+        except (StorageError, FileNotFoundError) as err:
+            raise PathNotFoundError(f"tables_dir {request.tables_dir!r}: {err}") from None
         names = self._shard.table_names()
         parts = sorted({p for t in names for p in self._shard.owned_partitions(t)})
         return pb.CheckpointResponse(tables=names, partitions=parts)

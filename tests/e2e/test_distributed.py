@@ -99,7 +99,7 @@ def test_a_killed_shard_is_restarted_by_ray_and_reloads_the_latest_checkpoint(ra
         assert after["loaded_from"] == str(result.checkpoint)
         _, saved = e2e.final_state(result.checkpoint)
         rows = np.arange(64, dtype=np.int64)[np.arange(64) % 4 == after["partitions"][0]]
-        with Client([after["address"]]) as client:
+        with Client([after["address"]], config=trainer.client_config()) as client:
             got = client.gather("mem0.values", rows)
         p = after["partitions"][0]
         np.testing.assert_array_equal(got, saved[f"mem0.values/{p}/values"][: rows.size])

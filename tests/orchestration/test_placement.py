@@ -52,3 +52,5 @@ def test_cluster_up_binds_loopback_by_default_and_declares_memory_shards():
     join = up_command(argparse.Namespace(host="10.1.2.3", port=6379, memory_shards=0, model_workers=1,
                                          address="10.1.2.1:6379"))
     assert "--address=10.1.2.1:6379" in join and "--head" not in join
+    # Ray refuses head-only flags on a joining node (tests/multihost runs both commands)
+    assert not any(a.startswith(("--include-dashboard", "--port")) for a in join)

@@ -11,7 +11,11 @@ serializers, so nothing on the client side cleans them up), each with a deadline
   empty tables, stale epochs, bad seqs / steps / lr, bad pooled arguments, too many rows, rows of a
   partition owned elsewhere, and duplicate seqs (valid content: acknowledged and dropped);
 - truncated and byte-mutated serializations of valid lookups and of pushes whose every gradient is
-  NaN (so no mutation can turn them into an applicable push).
+  NaN (so no mutation can turn them into an applicable push);
+- Checkpoint with hostile `tables_dir`s (absolute paths, `..` chains, a symlink out, names too long,
+  NUL bytes, files, directories without the table group) against a server whose Checkpoint is
+  confined to one directory: PERMISSION_DENIED, NOT_FOUND or INVALID_ARGUMENT, and nothing outside
+  that directory is touched.
 
 Asserted: every call answers before its deadline with a code from the class's expected set (never
 UNKNOWN or INTERNAL), a push answered OK was a dropped duplicate, and afterwards the shard's values,
@@ -21,8 +25,10 @@ correctly. Counts per class and code are printed (run with -s) and kept in docs/
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -36,6 +42,7 @@ from param_server.server import ServerConfig, create_server
 from param_server.shard import Shard, ShardConfig
 from protos.ultramem.v1 import memory_pb2 as pb
 from storage.layout import TableSpec, init_partition_values
+from storage.table_store import create_table
 from tests.param_server.conftest import snapshot
 
 SPEC = TableSpec(name="mem", rows=64, dim=8, num_partitions=4, optimizer="adamw")
@@ -50,10 +57,11 @@ SETTINGS = {"deadline": None, "database": None,
 
 OWNED_ROWS = [r for r in range(SPEC.rows) if r % 4 in OWNED]
 FOREIGN_ROWS = [r for r in range(SPEC.rows) if r % 4 == 3]
-METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["MemoryShard"].methods if m.name != "Checkpoint"]
+METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["MemoryShard"].methods]
 READS = {"Gather", "PooledGather", "Info", "GetPartitionMap"}
 WRITES = {"PushGradients", "PooledBackward"}
 BAD = {C.INVALID_ARGUMENT}
+CHECKPOINT_CODES = {C.INVALID_ARGUMENT, C.NOT_FOUND, C.PERMISSION_DENIED}
 
 COUNTS: Counter[tuple[str, str]] = Counter()
 
@@ -66,7 +74,14 @@ class Target:
         self.shard.add_table(SPEC, {p: {"values": init_partition_values(SPEC, p)} for p in OWNED})
         for seq in (1, LAST_SEQ):  # optimizer state, clocks and seqs that must survive the fuzz
             self.shard.push("mem", 1, seq, LAST_STEP, 0.01, np.array([0, 5, 10]), np.ones((3, 8), np.float32))
-        self.server, _ = create_server(self.shard, ServerConfig(max_message_bytes=1 << 20))
+        # Checkpoint may write only under root/ckpt; root/outside holds a table group it must never touch
+        self.root = Path(tempfile.mkdtemp(prefix="fuzz-ckpt-"))
+        (self.root / "ckpt" / "empty").mkdir(parents=True)
+        (self.root / "ckpt" / "file").write_text("not a directory")
+        create_table(self.root / "outside" / "mem", SPEC, initialize=False)
+        (self.root / "ckpt" / "link").symlink_to(self.root / "outside")
+        self.server, _ = create_server(self.shard, ServerConfig(max_message_bytes=1 << 20,
+                                                                checkpoint_dir=str(self.root / "ckpt")))
         self.server.start()
         self.server.set_partition_map(PartitionMap.from_owned([self.server.address], [OWNED], 4, epoch=EPOCH))
         options = [("grpc.max_send_message_length", 8 << 20)]
@@ -90,10 +105,17 @@ class Target:
         COUNTS[(cls, code.name)] += 1
         return code
 
+    def outside(self) -> dict[str, int]:
+        """Every file outside the checkpoint directory, with its size and mtime (must never change)."""
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in (self.root / "outside").rglob("*")}
+
     def close(self) -> None:
+        import shutil
+
         self.channel.close()
         self.server.stop(0)
         self.shard.close()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # --- request builders --------------------------------------------------------------------------
@@ -242,6 +264,26 @@ def defective(draw) -> tuple[str, str, bytes, set[grpc.StatusCode]]:
     return (cls, *build(kind, parts, header), expected)
 
 
+HOSTILE_DIRS = ["", "/", "/etc", "/tmp", "..", "../outside", "../../../../etc/t", "link", "link/mem", "./../ckpt/..",
+                "file", "empty", "nope", "a" * 300, "x/" * 600, "a\x00b", "\x00", "empty/../../outside", "~",
+                "/proc/self/cwd", "ckpt", "."]
+
+
+@st.composite
+def checkpoint_path(draw) -> tuple[str, str, bytes, set[grpc.StatusCode]]:
+    """A Checkpoint request naming a hostile, missing or unusable tables_dir."""
+    how = draw(st.sampled_from(["listed", "joined", "text"]))
+    if how == "listed":
+        name = draw(st.sampled_from(HOSTILE_DIRS))
+    elif how == "joined":
+        name = "/".join(draw(st.lists(st.sampled_from(["..", ".", "link", "empty", "file", "outside", "ckpt", ""]),
+                                      min_size=1, max_size=8)))
+        name = ("/" if draw(st.booleans()) else "") + name
+    else:
+        name = draw(st.text(st.characters(blacklist_categories=("Cs",)), max_size=80))
+    return "checkpoint_path", "Checkpoint", pb.CheckpointRequest(tables_dir=name).SerializeToString(), CHECKPOINT_CODES
+
+
 # --- mutations of serialized requests ----------------------------------------------------------
 
 ANY_ANSWER = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.RESOURCE_EXHAUSTED}
@@ -294,7 +336,7 @@ def test_ten_thousand_hostile_requests_get_proper_codes_and_change_nothing() -> 
         @given(method=st.sampled_from(METHODS), body=st.binary(max_size=300))
         def random_bytes(method: str, body: bytes) -> None:
             expected = ANY_ANSWER if method in READS else ANY_ANSWER - {C.OK}
-            target.send("random_bytes", method, body, expected)
+            target.send("random_bytes", method, body, CHECKPOINT_CODES if method == "Checkpoint" else expected)
 
         @settings(max_examples=6500, **SETTINGS)
         @given(case=defective())
@@ -306,8 +348,15 @@ def test_ten_thousand_hostile_requests_get_proper_codes_and_change_nothing() -> 
         def mutations(case) -> None:
             target.send(*case)
 
-        for run in (random_bytes, one_defect, mutations):
+        @settings(max_examples=600, **SETTINGS)
+        @given(case=checkpoint_path())
+        def checkpoint_paths(case) -> None:
+            target.send(*case)
+
+        outside = target.outside()
+        for run in (random_bytes, one_defect, mutations, checkpoint_paths):
             run()
+        assert target.outside() == outside  # Checkpoint wrote nothing outside its directory
         for size in (1 << 20, 3 << 20):  # over the server's 1 MiB message limit
             body = build("gather", {"rows": wire.encode(np.zeros(size // 8, np.int64))}, {})[1]
             target.send("oversize_message", "Gather", body, {C.RESOURCE_EXHAUSTED})
@@ -317,7 +366,9 @@ def test_ten_thousand_hostile_requests_get_proper_codes_and_change_nothing() -> 
             print(f"  {cls:<22} {code:<20} {count}")
         assert total >= 10_000
         assert {cls for cls, _ in COUNTS} >= {"random_bytes", "huge_dims", "bad_rows", "nonfinite",
-                                              "dtype_mismatch", "mutated_truncate", "duplicate_seq"}
+                                              "dtype_mismatch", "mutated_truncate", "duplicate_seq", "checkpoint_path"}
+        assert {code for cls, code in COUNTS if cls == "checkpoint_path"} == {"INVALID_ARGUMENT", "NOT_FOUND",
+                                                                              "PERMISSION_DENIED"}
 
         assert snapshot(target.shard) == before  # values, optimizer state, clocks, seqs
         values = target.shard.export_partitions("mem")

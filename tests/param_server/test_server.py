@@ -121,8 +121,29 @@ def test_token_auth_rejects_missing_or_wrong_tokens_but_leaves_health_open(serve
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_checkpoint_writes_owned_partitions_after_draining(served, tmp_path: Path) -> None:
-    _, shard, channel = served
+def _with_checkpoint_dir(tmp_path: Path) -> ServerConfig:
+    return ServerConfig(checkpoint_dir=str(tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def ckpt_served(tmp_path: Path):
+    """`served` with the Checkpoint RPC confined to tmp_path/ckpt."""
+    (tmp_path / "ckpt").mkdir()
+    config = _with_checkpoint_dir(tmp_path)
+    shard = Shard(ShardConfig())
+    shard.add_table(SPEC, {p: {"values": init_partition_values(SPEC, p)} for p in range(4)})
+    server, _ = create_server(shard, config)
+    server.start()
+    channel = grpc.insecure_channel(server.address)
+    yield server, shard, channel
+    channel.close()
+    server.stop(0)
+    shard.close()
+
+
+def test_checkpoint_writes_owned_partitions_after_draining(ckpt_served, tmp_path: Path) -> None:
+    _, shard, channel = ckpt_served
+    tmp_path = tmp_path / "ckpt"
     create_table(tmp_path / "tables" / "mem", SPEC, initialize=False)
     header = pb.PushHeader(table="mem", worker_id=1, seq=1, step=0, lr=0.5)
     grads = np.ones((2, 8), np.float32)
@@ -135,11 +156,41 @@ def test_checkpoint_writes_owned_partitions_after_draining(served, tmp_path: Pat
     np.testing.assert_allclose(saved[0], init_partition_values(SPEC, 1)[0] - 0.5)
 
 
-def test_checkpoint_into_a_missing_directory_is_invalid_argument(served, tmp_path: Path) -> None:
-    _, _, channel = served
+def _checkpoint_code(channel: grpc.Channel, tables_dir: str) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
-        _stub(channel).Checkpoint(pb.CheckpointRequest(tables_dir=str(tmp_path / "nope")), timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _stub(channel).Checkpoint(pb.CheckpointRequest(tables_dir=tables_dir), timeout=5)
+    return info.value.code()
+
+
+def test_checkpoint_is_refused_without_a_checkpoint_directory(served, tmp_path: Path) -> None:
+    _, _, channel = served
+    create_table(tmp_path / "tables" / "mem", SPEC, initialize=False)
+    before = open_table(tmp_path / "tables" / "mem").read_partition(1)["values"].copy()
+    assert _checkpoint_code(channel, str(tmp_path / "tables")) == grpc.StatusCode.PERMISSION_DENIED
+    np.testing.assert_array_equal(open_table(tmp_path / "tables" / "mem").read_partition(1)["values"], before)
+
+
+def test_checkpoint_outside_its_directory_is_denied_and_writes_nothing(ckpt_served, tmp_path: Path) -> None:
+    _, _, channel = ckpt_served
+    outside = tmp_path / "outside"
+    create_table(outside / "mem", SPEC, initialize=False)
+    (tmp_path / "ckpt" / "link").symlink_to(outside)
+    before = sorted(p.name for p in (outside / "mem").rglob("*"))
+    for name in (str(outside), "../outside", "link", "/", "../../../../etc"):
+        assert _checkpoint_code(channel, name) == grpc.StatusCode.PERMISSION_DENIED, name
+    assert sorted(p.name for p in (outside / "mem").rglob("*")) == before
+
+
+def test_checkpoint_bad_names_are_not_found_or_invalid_never_internal(ckpt_served, tmp_path: Path) -> None:
+    _, _, channel = ckpt_served
+    (tmp_path / "ckpt" / "empty").mkdir()
+    (tmp_path / "ckpt" / "file").write_text("x")
+    assert _checkpoint_code(channel, "nope") == grpc.StatusCode.NOT_FOUND
+    assert _checkpoint_code(channel, "file") == grpc.StatusCode.NOT_FOUND
+    assert _checkpoint_code(channel, "empty") == grpc.StatusCode.NOT_FOUND  # no table group "mem" in it
+    assert _checkpoint_code(channel, "") == grpc.StatusCode.INVALID_ARGUMENT
+    assert _checkpoint_code(channel, "a" * 300) == grpc.StatusCode.INVALID_ARGUMENT  # file name too long
+    assert _checkpoint_code(channel, "a\x00b") == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_stop_refuses_further_calls(served) -> None:
