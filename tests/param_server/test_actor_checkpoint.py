@@ -63,7 +63,9 @@ def test_a_restarted_shard_verifies_only_its_own_partitions(tmp_path, actors, mo
     newest = _checkpoint(root, 20, seed=2)
     _flip(newest / "tables" / "mem" / "values" / "c" / "1" / "0" / "0")  # partition 1: shard 1's
     monkeypatch.setattr(actor_module, "_reconstructed", lambda: True)
-    initial = str(tmp_path / "unused")
+    initial = tmp_path / "unused"  # the run's initial tables: present (a shard checks it can see them), never read
+    initial.mkdir()
+    initial = str(initial)
 
     ok = ShardActor(ShardActorConfig(shard_id=0, table_paths={"mem": initial}, partitions=(0, 2),
                                      checkpoint_root=str(root)))
