@@ -18,13 +18,13 @@ import selectors
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestration.errors import UsageError
+from orchestration.signal_flag import SignalFlag
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def serve(args: argparse.Namespace) -> int:
         return serve_replicated(args)
     if args.local_shards < 1:
         raise UsageError("--local-shards must be >= 1")
-    stop = threading.Event()
+    stop = SignalFlag()  # set by the SIGTERM/SIGINT handlers below (never a threading.Event there)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     shards = ShardSet([])
     engine = client = http = None

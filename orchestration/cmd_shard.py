@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import threading
 
 from orchestration.errors import UsageError
+from orchestration.signal_flag import SignalFlag
 from param_server.auth import read_token_file
 from param_server.errors import ShardError
 from param_server.partition_map import parse_partitions
@@ -38,7 +38,7 @@ def _partitions(args: argparse.Namespace, num_partitions: int) -> list[int]:
 
 def serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a clean drain and stop."""
-    stop = threading.Event()
+    stop = SignalFlag()  # set by the SIGTERM/SIGINT handlers below (never a threading.Event there)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     shard = server = None
     try:

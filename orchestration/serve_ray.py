@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.request
 import uuid
@@ -33,6 +32,7 @@ from typing import Any
 
 from orchestration.cmd_serve import REPO, ShardSet, build_engine, start_local_shards, start_ray_shards, table_paths
 from orchestration.errors import UsageError
+from orchestration.signal_flag import SignalFlag
 
 try:
     from ray import serve
@@ -270,7 +270,7 @@ def serve_replicated(args: argparse.Namespace) -> int:
                          "(pip install 'ray[serve]')")
     if args.local_shards < 1:
         raise UsageError("--local-shards must be >= 1")
-    stop = threading.Event()
+    stop = SignalFlag()  # set by the SIGTERM/SIGINT handlers below (never a threading.Event there)
     previous: dict[int, Any] = {}
     # Ray workers (the replicas) must import our packages
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
