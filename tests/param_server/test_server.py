@@ -23,10 +23,8 @@ from storage.table_store import create_table, open_table
 SPEC = TableSpec(name="mem", rows=100, dim=8, num_partitions=4, optimizer="sgd")
 
 
-@pytest.fixture
-def served(request):
+def _serve(config: ServerConfig):
     """A started server over a shard holding partitions 0..3 of SPEC; yields (server, shard, channel)."""
-    config = getattr(request, "param", ServerConfig())
     shard = Shard(ShardConfig())
     shard.add_table(SPEC, {p: {"values": init_partition_values(SPEC, p)} for p in range(4)})
     server, _ = create_server(shard, config)
@@ -36,6 +34,12 @@ def served(request):
     channel.close()
     server.stop(0)
     shard.close()
+
+
+@pytest.fixture
+def served(request):
+    """A started server over a shard holding partitions 0..3 of SPEC; yields (server, shard, channel)."""
+    yield from _serve(getattr(request, "param", ServerConfig()))
 
 
 def _stub(channel: grpc.Channel) -> pb_grpc.MemoryShardStub:
@@ -129,16 +133,7 @@ def _with_checkpoint_dir(tmp_path: Path) -> ServerConfig:
 def ckpt_served(tmp_path: Path):
     """`served` with the Checkpoint RPC confined to tmp_path/ckpt."""
     (tmp_path / "ckpt").mkdir()
-    config = _with_checkpoint_dir(tmp_path)
-    shard = Shard(ShardConfig())
-    shard.add_table(SPEC, {p: {"values": init_partition_values(SPEC, p)} for p in range(4)})
-    server, _ = create_server(shard, config)
-    server.start()
-    channel = grpc.insecure_channel(server.address)
-    yield server, shard, channel
-    channel.close()
-    server.stop(0)
-    shard.close()
+    yield from _serve(_with_checkpoint_dir(tmp_path))
 
 
 def test_checkpoint_writes_owned_partitions_after_draining(ckpt_served, tmp_path: Path) -> None:
