@@ -228,7 +228,7 @@ class LocalBackend(ValueBackend):
         r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, num_tokens, num_projectors)
         out = np.zeros((num_tokens, num_projectors, t.spec.dim), dtype=np.float32)
         if r.size:
-            tokens, sums = pooled_sum(t.values[r], p, tok, s, num_projectors)  # (Tt,), (Tt, E, d_v)
+            tokens, sums = pooled_sum(t.values, p, tok, s, num_projectors, flat=r)  # (Tt,), (Tt, E, d_v)
             out[tokens] = sums
         return torch.from_numpy(out)
 

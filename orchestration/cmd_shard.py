@@ -15,6 +15,8 @@ import logging
 import signal
 import threading
 
+import torch
+
 from orchestration.errors import UsageError
 from param_server.auth import read_token_file
 from param_server.errors import ShardError
@@ -39,6 +41,9 @@ def _partitions(args: argparse.Namespace, num_partitions: int) -> list[int]:
 def serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a clean drain and stop."""
     stop = threading.Event()
+    # one intra-op thread per kernel call (the pooled sum, duplicate sums): the gRPC thread pool
+    # runs requests side by side, and the per-core rates of `ultramem bench memory-path` assume it
+    torch.set_num_threads(1)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     shard = server = None
     try:

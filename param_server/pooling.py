@@ -1,22 +1,26 @@
 """The shard side of pooled lookups (DESIGN §3.1 steps 4-6, §4.2 PooledGather / PooledBackward):
 IVE grouping by (token, projector), MCS weighting of d_v slices by the h core scores, and the
-backward of both. Plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions,
-so local and remote pooled training share one formula.
+backward of both. The pooled sum is torch's compiled `embedding_bag` over a zero-copy view of the
+table, the rest plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions, so
+local and remote pooled training share one formula.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from param_server.optimizers import segment_sum
 
-
-def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order of the n entries by (token, projector) and the group starts: ([n], [G])."""
+def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """Sort order of the n entries by (token, projector) (None: already in order) and the group
+    starts [G] into the sorted entries."""
     key = token * e + projector  # [n], < 2**63 (checked)
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    starts = np.concatenate(([0], np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1))
+    order = None
+    if key.shape[0] > 1 and not bool((key[1:] >= key[:-1]).all()):
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+    starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1)).astype(np.int64)
     return order, starts
 
 
@@ -35,23 +39,46 @@ def pooled_backward_terms(values: np.ndarray, grad_out: np.ndarray, scores: np.n
 
 
 def pooled_sum(
-    v: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray, e: int
+    v: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray, e: int,
+    *, flat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """IVE grouping + MCS weighting + pooling (DESIGN §3.1 steps 4-6) over gathered rows.
+    """IVE grouping + MCS weighting + pooling (DESIGN §3.1 steps 4-6).
 
-    v [n, d_v] (rows of the entries), projector/token int64 [n], scores float32 [n, h], e = E ->
+    v [R, d_v]: the rows of the entries (flat None, R = n), or a whole table whose row flat[j] is
+    entry j's (flat int64 [n]: no gathered copy of the rows is made for a float32 table);
+    projector/token int64 [n], scores float32 [n, h], e = E ->
     (tokens touched, sorted unique int64 [Tt]; sums float32 [Tt, E, d_v]) with
-    o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[j, slice c].
+    o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[row_j, slice c].
+
+    One `torch.nn.functional.embedding_bag` (sum mode, per_sample_weights) per slice c over the
+    table viewed as [R * h, d_v / h]: bags are the (token, projector) groups, entry j of a group
+    adds s_c[j] * V[row_j, slice c] (chosen by measurement, docs/benchmarks.md "Memory path").
     """
-    n, d_v = v.shape
+    n = token.shape[0]
     h = scores.shape[1]
-    weighted = (v.astype(np.float32).reshape(n, h, d_v // h) * scores[:, :, None]).reshape(n, d_v)
+    d_v = v.shape[1]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros((0, e, d_v), np.float32)
+    if flat is None:
+        flat = np.arange(n, dtype=np.int64)
+    if v.dtype != np.float32 or not v.flags.writeable:  # bfloat16 / float16: convert the entries' rows only
+        v, flat = v[flat].astype(np.float32), np.arange(n, dtype=np.int64)
     order, starts = pool_keys(token, projector, e)
-    group_sums = segment_sum(np.take(weighted, order, axis=0), starts)  # [G, d_v]
-    group_tok = token[order][starts]  # [G], ascending
-    group_proj = projector[order][starts]
+    sorted_key = (token * e + projector) if order is None else (token * e + projector)[order]
+    idx = flat if order is None else flat[order]
+    s = scores if order is None else scores[order]
+    k = d_v // h
+    table = torch.from_numpy(np.ascontiguousarray(v)).view(v.shape[0] * h, k)  # row r slice c = r * h + c
+    offsets = torch.from_numpy(starts)
+    sums = np.empty((starts.shape[0], h, k), dtype=np.float32)  # [G, h, d_v / h]
+    sums_t = torch.from_numpy(sums)
+    for c in range(h):
+        sums_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
+                                       per_sample_weights=torch.from_numpy(s[:, c].copy()))
+    group_key = sorted_key[starts]  # [G], ascending
+    group_tok, group_proj = group_key // e, group_key % e
     new_token = np.concatenate(([True], group_tok[1:] != group_tok[:-1]))
     tokens = group_tok[new_token]  # [Tt]
     out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
-    out[np.cumsum(new_token) - 1, group_proj] = group_sums  # each (token, projector) once
+    out[np.cumsum(new_token) - 1, group_proj] = sums.reshape(-1, d_v)  # each (token, projector) once
     return tokens, out

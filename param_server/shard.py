@@ -254,8 +254,11 @@ class Shard:
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._check_owned(t, rows)
-            v = t.parts.read(rows)  # [n, d_v]
             self._counters.count_lookup(rows.shape[0])
+            source = t.parts.source(rows)
+            if source is not None:  # all resident: pool straight from the table, under the lock
+                return pooled_sum(source[0], projector, token, scores, int(num_projectors), flat=source[1])
+            v = t.parts.read(rows)  # [n, d_v]
         return pooled_sum(v, projector, token, scores, int(num_projectors))
 
     # --- updates ---------------------------------------------------------------------------------
