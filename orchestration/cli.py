@@ -154,7 +154,7 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side, JSON results")
     bench.add_argument("which", nargs="?", default="all",
-                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "overlap", "all"])
+                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "overlap", "memory-path", "all"])
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
 

@@ -24,18 +24,46 @@ def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndar
     return order, starts
 
 
-def pooled_backward_terms(values: np.ndarray, grad_out: np.ndarray, scores: np.ndarray
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Backward of pooling for n entries: values [n, d_v] (V of each entry's row, before the update),
-    grad_out [n, d_v] (dL/do at each entry's (token, projector)), scores float32 [n, h] ->
-    (dL/ds [n, h], dL/dV per entry [n, d_v]; rows may repeat). d_v splits into h slices (MCS)."""
+def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray, token_pos: np.ndarray,
+                    scores: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of pooling for n entries, with the row gradients already summed per row.
+
+    values [n, d_v]: V of each entry's row, before the update; rows int64 [n] (may repeat);
+    projector/token_pos int64 [n] (entry j's dL/do is grad_out[token_pos_j, projector_j]);
+    scores float32 [n, h]; grad_out float32 [T, E, d_v] ->
+    (dL/ds float32 [n, h], unique sorted rows int64 [U], dL/dV float32 [U, d_v]) with
+    dL/ds[j, c] = <dL/do[t_j, p_j, slice c], V[row_j, slice c]> and
+    dL/dV[u, slice c] = sum_{j: row_j = u} s_c[j] * dL/do[t_j, p_j, slice c] (d_v splits into h slices).
+
+    The per-row sums are one `embedding_bag` per slice over dL/do (bags = the unique rows): no
+    [n, d_v] gradient is materialised, and repeated rows are summed, never overwritten (DESIGN §8).
+    """
     n, h = scores.shape
-    d_v = values.shape[1]
-    g = grad_out.reshape(n, h, d_v // h)  # [n, h, d_v/h]
-    v = values.astype(np.float32, copy=False).reshape(n, h, d_v // h)
-    grad_scores = np.einsum("nhk,nhk->nh", g, v)  # [n, h]
-    grad_rows = (g * scores[:, :, None]).reshape(n, d_v)  # [n, d_v]
-    return grad_scores.astype(np.float32, copy=False), grad_rows
+    t, e, d_v = grad_out.shape
+    k = d_v // h
+    if n == 0:
+        return np.zeros((0, h), np.float32), np.zeros(0, np.int64), np.zeros((0, d_v), np.float32)
+    g_flat = token_pos * e + projector  # [n], entry j's row of grad_out viewed [T * E, d_v]
+    g = np.ascontiguousarray(grad_out, dtype=np.float32).reshape(t * e, d_v)
+    if not g.flags.writeable:
+        g = g.copy()
+    v = values.astype(np.float32, copy=False).reshape(n, h, k)
+    grad_scores = np.einsum("nhk,nhk->nh", g[g_flat].reshape(n, h, k), v)  # [n, h]
+    order = None
+    if n > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+        order = np.argsort(rows, kind="stable")
+    sorted_rows = rows if order is None else rows[order]
+    starts = np.concatenate(([0], np.flatnonzero(sorted_rows[1:] != sorted_rows[:-1]) + 1)).astype(np.int64)
+    idx = g_flat if order is None else g_flat[order]
+    s = scores if order is None else scores[order]
+    table = torch.from_numpy(g).view(t * e * h, k)  # row r slice c = r * h + c
+    offsets = torch.from_numpy(starts)
+    summed = np.empty((starts.shape[0], h, k), dtype=np.float32)
+    summed_t = torch.from_numpy(summed)
+    for c in range(h):
+        summed_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
+                                         per_sample_weights=torch.from_numpy(s[:, c].astype(np.float32)))
+    return grad_scores.astype(np.float32, copy=False), sorted_rows[starts], summed.reshape(-1, d_v)
 
 
 def pooled_sum(
