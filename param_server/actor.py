@@ -40,6 +40,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
 from param_server.partition_map import PartitionMap
 from param_server.partitions import Arrays
@@ -124,6 +125,7 @@ class ShardActor:
 
     def __init__(self, config: ShardActorConfig) -> None:
         self.config = config
+        torch.set_num_threads(1)  # one intra-op thread per kernel call, as `ultramem shard serve` (cmd_shard)
         self.partitions = self._current_partitions()
         self.shard = Shard(config.shard, shard_id=config.shard_id)
         self.restarted = _reconstructed()
