@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from param_server.optimizers import SparseOptimizer, SparseOptimizerConfig, make_optimizer, sum_duplicates
-from param_server.pooling import pooled_backward_terms, pooled_sum
+from param_server.pooling import pooled_backward as pooled_backward_rows
+from param_server.pooling import pooled_sum
 from storage.layout import TableSpec, init_partition_values, numpy_dtype, state_layout
 
 
@@ -228,13 +229,13 @@ class LocalBackend(ValueBackend):
         r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, num_tokens, num_projectors)
         out = np.zeros((num_tokens, num_projectors, t.spec.dim), dtype=np.float32)
         if r.size:
-            tokens, sums = pooled_sum(t.values[r], p, tok, s, num_projectors)  # (Tt,), (Tt, E, d_v)
+            tokens, sums = pooled_sum(t.values, p, tok, s, num_projectors, flat=r)  # (Tt,), (Tt, E, d_v)
             out[tokens] = sums
         return torch.from_numpy(out)
 
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """dL/ds [n, h] and an immediate row update (param_server.pooling.pooled_backward_terms)."""
+        """dL/ds [n, h] and an immediate row update (param_server.pooling.pooled_backward)."""
         step, lr = self.step_lr()
         t = self._table(table)
         g_out = _float32(grad_out)
@@ -245,9 +246,8 @@ class LocalBackend(ValueBackend):
             raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
         n = r.shape[0]
         # V before this step's update; the same formula as the shard's PooledBackward
-        grad_scores, grad_rows = pooled_backward_terms(t.values[r], g_out[tok, p], s)
+        grad_scores, unique, summed = pooled_backward_rows(t.values[r], r, p, tok, s, g_out)
         if n:
-            unique, summed = sum_duplicates(r, grad_rows)
             t.optimizer.step(t.values, t.state, unique, summed, lr)
         return torch.from_numpy(grad_scores)
 

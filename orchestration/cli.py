@@ -161,10 +161,16 @@ def _add_rest(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--cache-gb", type=float, default=None,
                       help="data budget per shard in GiB: larger partitions go through a chunk cache")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--tokens-per-s", type=float, default=None,
+                      help="target training tokens/s: also report the shard processes and cores it needs")
+    plan.add_argument("--rates", default=None, metavar="JSON",
+                      help="per-core shard rates: a memory_path.json from `ultramem bench memory-path` "
+                           "(default: the rates shipped with the package, measured on a 2-core machine)")
 
     bench = sub.add_parser("bench", help="benchmarks: ratios measured side by side, JSON results")
     bench.add_argument("which", nargs="?", default="all",
-                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "overlap", "checkpoint", "all"])
+                       choices=["lookup", "train", "wire", "beyond-ram", "serve", "overlap", "checkpoint",
+                                "memory-path", "all"])
     bench.add_argument("--out", default="bench/results")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
 

@@ -1,4 +1,4 @@
-"""`ultramem bench [lookup|train|wire|beyond-ram|serve|all]` (DESIGN §7.1, §8).
+"""`ultramem bench [lookup|train|wire|beyond-ram|serve|overlap|checkpoint|memory-path|all]` (DESIGN §7.1, §8).
 
 Each benchmark is a script `bench/<name>.py` with `run(out_dir, quick) -> dict` that measures its
 figures side by side with their limits, prints ratios and writes `<out_dir>/<name>.json`. This
@@ -20,7 +20,7 @@ from orchestration.errors import UsageError
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-NAMES = ("lookup", "train", "wire", "beyond-ram", "serve", "overlap", "checkpoint")
+NAMES = ("lookup", "train", "wire", "beyond-ram", "serve", "overlap", "checkpoint", "memory-path")
 
 
 def _load(name: str) -> ModuleType | None:

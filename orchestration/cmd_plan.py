@@ -15,7 +15,7 @@ import logging
 import sys
 
 from orchestration.errors import ConfigError, UsageError
-from orchestration.planner import GiB, format_plan, memory_table_specs, plan_capacity
+from orchestration.planner import GiB, format_plan, load_rates, memory_table_specs, plan_capacity, throughput_plan
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +57,26 @@ def plan(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
 
+    rate = None
+    if getattr(args, "tokens_per_s", None) is not None:
+        mc = cfg.model.memory
+        try:
+            rate = throughput_plan(specs, mc.heads * mc.topk, args.tokens_per_s, load_rates(args.rates))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
     if not getattr(args, "json", False):
         name = f"preset {args.preset}" if args.preset else f"config {args.config}"
         print(format_plan(result, f"ultramem plan: {name} (node RAM from {source})"))
+        if rate is not None:
+            print(f"\nthroughput: {rate['tokens_per_s']:,.0f} training tokens/s x "
+                  f"{rate['selections_per_token_per_table']} selections per token x {len(rate['tables'])} table(s)"
+                  f" needs {rate['shard_cores']:.1f} shard cores = {rate['shard_processes']} shard processes"
+                  f" (one core each; lookup + backward + update per step)")
+            print(f"  rates {rate['rates_source']}")
     else:
         print(json.dumps({"config": args.preset or args.config, "node_ram_source": source,
-                          **result.to_dict()}, indent=2))
+                          **result.to_dict(), **({"throughput": rate} if rate is not None else {})}, indent=2))
         if result.suggestions:  # stdout stays pure JSON; the warning goes to stderr
             print(f"ultramem: warning: layout does not fit: {'; '.join(result.suggestions)}", file=sys.stderr)
     return 0

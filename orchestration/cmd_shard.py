@@ -14,6 +14,8 @@ import argparse
 import logging
 import signal
 
+import torch
+
 from orchestration.errors import UsageError
 from orchestration.signal_flag import SignalFlag
 from param_server.auth import read_token_file
@@ -39,6 +41,9 @@ def _partitions(args: argparse.Namespace, num_partitions: int) -> list[int]:
 def serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a clean drain and stop."""
     stop = SignalFlag()  # set by the SIGTERM/SIGINT handlers below (never a threading.Event there)
+    # one intra-op thread per kernel call (the pooled sum, duplicate sums): the gRPC thread pool
+    # runs requests side by side, and the per-core rates of `ultramem bench memory-path` assume it
+    torch.set_num_threads(1)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     shard = server = None
     try:

@@ -20,9 +20,11 @@ Model workers are not counted (they usually live on GPU nodes; see the note in t
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from storage.layout import VALUES, TableSpec, table_arrays
@@ -314,3 +316,58 @@ def format_plan(plan: CapacityPlan, title: str = "") -> str:
         lines += [f"  - {x}" for x in plan.suggestions]
     lines += ["", *(f"note: {x}" for x in plan.notes)]
     return "\n".join(lines)
+
+
+# --- throughput: shard cores a training rate needs (`ultramem plan --tokens-per-s`) ----------------
+
+# Shipped defaults: `ultramem bench memory-path` (one shard process, 2048 tokens a step, AdamW) on a
+# 2-core machine shared with other jobs (2026-12-06); pass --rates bench/results/memory_path.json to use your own.
+DEFAULT_RATES: dict[str, Any] = {
+    "source": "defaults shipped with ultramem, measured on a 2-core machine (docs/benchmarks.md)",
+    "layers": {
+        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.32, "pooled_backward": 2.72,
+                                                           "optimizer_step": 0.69, "gather": 1.69}},
+        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.37, "pooled_backward": 0.59,
+                                                           "optimizer_step": 0.12, "gather": 0.66}},
+    },
+}
+STEP_CALLS = ("pooled_gather", "pooled_backward", "optimizer_step")  # one training step of a memory layer
+
+
+def load_rates(path: str | Path | None = None) -> dict[str, Any]:
+    """Per-core shard rates: a `bench/results/memory_path.json` written by `ultramem bench memory-path`,
+    or (path None) DEFAULT_RATES. Returns {"source", "layers": {name:
+    {"d_v", "cpu_s_per_m_selections": {call: s}}}}. Raises ValueError for a file without them."""
+    if path is None:
+        return DEFAULT_RATES
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read memory-path rates from {p}: {err}") from None
+    if "shard_cpu_s_per_m_selections" in raw:  # a bench result
+        layers = {name: {"d_v": raw["layers"][name]["d_v"], "cpu_s_per_m_selections": calls}
+                  for name, calls in raw["shard_cpu_s_per_m_selections"].items()}
+        return {"source": f"measured by ultramem bench memory-path ({p}, {raw.get('cpus')} CPUs)", "layers": layers}
+    raise ValueError(f"{p} holds no memory-path rates (shard_cpu_s_per_m_selections)")
+
+
+def throughput_plan(specs: Sequence[TableSpec], selections_per_token: int, tokens_per_s: float,
+                    rates: dict[str, Any]) -> dict[str, Any]:
+    """Shard cores (= shard processes: their kernels run on one thread) that `tokens_per_s` training
+    tokens/s need: each table is looked up, back-propagated and updated every step, at
+    `selections_per_token` selections a token. The CPU per selection is that of the measured layer
+    nearest in d_v, scaled by d_v (the work is row bytes)."""
+    if not tokens_per_s > 0:
+        raise ValueError(f"--tokens-per-s must be > 0, got {tokens_per_s:g}")
+    tables, cores = [], 0.0
+    for spec in specs:
+        name, layer = min(rates["layers"].items(), key=lambda kv: abs(kv[1]["d_v"] - spec.dim))
+        per_m = sum(layer["cpu_s_per_m_selections"][c] for c in STEP_CALLS) * spec.dim / layer["d_v"]
+        need = tokens_per_s * selections_per_token * per_m / 1e6
+        cores += need
+        tables.append({"table": spec.name, "d_v": spec.dim, "rates_of": name,
+                       "shard_cpu_s_per_m_selections": per_m, "cores": need})
+    return {"tokens_per_s": tokens_per_s, "selections_per_token_per_table": selections_per_token,
+            "shard_cores": cores, "shard_processes": max(1, math.ceil(cores)), "tables": tables,
+            "rates_source": rates["source"]}

@@ -45,6 +45,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
 from param_server.bind import resolve_bind
 from param_server.errors import PathNotFoundError
@@ -135,6 +136,7 @@ class ShardActor:
     def __init__(self, config: ShardActorConfig) -> None:
         self.config = config
         self._check_storage_visible()
+        torch.set_num_threads(1)  # one intra-op thread per kernel call, as `ultramem shard serve` (cmd_shard)
         self.partitions = self._current_partitions()
         self.shard = Shard(config.shard, shard_id=config.shard_id)
         self.restarted = _reconstructed()

@@ -11,7 +11,7 @@ converted, updated and written back). State arrays follow `storage.layout.OPTIMI
 Weight decay is decoupled for every optimizer (p <- p * (1 - lr * wd) on touched rows).
 
 `table[idx] -= g` is wrong when idx repeats (last write wins, DESIGN §8): callers sum
-duplicates first with `sum_duplicates` (sort + a segment sum, no np.add.at).
+duplicates first with `sum_duplicates` (torch.unique + index_add_, no np.add.at).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import torch
 
 from param_server.errors import ConfigError
 
@@ -65,37 +66,8 @@ class SparseOptimizerConfig:
         return cls(name=spec.optimizer, **kwargs)  # type: ignore[arg-type]
 
 
-_SMALL_GROUP = 8  # groups up to this size are summed rank by rank, longer ones with one sum each
-
-
-def segment_sum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Sums of consecutive row groups: x [N, d] grouped by ascending `starts` [G] (starts[0] = 0) -> [G, d].
-
-    Equal to `np.add.reduceat(x, starts, axis=0)` but 10-20x faster (measured, 16k x 256 float32):
-    reduceat along axis 0 runs at ~0.5 GB/s. Groups of <= 8 rows are summed rank by rank (one
-    vectorised add per rank), longer groups (hot rows) with one contiguous `sum` each.
-    """
-    n = x.shape[0]
-    counts = np.diff(np.append(starts, n))  # [G]
-    if counts.size and n == counts.size * int(counts[0]) and bool((counts == counts[0]).all()):
-        # groups of one size (a decode step: every token pools the same number of entries): one
-        # reshape and sum (~5 us where the loops below cost ~60 us on a 32-entry request)
-        return x.reshape(counts.size, int(counts[0]), *x.shape[1:]).sum(axis=1)
-    out = x[starts]  # [G, d], rank 0 of every group (a copy)
-    small = counts <= _SMALL_GROUP
-    sel = np.flatnonzero(small & (counts > 1))  # short groups with a rank k still to add
-    for k in range(1, _SMALL_GROUP):
-        if not sel.size:
-            break
-        out[sel] += x[starts[sel] + k]
-        sel = sel[counts[sel] > k + 1]
-    for i in np.flatnonzero(~small).tolist():
-        out[i] = x[starts[i] : starts[i] + counts[i]].sum(axis=0)
-    return out
-
-
 def sum_duplicates(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the gradients of repeated rows (sort, then sum each run of equal rows).
+    """Sum the gradients of repeated rows (`torch.unique` + `index_add_`, compiled; no np.add.at).
 
     Args:
         rows: int64 [N], may repeat, any order.
@@ -107,10 +79,10 @@ def sum_duplicates(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
     grads = np.asarray(grads, dtype=np.float32)
     if rows.shape[0] <= 1 or bool(np.all(rows[1:] > rows[:-1])):
         return rows, grads  # already unique and sorted: nothing to sum
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    starts = np.concatenate(([0], np.flatnonzero(sorted_rows[1:] != sorted_rows[:-1]) + 1))
-    return sorted_rows[starts], segment_sum(np.take(grads, order, axis=0), starts)
+    unique, inverse = torch.unique(torch.from_numpy(rows), sorted=True, return_inverse=True)
+    summed = torch.zeros((unique.shape[0], *grads.shape[1:]), dtype=torch.float32)
+    summed.index_add_(0, inverse, torch.from_numpy(np.ascontiguousarray(grads)))
+    return unique.numpy(), summed.numpy()
 
 
 class SparseOptimizer(ABC):

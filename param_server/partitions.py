@@ -218,7 +218,7 @@ class ResidentPartitions(TablePartitions):
         return self.slot_of[rows % self.spec.num_partitions] * self._r + rows // self.spec.num_partitions
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        return np.take(self.values, self._flat(rows), axis=0)
+        return self.values[self._flat(rows)]  # fancy indexing: ~2x np.take(axis=0) on wide rows (measured)
 
     def step(self, optimizer: SparseOptimizer, rows: np.ndarray, grads: np.ndarray, lr: float) -> None:
         optimizer.step(self.values, self.state, self._flat(rows), grads, lr)
@@ -487,6 +487,14 @@ class TieredPartitions(TablePartitions):
         """Positions [k] of rows served from RAM and [n - k] from the cache."""
         c = self._in_cache[rows % self.spec.num_partitions]
         return np.flatnonzero(~c), np.flatnonzero(c)
+
+    def source(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(resident table [N, d_v], flat positions [n] of `rows` in it) when every row is resident,
+        so a kernel can read them in place (the pooled sum); None when some are served by the cache.
+        Valid while the caller holds the shard's lock."""
+        if self.cached is not None and self._in_cache[rows % self.spec.num_partitions].any():
+            return None
+        return self.resident.values, self.resident._flat(rows)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         if self.cached is None:

@@ -1,57 +1,112 @@
 """The shard side of pooled lookups (DESIGN §3.1 steps 4-6, §4.2 PooledGather / PooledBackward):
 IVE grouping by (token, projector), MCS weighting of d_v slices by the h core scores, and the
-backward of both. Plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions,
-so local and remote pooled training share one formula.
+backward of both. The pooled sum is torch's compiled `embedding_bag` over a zero-copy view of the
+table, the rest plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions, so
+local and remote pooled training share one formula.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from param_server.optimizers import segment_sum
 
-
-def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order of the n entries by (token, projector) and the group starts: ([n], [G])."""
+def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """Sort order of the n entries by (token, projector) (None: already in order) and the group
+    starts [G] into the sorted entries."""
     key = token * e + projector  # [n], < 2**63 (checked)
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    starts = np.concatenate(([0], np.flatnonzero(sorted_key[1:] != sorted_key[:-1]) + 1))
+    order = None
+    if key.shape[0] > 1 and not bool((key[1:] >= key[:-1]).all()):
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+    starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1)).astype(np.int64)
     return order, starts
 
 
-def pooled_backward_terms(values: np.ndarray, grad_out: np.ndarray, scores: np.ndarray
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Backward of pooling for n entries: values [n, d_v] (V of each entry's row, before the update),
-    grad_out [n, d_v] (dL/do at each entry's (token, projector)), scores float32 [n, h] ->
-    (dL/ds [n, h], dL/dV per entry [n, d_v]; rows may repeat). d_v splits into h slices (MCS)."""
+def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray, token_pos: np.ndarray,
+                    scores: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of pooling for n entries, with the row gradients already summed per row.
+
+    values [n, d_v]: V of each entry's row, before the update; rows int64 [n] (may repeat);
+    projector/token_pos int64 [n] (entry j's dL/do is grad_out[token_pos_j, projector_j]);
+    scores float32 [n, h]; grad_out float32 [T, E, d_v] ->
+    (dL/ds float32 [n, h], unique sorted rows int64 [U], dL/dV float32 [U, d_v]) with
+    dL/ds[j, c] = <dL/do[t_j, p_j, slice c], V[row_j, slice c]> and
+    dL/dV[u, slice c] = sum_{j: row_j = u} s_c[j] * dL/do[t_j, p_j, slice c] (d_v splits into h slices).
+
+    The per-row sums are one `embedding_bag` per slice over dL/do (bags = the unique rows): no
+    [n, d_v] gradient is materialised, and repeated rows are summed, never overwritten (DESIGN §8).
+    """
     n, h = scores.shape
-    d_v = values.shape[1]
-    g = grad_out.reshape(n, h, d_v // h)  # [n, h, d_v/h]
-    v = values.astype(np.float32, copy=False).reshape(n, h, d_v // h)
-    grad_scores = np.einsum("nhk,nhk->nh", g, v)  # [n, h]
-    grad_rows = (g * scores[:, :, None]).reshape(n, d_v)  # [n, d_v]
-    return grad_scores.astype(np.float32, copy=False), grad_rows
+    t, e, d_v = grad_out.shape
+    k = d_v // h
+    if n == 0:
+        return np.zeros((0, h), np.float32), np.zeros(0, np.int64), np.zeros((0, d_v), np.float32)
+    g_flat = token_pos * e + projector  # [n], entry j's row of grad_out viewed [T * E, d_v]
+    g = np.ascontiguousarray(grad_out, dtype=np.float32).reshape(t * e, d_v)
+    if not g.flags.writeable:
+        g = g.copy()
+    v = values.astype(np.float32, copy=False).reshape(n, h, k)
+    grad_scores = np.einsum("nhk,nhk->nh", g[g_flat].reshape(n, h, k), v)  # [n, h]
+    order = None
+    if n > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+        order = np.argsort(rows, kind="stable")
+    sorted_rows = rows if order is None else rows[order]
+    starts = np.concatenate(([0], np.flatnonzero(sorted_rows[1:] != sorted_rows[:-1]) + 1)).astype(np.int64)
+    idx = g_flat if order is None else g_flat[order]
+    s = scores if order is None else scores[order]
+    table = torch.from_numpy(g).view(t * e * h, k)  # row r slice c = r * h + c
+    offsets = torch.from_numpy(starts)
+    summed = np.empty((starts.shape[0], h, k), dtype=np.float32)
+    summed_t = torch.from_numpy(summed)
+    for c in range(h):
+        summed_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
+                                         per_sample_weights=torch.from_numpy(s[:, c].astype(np.float32)))
+    return grad_scores.astype(np.float32, copy=False), sorted_rows[starts], summed.reshape(-1, d_v)
 
 
 def pooled_sum(
-    v: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray, e: int
+    v: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray, e: int,
+    *, flat: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """IVE grouping + MCS weighting + pooling (DESIGN §3.1 steps 4-6) over gathered rows.
+    """IVE grouping + MCS weighting + pooling (DESIGN §3.1 steps 4-6).
 
-    v [n, d_v] (rows of the entries), projector/token int64 [n], scores float32 [n, h], e = E ->
+    v [R, d_v]: the rows of the entries (flat None, R = n), or a whole table whose row flat[j] is
+    entry j's (flat int64 [n]: no gathered copy of the rows is made for a float32 table);
+    projector/token int64 [n], scores float32 [n, h], e = E ->
     (tokens touched, sorted unique int64 [Tt]; sums float32 [Tt, E, d_v]) with
-    o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[j, slice c].
+    o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[row_j, slice c].
+
+    One `torch.nn.functional.embedding_bag` (sum mode, per_sample_weights) per slice c over the
+    table viewed as [R * h, d_v / h]: bags are the (token, projector) groups, entry j of a group
+    adds s_c[j] * V[row_j, slice c] (chosen by measurement, docs/benchmarks.md "Memory path").
     """
-    n, d_v = v.shape
+    n = token.shape[0]
     h = scores.shape[1]
-    weighted = (v.astype(np.float32).reshape(n, h, d_v // h) * scores[:, :, None]).reshape(n, d_v)
+    d_v = v.shape[1]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros((0, e, d_v), np.float32)
+    if flat is None:
+        flat = np.arange(n, dtype=np.int64)
+    if v.dtype != np.float32 or not v.flags.writeable:  # bfloat16 / float16: convert the entries' rows only
+        v, flat = v[flat].astype(np.float32), np.arange(n, dtype=np.int64)
     order, starts = pool_keys(token, projector, e)
-    group_sums = segment_sum(np.take(weighted, order, axis=0), starts)  # [G, d_v]
-    group_tok = token[order][starts]  # [G], ascending
-    group_proj = projector[order][starts]
+    sorted_key = (token * e + projector) if order is None else (token * e + projector)[order]
+    idx = flat if order is None else flat[order]
+    s = scores if order is None else scores[order]
+    k = d_v // h
+    table = torch.from_numpy(np.ascontiguousarray(v)).view(v.shape[0] * h, k)  # row r slice c = r * h + c
+    offsets = torch.from_numpy(starts)
+    sums = np.empty((starts.shape[0], h, k), dtype=np.float32)  # [G, h, d_v / h]
+    sums_t = torch.from_numpy(sums)
+    for c in range(h):
+        sums_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
+                                       per_sample_weights=torch.from_numpy(s[:, c].copy()))
+    group_key = sorted_key[starts]  # [G], ascending
+    group_tok, group_proj = group_key // e, group_key % e
     new_token = np.concatenate(([True], group_tok[1:] != group_tok[:-1]))
     tokens = group_tok[new_token]  # [Tt]
     out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
-    out[np.cumsum(new_token) - 1, group_proj] = group_sums  # each (token, projector) once
+    out[np.cumsum(new_token) - 1, group_proj] = sums.reshape(-1, d_v)  # each (token, projector) once
     return tokens, out

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ from param_server.partitions import (
     plan_tiers,
     zero_state,
 )
-from param_server.pooling import pooled_backward_terms, pooled_sum
+from param_server.pooling import pooled_backward, pooled_sum
 from param_server.update_log import LogRecord, UpdateLog
 from storage.layout import TableSpec
 from storage.table_store import TableStore, open_table
@@ -254,8 +255,11 @@ class Shard:
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._check_owned(t, rows)
-            v = t.parts.read(rows)  # [n, d_v]
             self._counters.count_lookup(rows.shape[0])
+            source = t.parts.source(rows)
+            if source is not None:  # all resident: pool straight from the table, under the lock
+                return pooled_sum(source[0], projector, token, scores, int(num_projectors), flat=source[1])
+            v = t.parts.read(rows)  # [n, d_v]
         return pooled_sum(v, projector, token, scores, int(num_projectors))
 
     # --- updates ---------------------------------------------------------------------------------
@@ -318,8 +322,8 @@ class Shard:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
             v = t.parts.read(rows)  # [n, d_v]
-        grad_scores, grad_rows = pooled_backward_terms(v, g_out[t_pos, projector], scores)
-        accepted = self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, rows, grad_rows))
+        grad_scores, unique, summed = pooled_backward(v, rows, projector, t_pos, scores, g_out)
+        accepted = self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
         return grad_scores, accepted
 
     def _admit(self, t: _Table, update: PendingUpdate) -> bool:
@@ -378,13 +382,14 @@ class Shard:
     def _apply(self, update: PendingUpdate) -> None:
         """Apply one push on the apply thread: duplicates summed, one optimizer step per row."""
         t = self._tables[update.table]
+        cpu0 = time.thread_time()
         rows, grads = sum_duplicates(update.slots, update.grads)  # global rows, unique
         with self._cond:
             try:
                 t.parts.step(t.optimizer, rows, grads, update.lr)
             finally:  # advance the clock even if a bug raised, so lookups never hang on it
                 self._clocks.applied(update.worker_id, update.table, update.step, update.seq)
-                self._counters.count_apply(rows.shape[0])
+                self._counters.count_apply(rows.shape[0], time.thread_time() - cpu0)
                 self._cond.notify_all()
 
     # --- hand-off of partitions (rescaling, DESIGN §4.1) -----------------------------------------

@@ -113,3 +113,22 @@ def test_beyond_ram_skew_of_a_short_uniform_window_is_its_uniform_baseline() -> 
     assert s_hot["top25_rows_share"] == 1.0 and s_hot["unique_rows_per_step"] <= 512
     assert abs(s_flat["top25_rows_share"] - s_flat["top25_rows_share_uniform"]) < 0.03
     assert 0.3 < s_flat["top25_rows_share_uniform"] < 0.6
+
+
+@pytest.mark.slow
+def test_bench_memory_path_quick_writes_the_issue_keys(tmp_path: Path) -> None:
+    res = _run("bench", "memory-path", "--quick", "--out", str(tmp_path), timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "memory_path.json").read_text())
+    calls = {"gather", "pooled_gather", "pooled_backward", "optimizer_step"}
+    for layer in ("paper", "small"):
+        shard = r["shard_cpu_s_per_m_selections"][layer]
+        assert set(shard) == calls and all(v >= 0 for v in shard.values())
+        floor = r["floor_cpu_s_per_m_selections"][layer]
+        assert floor > 0
+        for call in calls:
+            assert r["ratio_to_floor"][layer][call] == pytest.approx(shard[call] / floor)
+        assert set(r["tokens_per_s"][layer]) == {f"{s} shards/{t} tokens" for s in (1, 2) for t in (1, 64)}
+        assert all(v > 0 for v in r["tokens_per_s"][layer].values())
+    assert r["gather_vs_socket"] > 0
+    assert "target met" in res.stdout or "MISSED" in res.stdout

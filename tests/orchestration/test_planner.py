@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestration.cli import main
+from orchestration.config import load_config
 from orchestration.planner import (
     ACTOR_BYTES,
     RAY_NODE_BYTES,
@@ -25,6 +26,7 @@ from orchestration.planner import (
     memory_table_specs,
     plan_capacity,
     table_plan,
+    throughput_plan,
 )
 from storage import TableSpec
 
@@ -192,3 +194,56 @@ def test_planning_tables_larger_than_ram_allocates_none_of_them():
     assert plan["tables"][0]["table_bytes"] > 3 << 30
     _, tiny = _plan_peak_mib(8)
     assert big - tiny < 256, (big, tiny)
+
+
+# --- throughput (`ultramem plan --tokens-per-s`) ---------------------------------------------------
+
+_RATES = {"source": "test", "layers": {
+    "narrow": {"d_v": 100, "cpu_s_per_m_selections": {"pooled_gather": 1.0, "pooled_backward": 2.0,
+                                                       "optimizer_step": 3.0, "gather": 50.0}},
+    "wide": {"d_v": 1000, "cpu_s_per_m_selections": {"pooled_gather": 0.0, "pooled_backward": 0.0,
+                                                      "optimizer_step": 100.0}}}}
+
+
+def test_throughput_needs_cores_from_the_nearest_layer_scaled_by_d_v():
+    specs = [TableSpec(name=f"mem{i}", rows=64, dim=200) for i in range(2)]
+    plan = throughput_plan(specs, 16, 100_000, _RATES)
+    # nearest d_v is 100: (1 + 2 + 3) CPU-s per M selections x 200/100 = 12; Gather is not a training call
+    assert [t["rates_of"] for t in plan["tables"]] == ["narrow", "narrow"]
+    assert plan["tables"][0]["shard_cpu_s_per_m_selections"] == pytest.approx(12.0)
+    assert plan["shard_cores"] == pytest.approx(2 * 100_000 * 16 * 12e-6)  # 38.4
+    assert plan["shard_processes"] == 39
+    with pytest.raises(ValueError, match="tokens-per-s"):
+        throughput_plan(specs, 16, 0, _RATES)
+
+
+def test_plan_reads_rates_from_a_bench_result(tmp_path, capsys):
+    bench = {"cpus": 2, "layers": {"small": {"d_v": 128}},
+             "shard_cpu_s_per_m_selections": {"small": {"pooled_gather": 1.0, "pooled_backward": 1.0,
+                                                        "optimizer_step": 2.0, "gather": 9.0}}}
+    path = tmp_path / "memory_path.json"
+    path.write_text(json.dumps(bench))
+    assert main(["plan", "--preset", "small", "--node-ram-gb", "16", "--json", "--tokens-per-s", "50000",
+                 "--rates", str(path)]) == 0
+    got = json.loads(capsys.readouterr().out)["throughput"]
+    tables = len(memory_table_specs(load_config(preset="small").model))
+    assert got["selections_per_token_per_table"] == 16  # small: 2 heads x top-8
+    assert got["shard_cores"] == pytest.approx(tables * 50_000 * 16 * 4e-6)
+    assert "memory-path" in got["rates_source"]
+
+
+def test_plan_throughput_errors_exit_2(tmp_path, capsys):
+    assert main(["plan", "--preset", "small", "--node-ram-gb", "16", "--tokens-per-s", "0"]) == 2
+    assert main(["plan", "--preset", "small", "--node-ram-gb", "16", "--tokens-per-s", "10",
+                 "--rates", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "other.json").write_text("{}")
+    assert main(["plan", "--preset", "small", "--node-ram-gb", "16", "--tokens-per-s", "10",
+                 "--rates", str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("ultramem: error: ") for line in err)
+
+
+def test_plan_throughput_with_the_shipped_rates_prints_the_processes(capsys):
+    assert main(["plan", "--preset", "small", "--node-ram-gb", "16", "--tokens-per-s", "100000"]) == 0
+    out = capsys.readouterr().out
+    assert "shard processes" in out and "2-core machine" in out

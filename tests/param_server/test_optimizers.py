@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from param_server.errors import ConfigError
-from param_server.optimizers import SparseOptimizerConfig, make_optimizer, segment_sum, sum_duplicates
+from param_server.optimizers import SparseOptimizerConfig, make_optimizer, sum_duplicates
 from storage.layout import TableSpec, state_layout
 
 # --- per-row references: one row at a time, the textbook formulas ---------------------------------
@@ -52,21 +52,6 @@ def test_sum_duplicates_matches_a_per_row_sum(rows, d):
     assert summed.dtype == np.float32 and summed.shape == (uniq.shape[0], d)
     for i, r in enumerate(uniq):
         np.testing.assert_allclose(summed[i], grads[rows == r].sum(axis=0), rtol=1e-5, atol=1e-5)
-
-
-@given(sizes=st.lists(st.integers(1, 20), min_size=1, max_size=12), d=st.integers(1, 4))
-def test_segment_sum_equals_reduceat_for_short_and_hot_groups(sizes, d):
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    x = np.random.default_rng(sum(sizes)).standard_normal((sum(sizes), d)).astype(np.float32)
-    np.testing.assert_allclose(segment_sum(x, starts), np.add.reduceat(x, starts, axis=0), rtol=1e-5, atol=1e-5)
-
-
-@given(groups=st.integers(1, 20), size=st.integers(1, 40), d=st.integers(1, 5))
-def test_segment_sum_of_equal_groups_equals_reduceat(groups, size, d):
-    # groups of one size (a decode step) take the one-reshape path
-    x = np.random.default_rng(groups * 100 + size).standard_normal((groups * size, d)).astype(np.float32)
-    starts = np.arange(groups, dtype=np.int64) * size
-    np.testing.assert_allclose(segment_sum(x, starts), np.add.reduceat(x, starts, axis=0), rtol=1e-5, atol=1e-5)
 
 
 def test_naive_fancy_update_loses_repeated_rows_but_summed_update_does_not():

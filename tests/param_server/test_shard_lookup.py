@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from param_server.pooling import pooled_sum
+from param_server.pooling import pooled_backward, pooled_sum
 from param_server.shard import Shard, ShardConfig
 
 
@@ -49,9 +49,11 @@ def test_gather_writes_into_a_given_output(make_table, shards):
 
 
 @settings(max_examples=30, deadline=None)
-@given(data=st.data(), e=st.integers(1, 4), h=st.sampled_from([1, 2, 4]), n=st.integers(1, 40))
-def test_pooled_gather_matches_the_oracle(make_table, data, e, h, n):
-    table = make_table(rows=30, dim=8, num_partitions=3, owned=[0, 2])
+@given(data=st.data(), e=st.integers(1, 4), h=st.sampled_from([1, 2, 4]), n=st.integers(1, 40),
+       dtype=st.sampled_from(["float32", "bfloat16", "float16"]))
+def test_pooled_gather_matches_the_oracle(make_table, data, e, h, n, dtype):
+    # entries in any order, rows and (token, projector) pairs repeating; fp32 tables pool in place
+    table = make_table(rows=30, dim=8, num_partitions=3, owned=[0, 2], dtype=dtype)
     ours = table.owned_rows().tolist()
     rows = np.array(data.draw(st.lists(st.sampled_from(ours), min_size=n, max_size=n)), np.int64)
     projector = np.array(data.draw(st.lists(st.integers(0, e - 1), min_size=n, max_size=n)), np.int64)
@@ -83,3 +85,50 @@ def test_lookups_are_counted_in_metrics(make_table, shards):
     m = shard.metrics()
     assert m["lookups"] == 2 and m["rows_looked_up"] == 4
     assert m["bytes_resident"] == 4 * 13 * 8 * 4  # NP * R * d_v * float32 (sgd: no state)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(1, 50), h=st.sampled_from([1, 2, 4]))
+def test_pooled_sum_over_a_whole_table_equals_it_over_the_gathered_rows(data, n, h):
+    table = np.random.default_rng(n).standard_normal((20, 8)).astype(np.float32)
+    flat = np.array(data.draw(st.lists(st.integers(0, 19), min_size=n, max_size=n)), np.int64)
+    projector = np.array(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), np.int64)
+    token = np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), np.int64)
+    scores = np.random.default_rng(n + 1).standard_normal((n, h)).astype(np.float32)
+    tokens, sums = pooled_sum(table, projector, token, scores, 3, flat=flat)
+    want_tokens, want = pooled_oracle(table, flat, projector, token, scores, 3)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_allclose(sums, want, rtol=1e-5, atol=1e-5)
+    gathered_tokens, gathered = pooled_sum(table[flat], projector, token, scores, 3)
+    np.testing.assert_array_equal(gathered_tokens, tokens)
+    np.testing.assert_allclose(gathered, sums, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), n=st.integers(1, 50), h=st.sampled_from([1, 2, 4]))
+def test_pooled_backward_sums_repeated_rows_like_a_per_entry_oracle(data, n, h):
+    rows = np.array(data.draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)), np.int64)  # repeats
+    projector = np.array(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), np.int64)
+    token = np.array(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)), np.int64)
+    rng = np.random.default_rng(n)
+    table = rng.standard_normal((10, 8)).astype(np.float32)
+    scores = rng.standard_normal((n, h)).astype(np.float32)
+    grad_out = rng.standard_normal((5, 3, 8)).astype(np.float32)
+    grad_scores, unique, summed = pooled_backward(table[rows], rows, projector, token, scores, grad_out)
+    g = grad_out[token, projector].reshape(n, h, 8 // h)
+    want_scores = np.einsum("nhk,nhk->nh", g, table[rows].reshape(n, h, 8 // h))
+    want = np.zeros((10, 8))
+    np.add.at(want, rows, (g * scores[:, :, None]).reshape(n, 8))  # per entry, repeats summed
+    np.testing.assert_allclose(grad_scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert unique.tolist() == sorted(set(rows.tolist()))
+    np.testing.assert_allclose(summed, want[unique], rtol=1e-5, atol=1e-5)
+
+
+def test_applies_count_their_cpu_in_metrics(make_table, shards):
+    table = make_table()
+    shard = shards(table)
+    before = shard.metrics()["apply_cpu_s"]
+    shard.push("mem", 0, 1, 0, 0.1, np.array([4, 0, 4]), np.ones((3, 8), np.float32))
+    shard.drain()
+    m = shard.metrics()
+    assert m["pushes_applied"] == 1 and m["apply_cpu_s"] > before
