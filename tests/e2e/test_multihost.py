@@ -352,9 +352,18 @@ def test_shards_scale_onto_a_second_memory_node_while_training_with_mutual_tls(h
     train = hosts.start("head", [PY, "-m", "orchestration.cli", "train", "--address", head, *TRAIN, "--shards", "2",
                                  "--set", "train.max_steps=80", "--set", "train.log_every=2", "--out", str(run),
                                  *[a for t in tls for a in ("--set", t)]])
-    # posted as soon as the job exists: its driver takes the request while it trains
-    _wait("the job's coordinator", lambda: (run / "job.json").exists(), train)
-    scaled = hosts.ultramem("head", "shards", "scale", "--to", "4", "--address", head)
+    _wait("training progress", lambda: any(m.get("kind") == "train" for m in _metrics(run)), train)
+    # the model worker is paused mid-run while the driver rescales (a rescale needs only the driver,
+    # the coordinator and the shards), so the rescale lands while training runs however slow the machine
+    workers = _actor_pids(hosts, "head", "ModelWorker")
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        scaled = hosts.ultramem("head", "shards", "scale", "--to", "4", "--address", head)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     assert scaled.stdout.startswith("now 4 shards")
     out, err = train.communicate(timeout=300)
     assert train.returncode == 0, err[-4000:]
