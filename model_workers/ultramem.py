@@ -88,11 +88,12 @@ class MemoryConfig:
     # RMSNorm over d_k on q_row/q_col and on every sub-key, each with a learnable gain (init
     # 1/d_k^0.33; the released code's query and keys norms) ("q/k norm")
     qk_norm: bool = True
-    # "batchnorm": PKM's query batchnorm (Lample et al. 2019) on x·W_q before the q-norm: per query
-    # dimension over the batch's tokens in training (gradient through the statistics), running
-    # statistics in evaluation and decoding. "none" is DESIGN §3.1 step 1 as written, which collapses
-    # on `small`: all tokens pick the same few dozen slots by step 50 (docs/quality.md)
-    query_norm: Literal["none", "batchnorm", "whiten"] = "whiten"
+    # statistics of x·W_q over the batch's tokens before the q-norm: "none" = DESIGN §3.1 step 1 (the
+    # paper's path; the default since the init fix, which it beat at K = 32 and 256: docs/quality.md
+    # §3); "batchnorm" = PKM's query batchnorm (Lample et al. 2019), per query dimension, gradient
+    # through the statistics, running statistics in evaluation and decoding; "whiten" = full query
+    # whitening (query_norm.BatchWhitening), which stopped the memory collapse of the old init
+    query_norm: Literal["none", "batchnorm", "whiten"] = "none"
     query_stats_momentum: float = 0.1  # EMA weight of each training batch in the running statistics
     expansion: int = 4  # E virtual values per physical row (IVE); 1 = off
     tucker_rank: int = 2  # r of TDQKR; 0 = additive product keys (PKM), 1 = rank-1 Tucker

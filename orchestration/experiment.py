@@ -19,7 +19,9 @@ narrows the dense FFN (`model.ffn_mult`) until its analytic forward FLOPs per to
     no_ive         E = 1;  no_tdqkr: additive product keys (then one core: MCS needs TDQKR)
     no_mcs         one core;  no_vlr_decay: value LR = dense LR (no 4x -> 1x)
     no_split       one big memory (same rows in total) read and added at one block, no skip-layer
-    no_qnorm       no query whitening (DESIGN §3.1 step 1 as written): the collapse fix, before/after
+    no_qnorm       no query statistics (DESIGN §3.1 step 1, the library default since issue 15); the
+                   quality presets pin query_norm = "whiten" on the backbone, so ultramem − no_qnorm
+                   is what whitening does
     ultramem_signed  UltraMem with the signed TDQKR filter (top-m and bottom-m per side, 2m x 2m
                    rescoring; not in the paper): its larger grid is counted, so its FFN narrows a little
 

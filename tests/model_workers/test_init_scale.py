@@ -49,8 +49,8 @@ def output_stds(model: LanguageModel, corpus: Corpus, data: DataConfig) -> tuple
     return [float(torch.cat(o).std()) for o in ffn], [float(torch.cat(o).std()) for o in mem]
 
 
-CASES = [("small", "ultramem", {}), ("small", "ultramem", {"query_norm": "none"}),
-         ("quality", "ultramem", {}), ("quality", "ultramem", {"query_norm": "none"}),
+CASES = [("small", "ultramem", {}), ("small", "ultramem", {"query_norm": "whiten"}),
+         ("quality", "ultramem", {"query_norm": "none"}), ("quality", "ultramem", {"query_norm": "whiten"}),
          ("quality", "pkm", {}), ("quality", "pkm_2x", {}), ("quality", "no_ive", {}), ("quality", "no_tdqkr", {})]
 
 
