@@ -71,7 +71,8 @@ MID_ONE = "remote-2^20-1shard"  # the same table behind one shard process (the h
 def model_config(log2_rows: int, kind: str = "ultramem") -> ModelConfig:
     """The benchmark model with a 2^log2_rows-row table (K = 2^(log2_rows/2) sub-keys per side), pooled."""
     mem = MemoryConfig(num_keys=1 << (log2_rows // 2), d_k=64, d_v=D_V, heads=2, topk=16, expansion=1,
-                       placement="1:2", value_dtype="bfloat16", value_optimizer="sgd", num_partitions=256)
+                       placement="1:2", value_dtype="bfloat16", value_optimizer="sgd", num_partitions=256,
+                       value_init="fixed")  # a spec without a model (table_spec); timing does not see σ
     base = ModelConfig(vocab_size=8192, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, max_seq_len=256,
                        ffn_kind="ultramem", memory=mem)
     if kind == "moe":  # expert parameters of all blocks = the 2^20 table's P * d_v

@@ -6,8 +6,10 @@ Legend: B batch, T new tokens, S cached positions, D model width, nh heads, hs h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -150,3 +152,15 @@ def swiglu_hidden(d_model: int, mult: float, multiple_of: int = 8) -> int:
     """SwiGLU hidden width: mult * D rounded up to a multiple of ``multiple_of``."""
     hidden = int(mult * d_model)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def swiglu_init_output_var(d_model: int, hidden: int, in_std: float, out_std: float) -> float:
+    """Per-element variance of SwiGLU(x) at init for an input of unit RMS (an RMSNorm output, gain 1),
+    W1, W3 ~ N(0, in_std²), W2 ~ N(0, out_std²): hidden·out_std²·s²·E[silu(a)²] with a, b ~ N(0, s²),
+    s² = D·in_std² (Gauss-Hermite quadrature for the expectation)."""
+    s2 = d_model * in_std**2
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)  # ∫ f(z) e^{-z²/2} dz
+    a = nodes * math.sqrt(s2)
+    silu_sq = (a / (1.0 + np.exp(-a))) ** 2
+    e_silu_sq = float(np.sum(weights * silu_sq) / math.sqrt(2 * math.pi))
+    return hidden * out_std**2 * s2 * e_silu_sq

@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_workers.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU, swiglu_hidden
+from model_workers.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+    swiglu_hidden,
+    swiglu_init_output_var,
+)
 from model_workers.moe import MoE, MoEConfig
 from model_workers.schedule import value_lr_multiplier
 from model_workers.ultramem import MemoryConfig, MemoryLayer, ModelConfigError
@@ -130,14 +138,24 @@ class LanguageModel(nn.Module):
             for k in range(len(placements))
         )
         self._init_dense(torch.Generator().manual_seed(cfg.init_seed))
+        for layer in self.memories:  # DESIGN §3.1 step 7: value σ (ffn_matched: output var = the FFN's)
+            layer.calibrate_value_std(self.ffn_init_output_var())
         self.backend: ValueBackend | None = None
         if self.memories:
             self.set_backend(backend if backend is not None else LocalBackend(self.memory_tables()))
 
+    INIT_STD = 0.02  # GPT-2 init of the dense weights
+
+    def ffn_init_output_var(self) -> float:
+        """Per-element variance of a block's dense SwiGLU FFN output at init (analytic, unit-RMS input)."""
+        cfg = self.cfg
+        out_std = self.INIT_STD / math.sqrt(2 * cfg.n_layers)
+        return swiglu_init_output_var(cfg.d_model, swiglu_hidden(cfg.d_model, cfg.ffn_mult), self.INIT_STD, out_std)
+
     @torch.no_grad()
     def _init_dense(self, gen: torch.Generator) -> None:
         """GPT-2 init: N(0, 0.02²), residual output projections N(0, (0.02/√(2L))²); tied lm head."""
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        std, out_std = self.INIT_STD, self.INIT_STD / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_emb.weight, 0.0, std, generator=gen)
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, 0.0, std, generator=gen)
@@ -165,7 +183,7 @@ class LanguageModel(nn.Module):
                 optimizer_args=args
                 if mc.value_optimizer == "adamw"
                 else (("weight_decay", mc.value_weight_decay),),
-                init_std=mc.value_init_std(len(self.memories), self.cfg.d_model),
+                init_std=layer.value_std,
                 seed=layer.seed,
             )
             for layer in self.memories

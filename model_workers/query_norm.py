@@ -1,5 +1,6 @@
-"""Query whitening for the memory layers (`MemoryConfig.query_norm = "whiten"`, the default; a
-documented deviation from DESIGN §3.1 step 1 that keeps the memory from collapsing: docs/quality.md §1).
+"""Query whitening for the memory layers (`MemoryConfig.query_norm = "whiten"`, opt-in): it kept the
+memory from collapsing under the old, too large value init; with the init fixed the paper's path
+(no query statistics, the default) does not collapse and did better (docs/quality.md §3).
 """
 
 from __future__ import annotations

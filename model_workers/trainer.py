@@ -33,6 +33,7 @@ from model_workers import checkpoint_io
 from model_workers.data import Corpus, DataConfig, eval_batches, get_batch, prepare_corpus
 from model_workers.model import LanguageModel, ModelConfig
 from model_workers.schedule import lr_at, value_lr_multiplier
+from model_workers.tdqkr import TuckerCores
 from model_workers.values import LocalBackend
 
 logger = logging.getLogger(__name__)
@@ -123,10 +124,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def decays(module: nn.Module, param: nn.Parameter) -> bool:
+    """Whether `param` (a direct parameter of `module`) gets weight decay: >= 2-D weights do; norm
+    gains, biases and the Tucker cores (4-D, [h, H, r, r], but a handful of mixing weights whose
+    scale is the score scale: the paper leaves them undecayed) do not."""
+    return param.dim() >= 2 and not isinstance(module, TuckerCores)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW β=(0.9, 0.95); weight decay on >= 2-D weights only (norm gains, biases, cores: none)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:  # tied weights: once
+                seen.add(id(p))
+                (decay if decays(module, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))

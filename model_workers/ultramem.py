@@ -2,7 +2,7 @@
 
 Forward, in the paper's order (steps of DESIGN §3.1):
   1. query   q_row, q_col = split(x · W_q) (shared by the heads or one per head), optional RMSNorm
-  2. keys    per-rank scores S_row, S_col [T, H, n, r] against (optionally normed) sub-keys
+  2. keys    per-rank scores S_row, S_col [T, H, n, r] against (optionally RMS-normed, learnable gain) sub-keys
   3. TDQKR   rank-1 filter + exact m x m rescoring (tdqkr.py), or additive product keys (pkm.py)
   4. IVE     physical row = π(g) mod P, projector = π(g) div P (ive.py)
   5-6. MCS + pooling, then one W_out (E·d_v -> D); the model adds y after block j (skip-layer)
@@ -85,12 +85,15 @@ class MemoryConfig:
     softmax: bool = False  # PKM normalizes the m scores; UltraMem uses raw scores ("rm softmax")
     half_dv_proj: bool = True  # values d_v wide + a linear projection W_out to D ("half d_v + proj")
     share_query: bool = True  # one query for all heads ("share query")
-    qk_norm: bool = True  # RMSNorm on q_row/q_col (gain 1/d_k^0.33) and normed sub-keys ("q/k norm")
-    # "batchnorm": PKM's query batchnorm (Lample et al. 2019) on x·W_q before the q-norm: per query
-    # dimension over the batch's tokens in training (gradient through the statistics), running
-    # statistics in evaluation and decoding. "none" is DESIGN §3.1 step 1 as written, which collapses
-    # on `small`: all tokens pick the same few dozen slots by step 50 (docs/quality.md)
-    query_norm: Literal["none", "batchnorm", "whiten"] = "whiten"
+    # RMSNorm over d_k on q_row/q_col and on every sub-key, each with a learnable gain (init
+    # 1/d_k^0.33; the released code's query and keys norms) ("q/k norm")
+    qk_norm: bool = True
+    # statistics of x·W_q over the batch's tokens before the q-norm: "none" = DESIGN §3.1 step 1 (the
+    # paper's path; the default since the init fix, which it beat at K = 32 and 256: docs/quality.md
+    # §3); "batchnorm" = PKM's query batchnorm (Lample et al. 2019), per query dimension, gradient
+    # through the statistics, running statistics in evaluation and decoding; "whiten" = full query
+    # whitening (query_norm.BatchWhitening), which stopped the memory collapse of the old init
+    query_norm: Literal["none", "batchnorm", "whiten"] = "none"
     query_stats_momentum: float = 0.1  # EMA weight of each training batch in the running statistics
     expansion: int = 4  # E virtual values per physical row (IVE); 1 = off
     tucker_rank: int = 2  # r of TDQKR; 0 = additive product keys (PKM), 1 = rank-1 Tucker
@@ -99,7 +102,12 @@ class MemoryConfig:
     # are both large negative, which "top" misses: docs/quality.md)
     tdqkr_filter: Literal["top", "signed"] = "top"
     cores: int = 2  # h cores of MCS; 1 = off; needs tucker_rank >= 1 when > 1
-    improved_init: bool = True  # values σ² = E/(2·m·H·L) (paper) instead of std d_v^-0.5
+    # value table init (DESIGN §3.1 step 7): "ffn_matched" picks σ so that, at init, the layer's output
+    # variance equals the backbone FFN's (LanguageModel measures both: MemoryLayer.calibrate_value_std);
+    # "fixed" uses value_std (the released v1 code: 0.02); "legacy" is the formula used before the init
+    # fix, σ² = E/(2·m·H·L) for UltraMem and d^-0.5 for PKM, ~300x too large on a 0.02-init backbone
+    value_init: Literal["ffn_matched", "fixed", "legacy"] = "ffn_matched"
+    value_std: float = 0.02  # σ of the values when value_init = "fixed"
     aux_loss_alpha: float = 0.0  # Tucker aux loss weight (paper 0.001); 0 = off
     value_lr_mult: float = 4.0  # value LR multiplier at step 0 (paper range 4-10)
     value_lr_mult_final: float = 1.0  # ... decayed linearly to this; equal to value_lr_mult = constant
@@ -165,13 +173,20 @@ class MemoryConfig:
             raise ModelConfigError(
                 "memory.tdqkr_filter='signed' needs memory.tucker_rank >= 1 (additive keys have no filter)"
             )
+        if self.value_init not in ("ffn_matched", "fixed", "legacy"):
+            raise ModelConfigError(
+                f"memory.value_init must be ffn_matched, fixed or legacy, got {self.value_init!r}"
+            )
+        if not (math.isfinite(self.value_std) and self.value_std > 0):
+            raise ModelConfigError(f"memory.value_std must be finite and > 0, got {self.value_std}")
         if self.lookup not in ("rows", "pooled"):
             raise ModelConfigError(f"memory.lookup must be 'rows' or 'pooled', got {self.lookup!r}")
         parse_placement(self.placement)
 
     @classmethod
     def pkm(cls, **overrides: Any) -> MemoryConfig:
-        """The paper's first ablation row: product-key memory with softmax, D-wide values, no extras."""
+        """The paper's first ablation row: product-key memory with softmax, D-wide values, query
+        batchnorm (Lample et al. 2019), no UltraMem extras; values ffn_matched like every layer."""
         base: dict[str, Any] = {
             "kind": "pkm",
             "softmax": True,
@@ -181,10 +196,9 @@ class MemoryConfig:
             "expansion": 1,
             "tucker_rank": 0,
             "cores": 1,
-            "improved_init": False,
             "value_lr_mult": 1.0,
             "value_lr_mult_final": 1.0,
-            "query_norm": "none",  # no extras; the quality experiment gives it UltraMem's query norm
+            "query_norm": "batchnorm",
         }
         return cls(**{**base, **overrides})
 
@@ -212,11 +226,16 @@ class MemoryConfig:
         """W_out exists when values are narrower than D or several projectors are needed (IVE)."""
         return self.half_dv_proj or self.expansion > 1
 
-    def value_init_std(self, num_memory_layers: int, d_model: int) -> float:
-        """σ of the value table: paper σ² = E/(2·m·H·L) (improved init), else d_v^-0.5 (PKM)."""
-        if self.improved_init:
+    def value_init_std(self, num_memory_layers: int, d_model: int) -> float | None:
+        """σ of the value table from the config alone: value_std ("fixed"), the old formula ("legacy":
+        σ² = E/(2·m·H·L), PKM d^-0.5), or None ("ffn_matched": it needs the layer and the backbone)."""
+        if self.value_init == "fixed":
+            return self.value_std
+        if self.value_init == "legacy":
+            if self.kind == "pkm":
+                return self.value_dim(d_model) ** -0.5
             return math.sqrt(self.expansion / (2 * self.topk * self.heads * num_memory_layers))
-        return self.value_dim(d_model) ** -0.5
+        return None
 
 
 @dataclass
@@ -246,8 +265,11 @@ class MemoryLayer(EvalCached):
     """
 
     def __init__(
-        self, cfg: MemoryConfig, d_model: int, index: int, num_memory_layers: int, seed: int
+        self, cfg: MemoryConfig, d_model: int, index: int, num_memory_layers: int, seed: int,
+        *, slot_buffers: bool = True,
     ) -> None:
+        """`slot_buffers=False` leaves out π and the hit counts ([E·P] each): a parameters-only twin
+        for `calibrate_value_std` when this layer lives on the meta device (planning)."""
         super().__init__()
         self.cfg, self.d_model, self.index = cfg, d_model, index
         self.table = f"mem{index}.values"
@@ -266,6 +288,9 @@ class MemoryLayer(EvalCached):
             self.q_stats = BatchWhitening(q_dim, cfg.query_stats_momentum)
         self.q_norm_row = RMSNorm(cfg.d_k) if cfg.qk_norm else None
         self.q_norm_col = RMSNorm(cfg.d_k) if cfg.qk_norm else None
+        # the keys' norm over d_k with a learnable gain (the released code's keys_norm, DESIGN §3.1 step 2)
+        self.k_norm_row = RMSNorm(cfg.d_k) if cfg.qk_norm else None
+        self.k_norm_col = RMSNorm(cfg.d_k) if cfg.qk_norm else None
         self.keys_row = nn.Parameter(torch.empty(cfg.heads, self.n_row, cfg.d_k, self.rank))
         self.keys_col = nn.Parameter(torch.empty(cfg.heads, self.n_col, cfg.d_k, self.rank))
         gen = torch.Generator().manual_seed(seed)
@@ -273,7 +298,7 @@ class MemoryLayer(EvalCached):
             TuckerCores(cfg.heads, cfg.tucker_rank, cfg.cores, gen) if cfg.tucker_rank >= 1 else None
         )
         # π: persistent so every checkpoint carries it (DESIGN §3.1 step 4)
-        num_virtual = cfg.expansion * cfg.physical_rows
+        num_virtual = cfg.expansion * cfg.physical_rows if slot_buffers else 1
         self.register_buffer("permutation", make_permutation(num_virtual, seed, identity=cfg.expansion == 1))
         self.w_out = (
             nn.Linear(cfg.expansion * self.d_v, d_model, bias=False) if cfg.uses_projection() else None
@@ -285,19 +310,67 @@ class MemoryLayer(EvalCached):
         self._out_count = 0
         self._sample: tuple[Tensor, Tensor, Tensor] | None = None  # s_row, s_col, found (for recall)
         self.reset_parameters(gen)
+        # σ of the value table; "ffn_matched" is set by LanguageModel (calibrate_value_std) once the
+        # backbone's FFN output variance is known
+        self.value_std: float | None = cfg.value_init_std(num_memory_layers, d_model)
 
     @torch.no_grad()
     def reset_parameters(self, gen: torch.Generator) -> None:
-        """DESIGN §3.1 step 7: keys N(0, 1/d_k), W_q N(0, 1/D), W_out N(0, 1/(E·d_v)), q-norm gain d_k^-0.33."""
+        """DESIGN §3.1 step 7: keys N(0, 1/d_k), W_q N(0, 1/d_k) (the released code's), W_out
+        N(0, 1/(E·d_v)), q-norm and k-norm gains d_k^-0.33. Values: see `calibrate_value_std`."""
         cfg = self.cfg
-        nn.init.normal_(self.w_q.weight, 0.0, self.d_model**-0.5, generator=gen)
+        nn.init.normal_(self.w_q.weight, 0.0, cfg.d_k**-0.5, generator=gen)
         nn.init.normal_(self.keys_row, 0.0, cfg.d_k**-0.5, generator=gen)
         nn.init.normal_(self.keys_col, 0.0, cfg.d_k**-0.5, generator=gen)
-        for norm in (self.q_norm_row, self.q_norm_col):
+        for norm in (self.q_norm_row, self.q_norm_col, self.k_norm_row, self.k_norm_col):
             if norm is not None:
                 norm.weight.fill_(cfg.d_k**-0.33)
         if self.w_out is not None:
             nn.init.normal_(self.w_out.weight, 0.0, (cfg.expansion * self.d_v) ** -0.5, generator=gen)
+
+    @torch.no_grad()
+    def unit_value_output_var(self, tokens: int = 1024) -> float:
+        """Per-element variance of the output y at the current (init) parameters if the values were
+        N(0, 1), in expectation over the values and π (a selection's projector is uniform over E):
+        E[y²] = (1/D)·Σ_c w_c·mean_t Σ_j s_c[t, j]², w_c = Σ over the W_out columns of slice c of
+        |column|², averaged over the E projectors (d_v/h without W_out). The selections and scores s
+        come from a fixed probe of N(0, 1) inputs (unit RMS, like the normed FFN input the layer
+        reads), with the probe's own batch statistics (whitening / batchnorm); no running statistic,
+        hit count or other state changes."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        x = torch.randn(tokens, self.d_model, generator=gen).to(self.w_q.weight)
+        q = self.w_q(x)
+        if isinstance(self.q_stats, BatchWhitening):
+            mean = q.mean(0)
+            cov = (q - mean).T @ (q - mean) / tokens
+            q = self.q_stats._whiten(q, mean, self.q_stats._cholesky(cov))
+        elif isinstance(self.q_stats, nn.BatchNorm1d):
+            q = F.batch_norm(q, None, None, training=True, eps=self.q_stats.eps)
+        _, scores = self.retrieve(*self.key_scores(*self._split_query(q)))
+        h, e = scores.shape[-1], self.cfg.expansion
+        per_core = scores.double().pow(2).reshape(tokens, -1, h).sum(1).mean(0)  # (h,)
+        width = self.d_v // h
+        if self.w_out is not None:
+            cols = self.w_out.weight.double().pow(2).sum(0).view(e, h, width).sum(-1).mean(0)  # (h,)
+        else:
+            cols = torch.full((h,), float(width), dtype=torch.float64)
+        return float((cols * per_core).sum()) / self.d_model
+
+    def calibrate_value_std(self, target_var: float) -> float:
+        """value_init = "ffn_matched": σ (3 significant digits, so every process that builds the model
+        agrees on its table spec) with which the output variance at init equals `target_var`."""
+        if self.cfg.value_init == "ffn_matched":
+            if self.w_q.weight.is_meta:  # planning on the meta device: the same parameters, on the CPU
+                with torch.device("cpu"):
+                    twin = MemoryLayer(self.cfg, self.d_model, self.index, self.num_memory_layers, self.seed,
+                                       slot_buffers=False)
+                    unit = twin.unit_value_output_var()
+            else:
+                unit = self.unit_value_output_var()
+            sigma = math.sqrt(target_var / unit)
+            self.value_std = float(f"{sigma:.3g}")
+        assert self.value_std is not None
+        return self.value_std
 
     # ----------------------------------------------------------------------------- retrieval
     def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -305,7 +378,11 @@ class MemoryLayer(EvalCached):
         q = self.w_q(x)  # (N, Hq*2*d_k)
         if self.q_stats is not None:
             q = self.q_stats(q)
-        q = q.view(x.shape[0], -1, 2, self.cfg.d_k)  # (N, Hq, 2, d_k)
+        return self._split_query(q)
+
+    def _split_query(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """q [N, Hq*2*d_k] after the batch statistics -> q_row, q_col [N, Hq, d_k], q-normed."""
+        q = q.view(q.shape[0], -1, 2, self.cfg.d_k)  # (N, Hq, 2, d_k)
         q_row, q_col = q[:, :, 0], q[:, :, 1]
         if self.q_norm_row is not None and self.q_norm_col is not None:
             q_row, q_col = self.q_norm_row(q_row), self.q_norm_col(q_col)
@@ -315,20 +392,34 @@ class MemoryLayer(EvalCached):
         """Step 2: per-rank scores S_row [N, H, n_row, r], S_col [N, H, n_col, r]."""
         return self._side_scores(q_row, self.keys_row, "row"), self._side_scores(q_col, self.keys_col, "col")
 
-    def _normed(self, keys: Tensor, dtype: torch.dtype) -> Tensor:
-        """keys [H, n, d_k, r] -> each key vector L2-normed over d_k if qk_norm (scores stay O(1) at init)."""
-        return (F.normalize(keys, dim=2, eps=1e-6) if self.cfg.qk_norm else keys).to(dtype)
+    def _key_sources(self, side: str) -> tuple[Tensor, ...]:
+        """The parameters a side's normed keys are made of: the keys and (with qk_norm) the k-norm gain."""
+        keys, norm = (self.keys_row, self.k_norm_row) if side == "row" else (self.keys_col, self.k_norm_col)
+        return (keys,) if norm is None else (keys, norm.weight)
+
+    def _normed(self, side: str, dtype: torch.dtype) -> Tensor:
+        """A side's keys [H, n, d_k, r], each key vector RMS-normed over d_k times the learnable gain
+        (init d_k^-0.33, like the query's) if qk_norm, in `dtype`."""
+        keys, *gain = self._key_sources(side)
+        if not gain:
+            return keys.to(dtype)
+        norm = self.k_norm_row if side == "row" else self.k_norm_col
+        assert norm is not None
+        kf = keys.float() if keys.dtype in (torch.float16, torch.bfloat16) else keys
+        normed = kf * torch.rsqrt(kf.pow(2).mean(2, keepdim=True) + norm.eps)
+        return (normed * gain[0].to(kf.dtype).view(-1, 1)).to(dtype)
 
     def _side_scores(self, q: Tensor, keys: Tensor, side: str) -> Tensor:
         """q [N, H or 1, d_k], keys [H, n, d_k, r] -> [N, H, n, r]; prepared keys cached in eval."""
         shared = q.shape[1] == 1
+        sources = self._key_sources(side)
 
         def prepare() -> Tensor:
-            k = self._normed(keys, q.dtype)  # (H, n, d_k, r)
+            k = self._normed(side, q.dtype)  # (H, n, d_k, r)
             return key_matrix(k) if shared else k  # a shared query needs only the (d_k, H*n*r) matrix
 
-        if EvalCache.usable(self, (keys,)):
-            prepared = self.eval_cache.get((side, q.dtype, shared), (keys,), prepare)
+        if EvalCache.usable(self, sources):
+            prepared = self.eval_cache.get((side, q.dtype, shared), sources, prepare)
         else:
             prepared = prepare()
         return rank_scores(q, keys, prepared) if shared else rank_scores(q, prepared)
@@ -351,7 +442,7 @@ class MemoryLayer(EvalCached):
         """Whether steps 2-3 may take the decode path: TDQKR, a shared query, eval without autograd."""
         if self.tucker is None or q_row.shape[1] != 1:
             return False
-        return EvalCache.usable(self, (self.keys_row, self.keys_col, self.tucker.cores))
+        return EvalCache.usable(self, (*self._key_sources("row"), *self._key_sources("col"), self.tucker.cores))
 
     def retrieve_decode(self, q_row: Tensor, q_col: Tensor) -> tuple[Tensor, Tensor]:
         """Steps 2-3 from the queries [N, 1, d_k] -> virtual_index [N, H, m], scores [N, H, m, h].
@@ -361,10 +452,10 @@ class MemoryLayer(EvalCached):
         """
         t, dtype = self.tucker, q_row.dtype
         assert t is not None
-        row = self.eval_cache.get(("decode", "row", dtype), (self.keys_row, t.filter_u),
-                                  lambda: DecodeKeys.make(self._normed(self.keys_row, dtype), t.filter_u))
-        col = self.eval_cache.get(("decode", "col", dtype), (self.keys_col, t.filter_v),
-                                  lambda: DecodeKeys.make(self._normed(self.keys_col, dtype), t.filter_v))
+        row = self.eval_cache.get(("decode", "row", dtype), (*self._key_sources("row"), t.filter_u),
+                                  lambda: DecodeKeys.make(self._normed("row", dtype), t.filter_u))
+        col = self.eval_cache.get(("decode", "col", dtype), (*self._key_sources("col"), t.filter_v),
+                                  lambda: DecodeKeys.make(self._normed("col", dtype), t.filter_v))
         virtual, scores = tdqkr_topk_decode(q_row[:, 0], q_col[:, 0], row, col, t.cores, self.cfg.topk,
                                             signed=self.cfg.tdqkr_filter == "signed")
         if self.cfg.softmax:

@@ -7,15 +7,21 @@ narrows the dense FFN (`model.ffn_mult`) until its analytic forward FLOPs per to
 `flops_tolerance` of the full UltraMem's, so every row of the table costs the same compute:
 
     dense          FFN only (wider, to pay for the memory's FLOPs)
-    pkm            the paper's first ablation row: product keys, softmax, D-wide values, one layer
-                   (with UltraMem's query norm, so the collapse fix is not counted as an ablation gain)
+    pkm            the paper's first ablation row as in the PKM paper: product keys, softmax, query
+                   batchnorm, D-wide values, one layer with UltraMem's sparse parameter count (K'² rows
+                   x D = L x K² x d_v); values ffn_matched like UltraMem's (the init fix is not PKM's
+                   to lose)
+    pkm_2x         the same PKM with the rows of all UltraMem layers (K' = K·√L), so D-wide values
+                   give it ~2x UltraMem's sparse parameters (the PKM row before issue 15)
     moe            top-2 of N SwiGLU experts in every block; expert width gives equal active FLOPs,
                    N gives total parameters equal to UltraMem's (dense + values)
     ultramem       everything on (DESIGN §3.1)
     no_ive         E = 1;  no_tdqkr: additive product keys (then one core: MCS needs TDQKR)
     no_mcs         one core;  no_vlr_decay: value LR = dense LR (no 4x -> 1x)
     no_split       one big memory (same rows in total) read and added at one block, no skip-layer
-    no_qnorm       no query whitening (DESIGN §3.1 step 1 as written): the collapse fix, before/after
+    no_qnorm       no query statistics (DESIGN §3.1 step 1, the library default since issue 15); the
+                   quality presets pin query_norm = "whiten" on the backbone, so ultramem − no_qnorm
+                   is what whitening does
     ultramem_signed  UltraMem with the signed TDQKR filter (top-m and bottom-m per side, 2m x 2m
                    rescoring; not in the paper): its larger grid is counted, so its FFN narrows a little
 
@@ -50,7 +56,7 @@ from model_workers.ultramem import MemoryConfig
 from orchestration.config import PRESET_DIR, RunConfig, merge, read_config_file, resolve, to_dict
 from orchestration.errors import ConfigError
 
-VARIANTS = ("dense", "pkm", "moe", "ultramem", "no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split",
+VARIANTS = ("dense", "pkm", "pkm_2x", "moe", "ultramem", "no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split",
             "no_qnorm", "ultramem_signed")
 LEAVE_ONE_OUT = ("no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split")
 RESULT = "result.json"
@@ -194,11 +200,13 @@ def variant_config(name: str, model: ModelConfig) -> ModelConfig:
         return dataclasses.replace(model, ffn_kind="moe")
     if name == "ultramem":
         return dataclasses.replace(model, ffn_kind="ultramem")
-    if name == "pkm":
-        pkm = MemoryConfig.pkm(num_keys=big_keys, d_k=mem.d_k, d_v=mem.d_v, heads=mem.heads, topk=mem.topk,
+    if name in ("pkm", "pkm_2x"):
+        # equal sparse parameters: K'² rows of D = layers · K² rows of d_v
+        keys = big_keys if name == "pkm_2x" else round(mem.num_keys * math.sqrt(layers * mem.d_v / model.d_model))
+        pkm = MemoryConfig.pkm(num_keys=keys, d_k=mem.d_k, d_v=mem.d_v, heads=mem.heads, topk=min(mem.topk, keys),
                                placement=one_layer["placement"], num_partitions=mem.num_partitions,
-                               recall_sample_tokens=mem.recall_sample_tokens,
-                               query_norm=mem.query_norm)  # same collapse fix: compare the components
+                               recall_sample_tokens=mem.recall_sample_tokens, value_init=mem.value_init,
+                               value_std=mem.value_std)
         return dataclasses.replace(model, ffn_kind="pkm", memory=pkm)
     changes: dict[str, Any] = {
         "no_ive": {"expansion": 1},

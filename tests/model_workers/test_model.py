@@ -137,14 +137,19 @@ def test_same_seed_gives_the_same_model_and_embeddings_are_tied():
     assert all(p is not a.tok_emb.weight for n, p in a.named_parameters() if n != "tok_emb.weight")
 
 
-def test_memory_tables_name_each_layer_and_carry_the_improved_init():
+def test_memory_tables_name_each_layer_and_carry_the_value_init():
     model = LanguageModel(tiny(memory=MemoryConfig(**{**MEM, "placement": "0:1/1:2"})))
     specs = model.memory_tables()
     assert [s.name for s in specs] == ["mem0.values", "mem1.values"]
     assert all(s.rows == 64 and s.dim == 16 for s in specs)
-    std = MemoryConfig(**MEM).value_init_std(2, 32)
+    # ffn_matched (the default): each layer's σ from its own calibration, deterministic per config
+    assert [s.init_std for s in specs] == [m.value_std for m in model.memories]
+    again = LanguageModel(tiny(memory=MemoryConfig(**{**MEM, "placement": "0:1/1:2"})))
+    assert again.memory_tables() == specs
     values = model.backend.fetch_rows("mem0.values", torch.arange(64))
-    assert values.std().item() == pytest.approx(std, rel=0.2)
+    assert values.std().item() == pytest.approx(specs[0].init_std, rel=0.2)
+    fixed = LanguageModel(tiny(memory=MemoryConfig(**{**MEM, "value_init": "fixed", "value_std": 0.05})))
+    assert [s.init_std for s in fixed.memory_tables()] == [0.05]
 
 
 def test_a_backend_missing_a_table_is_rejected():

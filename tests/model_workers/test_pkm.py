@@ -42,8 +42,10 @@ def test_pkm_layer_output_equals_softmax_over_brute_force_product_keys():
     x = torch.randn(2, 3, d_model, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = layer(x)
     table = backend.fetch_rows(layer.table, torch.arange(cfg.physical_rows)).double()  # (P, D)
-    # reference: per head, every slot (i, j) scores q_row·k_i + q_col·k_j; softmax over the top 3
+    # reference: per head, every slot (i, j) scores q_row·k_i + q_col·k_j with the batch-normed query
+    # (the PKM paper's, over the batch's tokens in training); softmax over the top 3
     q = x.reshape(6, d_model) @ layer.w_q.weight.T  # per-head queries: (N, H*2*d_k)
+    q = (q - q.mean(0)) / torch.sqrt(q.var(0, unbiased=False) + layer.q_stats.eps)  # PKM's query batchnorm
     q = q.view(6, 2, 2, 8)
     expect = torch.zeros(6, d_model, dtype=torch.float64)
     for n in range(6):

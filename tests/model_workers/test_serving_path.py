@@ -26,7 +26,8 @@ D = 16
 
 
 def layer_of(seed: int = 0, **kw) -> MemoryLayer:
-    cfg = MemoryConfig(**{"num_keys": 8, "d_k": 8, "d_v": 8, "heads": 2, "topk": 3, "placement": "0:1", **kw})
+    cfg = MemoryConfig(**{"num_keys": 8, "d_k": 8, "d_v": 8, "heads": 2, "topk": 3, "placement": "0:1",
+                          "query_norm": "whiten", **kw})  # whitening: its Cholesky factor is cached too
     layer = MemoryLayer(cfg, D, index=0, num_memory_layers=1, seed=seed)
     spec = TableSpec(name=layer.table, rows=cfg.physical_rows, dim=layer.d_v, optimizer="sgd", init_std=0.3)
     layer.backend = LocalBackend([spec])
@@ -126,13 +127,14 @@ def test_optimizer_step_in_eval_mode_invalidates_the_cached_keys_and_filters():
     torch.testing.assert_close(got, plain_output(layer, x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["keys_row", "keys_col", "tucker.filter_u", "tucker.filter_v"])
+@pytest.mark.parametrize("name", ["keys_row", "keys_col", "k_norm_row.weight", "k_norm_col.weight",
+                                  "tucker.filter_u", "tucker.filter_v"])
 def test_in_place_edit_of_a_source_is_seen_by_the_next_decode_step(name: str):
     layer = layer_of(7).eval()
     x = inputs(11)
     before = decode(layer, x)
     with torch.no_grad():
-        layer.get_parameter(name).mul_(-1.0) if "keys" in name else layer.get_buffer(name).mul_(-1.0)
+        layer.get_buffer(name).mul_(-1.0) if name.startswith("tucker") else layer.get_parameter(name).mul_(-1.0)
     edited = decode(layer, x)
     assert not torch.equal(edited, before)
     assert torch.equal(edited, fresh_output(layer, x))

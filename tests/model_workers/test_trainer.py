@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model_workers.data import DataConfig, get_batch
+from model_workers.model import LanguageModel, ModelConfig
 from model_workers.trainer import (
     LocalTrainer,
     TrainConfig,
@@ -19,6 +20,7 @@ from model_workers.trainer import (
     make_optimizer,
     train_step,
 )
+from model_workers.ultramem import MemoryConfig
 from orchestration.config import load_config, to_dict
 
 
@@ -121,6 +123,20 @@ def test_weight_decay_applies_to_matrices_only() -> None:
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_tucker_cores_and_gains_are_not_decayed_while_every_other_matrix_is() -> None:
+    model = LanguageModel(ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                                      memory=MemoryConfig(num_keys=4, d_k=4, d_v=8, topk=2, placement="0:1")))
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert "memories.0.tucker.cores" in kept and model.memories[0].tucker.cores.dim() == 4
+    assert {"memories.0.k_norm_row.weight", "memories.0.q_norm_col.weight", "norm.weight"} <= kept
+    assert {"memories.0.keys_row", "memories.0.w_q.weight", "memories.0.w_out.weight", "tok_emb.weight"} <= decayed
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert all(p.dim() >= 2 for p in decay["params"])
 
 
 def test_train_config_validates_its_fields() -> None:

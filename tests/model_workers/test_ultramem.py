@@ -69,12 +69,32 @@ def test_virtual_sub_keys_per_side_cover_e_times_p_slots():
     assert MemoryConfig(num_keys=4, topk=4, expansion=4).side_keys == (8, 8)  # n = √E·K
 
 
-def test_improved_init_uses_the_papers_value_variance():
-    cfg = MemoryConfig(expansion=4, topk=16, heads=2)
-    assert cfg.value_init_std(num_memory_layers=2, d_model=256) == pytest.approx(
-        math.sqrt(4 / (2 * 16 * 2 * 2))
-    )
-    assert MemoryConfig.pkm().value_init_std(1, d_model=256) == pytest.approx(256**-0.5)
+def test_value_init_choices_fixed_legacy_and_ffn_matched():
+    legacy = MemoryConfig(expansion=4, topk=16, heads=2, value_init="legacy")
+    assert legacy.value_init_std(num_memory_layers=2, d_model=256) == pytest.approx(math.sqrt(4 / (2 * 16 * 2 * 2)))
+    assert MemoryConfig.pkm(value_init="legacy").value_init_std(1, d_model=256) == pytest.approx(256**-0.5)
+    assert MemoryConfig(value_init="fixed", value_std=0.02).value_init_std(2, 256) == 0.02
+    assert MemoryConfig().value_init == "ffn_matched" and MemoryConfig().value_init_std(2, 256) is None
+    with pytest.raises(ModelConfigError, match="memory.value_init"):
+        MemoryConfig(value_init="paper")
+    with pytest.raises(ModelConfigError, match="memory.value_std"):
+        MemoryConfig(value_init="fixed", value_std=0.0)
+
+
+@pytest.mark.parametrize("query_norm", ["none", "batchnorm", "whiten"])
+def test_ffn_matched_sigma_gives_the_target_output_variance_on_gaussian_inputs(query_norm):
+    # the calibration's analytic E_V[y²] for the chosen σ against a measured forward with a table
+    # drawn at that σ (a fresh probe, not the calibration's); fixed/legacy ignore the target
+    cfg = MemoryConfig(**{**SMALL, "query_norm": query_norm})
+    layer = MemoryLayer(cfg, 16, index=0, num_memory_layers=1, seed=5)
+    sigma = layer.calibrate_value_std(1e-4)
+    spec = TableSpec(name=layer.table, rows=cfg.physical_rows, dim=layer.d_v, init_std=sigma, seed=9)
+    layer.backend = LocalBackend([spec])
+    with torch.no_grad():
+        y = layer(torch.randn(4, 512, 16, generator=torch.Generator().manual_seed(11)))
+    assert y.pow(2).mean().item() == pytest.approx(1e-4, rel=0.35)
+    fixed = MemoryLayer(MemoryConfig(**{**SMALL, "value_init": "fixed", "value_std": 0.05}), 16, 0, 1, seed=5)
+    assert fixed.calibrate_value_std(1e-4) == 0.05
 
 
 def test_layer_output_equals_step_by_step_reference():
@@ -100,7 +120,8 @@ def test_memory_lookup_passes_gradcheck_in_float64():
         1, 2, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True
     )
 
-    names = ("w_q.weight", "keys_row", "keys_col", "tucker.cores", "w_out.weight", "q_norm_row.weight")
+    names = ("w_q.weight", "keys_row", "keys_col", "tucker.cores", "w_out.weight", "q_norm_row.weight",
+             "k_norm_row.weight", "k_norm_col.weight")
     params = dict(layer.named_parameters())
 
     def f(x_, table_, *tensors):

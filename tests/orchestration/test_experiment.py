@@ -56,6 +56,17 @@ def test_leave_one_out_variants_switch_off_exactly_their_component(planned: list
     assert by["pkm"].softmax and by["pkm"].kind == "pkm" and not by["pkm"].half_dv_proj
 
 
+def test_pkm_is_the_papers_at_ultramems_sparse_parameters_and_pkm_2x_is_labelled(planned: list[ex.Variant]) -> None:
+    by = {v.name: v for v in planned}
+    um, pkm, pkm_2x = by["ultramem"], by["pkm"], by["pkm_2x"]
+    for v in (pkm, pkm_2x):  # the PKM paper's query batchnorm, not our whitening; softmax; D-wide values
+        mem = v.model.memory
+        assert mem.query_norm == "batchnorm" and mem.softmax and mem.value_dim(v.model.d_model) == v.model.d_model
+        assert abs(v.flops / um.flops - 1) <= 0.05
+    assert abs(pkm.params["sparse"] / um.params["sparse"] - 1) < 0.05
+    assert 1.8 < pkm_2x.params["sparse"] / um.params["sparse"] < 2.2
+
+
 def test_signed_variant_counts_its_2m_by_2m_grid_and_is_compute_matched_to_ultramem() -> None:
     exp = ex.load_experiment(ex.PRESET_DIR / "quality_signed.toml")
     points = ex.sweep_points(exp)

@@ -64,8 +64,8 @@ def test_every_sweep_point_is_compute_matched_and_the_memory_grows_as_k_squared(
             assert abs(v.flops / um.flops - 1) <= exp.flops_tolerance, (k, v.name)
         layers = len(um.model.memory.placements)
         assert um.params["sparse"] == layers * k * k * um.model.memory.value_dim(um.model.d_model)
-        # PKM's (one-layer) keys grow the same way: K * sqrt(layers) per side, so about the same rows
-        assert pkm.model.memory.num_keys == round(k * math.sqrt(layers))
+        # PKM's (one-layer, D-wide) table holds UltraMem's sparse parameters at every point
+        assert abs(pkm.params["sparse"] / um.params["sparse"] - 1) < 0.05
         assert by["dense"].params["sparse"] == 0
         ultramem_flops.append(um.flops)
         ratios.append(um.params["sparse"] / um.params["dense"])
