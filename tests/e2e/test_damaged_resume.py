@@ -62,12 +62,14 @@ def test_a_dead_worker_fails_the_job_in_one_line_and_the_shutdown_does_not_warn(
     try:
         worker = trainer.workers[0]
         os.kill(ray.get(worker.pid.remote(), timeout=60), signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while True:  # poll the observable state: the actor answers until Ray has seen it die
+        deadline = time.monotonic() + 180
+        while True:  # poll the observable state: the actor answers (or hangs) until Ray has seen it die
             try:
                 ray.get(worker.pid.remote(), timeout=10)
             except ray.exceptions.RayActorError:
                 break
+            except ray.exceptions.GetTimeoutError:  # a busy machine: Ray has not noticed the death yet
+                pass
             assert time.monotonic() < deadline, "the killed worker still answers"
         with pytest.raises(WorkerFailedError) as failed:
             trainer.run()
