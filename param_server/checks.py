@@ -8,13 +8,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from param_server.errors import InvalidRequestError
 from storage.layout import VALUES, TableSpec, state_layout
 
-FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float16, np.float64, ml_dtypes.bfloat16))
+# by name: bfloat16 is ml_dtypes', which is imported only where a bfloat16 array exists
+FLOAT_DTYPE_NAMES = frozenset(("float32", "float16", "float64", "bfloat16"))
 
 
 def int_scalar(name: str, x: Any, minimum: int) -> int:
@@ -35,7 +35,7 @@ def ids(name: str, a: Any) -> np.ndarray:
 def floats(name: str, a: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A finite float array of exactly `shape`, as float32."""
     a = np.asarray(a)
-    if a.dtype not in FLOAT_DTYPES:
+    if a.dtype.name not in FLOAT_DTYPE_NAMES:
         raise InvalidRequestError(f"{name} must be float32/bfloat16/float16, got {a.dtype}")
     if a.shape != shape:
         raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(a.shape)}")

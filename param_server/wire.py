@@ -14,23 +14,27 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-import ml_dtypes
 import numpy as np
 
 from param_server.errors import InvalidRequestError
 from protos.ultramem.v1 import memory_pb2 as pb
+from storage.layout import bfloat16
 
 WireDType = Literal["float32", "bfloat16", "float16", "int64", "int32"]
 
-# wire dtype name -> (enum value, numpy dtype in the byte order that travels: little-endian)
-_BY_NAME: dict[str, tuple[int, np.dtype]] = {
-    "float32": (pb.FLOAT32, np.dtype("<f4")),
-    "bfloat16": (pb.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),  # 2 bytes; byte order handled below
-    "float16": (pb.FLOAT16, np.dtype("<f2")),
-    "int64": (pb.INT64, np.dtype("<i8")),
-    "int32": (pb.INT32, np.dtype("<i4")),
-}
-_BY_ENUM: dict[int, str] = {enum: name for name, (enum, _) in _BY_NAME.items()}
+# wire dtype name -> enum value
+_ENUMS: dict[str, int] = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16,
+                          "int64": pb.INT64, "int32": pb.INT32}
+# wire dtype name -> numpy dtype in the byte order that travels (little-endian); bfloat16 (2 bytes,
+# byte order handled where it is read) is ml_dtypes', looked up on first use (`layout.bfloat16`)
+_NUMPY: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
+                               "int64": np.dtype("<i8"), "int32": np.dtype("<i4")}
+_BY_ENUM: dict[int, str] = {enum: name for name, enum in _ENUMS.items()}
+
+
+def _spec(name: str) -> tuple[int, np.dtype]:
+    """(enum value, numpy dtype) of a known wire dtype name."""
+    return _ENUMS[name], (bfloat16() if name == "bfloat16" else _NUMPY[name])
 VALUE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # allowed for values and grads
 _LITTLE = sys.byteorder == "little"
 
@@ -38,9 +42,9 @@ _LITTLE = sys.byteorder == "little"
 def dtype_enum(name: str) -> int:
     """Wire dtype name ("float32", "bfloat16", ...) -> `pb.DType` value; InvalidRequestError if unknown."""
     try:
-        return _BY_NAME[name][0]
+        return _ENUMS[name]
     except KeyError:
-        raise InvalidRequestError(f"unknown wire dtype {name!r}; expected one of {sorted(_BY_NAME)}") from None
+        raise InvalidRequestError(f"unknown wire dtype {name!r}; expected one of {sorted(_ENUMS)}") from None
 
 
 def dtype_name(enum: int, *, default: str | None = None) -> str:
@@ -56,7 +60,7 @@ def dtype_name(enum: int, *, default: str | None = None) -> str:
 def numpy_dtype(name: str) -> np.dtype:
     """Numpy dtype of a wire dtype name (native byte order for bfloat16)."""
     dtype_enum(name)
-    return _BY_NAME[name][1]
+    return _spec(name)[1]
 
 
 def encode(array: np.ndarray, dtype: str | None = None, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -66,8 +70,8 @@ def encode(array: np.ndarray, dtype: str | None = None, out: pb.Tensor | None = 
     """
     array = np.asarray(array)
     if dtype is None:
-        dtype = "bfloat16" if array.dtype == ml_dtypes.bfloat16 else array.dtype.name
-    enum, np_dtype = _BY_NAME[dtype] if dtype in _BY_NAME else (dtype_enum(dtype), None)
+        dtype = array.dtype.name
+    enum, np_dtype = _spec(dtype) if dtype in _ENUMS else (dtype_enum(dtype), None)
     assert np_dtype is not None
     if dtype == "bfloat16":
         bits = np.ascontiguousarray(array.astype(np_dtype, copy=False)).view(np.uint16)
@@ -121,7 +125,7 @@ def _view(enum: int, shape_in: Sequence[int], data: bytes | memoryview, field: s
     for want, got in zip(reversed(tuple(trailing)), reversed(shape)):
         if want is not None and want != got:
             raise InvalidRequestError(f"{field}: expected trailing dims {list(trailing)}, got shape {list(shape)}")
-    np_dtype = _BY_NAME[name][1]
+    np_dtype = _spec(name)[1]
     expected = math.prod(shape) * np_dtype.itemsize  # Python ints: np.prod would wrap at 2**63
     if len(data) != expected:
         raise InvalidRequestError(
@@ -171,7 +175,7 @@ def _signed(n: int) -> int:
 
 def tensor_field_bytes(field_number: int, array: np.ndarray, dtype: str) -> list[bytes | memoryview]:
     """Parts that, joined, are a message field `field_number` holding `encode(array, dtype)`."""
-    enum, np_dtype = _BY_NAME[dtype]
+    enum, np_dtype = _spec(dtype)
     if dtype == "bfloat16":
         wire_array = np.ascontiguousarray(array.astype(np_dtype, copy=False)).view(np.uint16)
         if not _LITTLE:

@@ -37,13 +37,13 @@ float32 and float16 tables are stored as the native Zarr dtypes.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-import ml_dtypes
 import numpy as np
 
 from storage.errors import LayoutError
@@ -181,10 +181,20 @@ def check_partition(spec: TableSpec, p: object) -> int:
 # --- dtypes ------------------------------------------------------------------------------------
 
 
+@functools.cache
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 (`ml_dtypes.bfloat16`), imported on first use: loading its extension takes
+    about a second, which every process that never meets a bfloat16 array (a float32 shard, a CLI
+    call, a worker) would otherwise pay at start-up."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """Logical numpy dtype of a dtype name ("bfloat16" -> ml_dtypes.bfloat16)."""
     if name == "bfloat16":
-        return np.dtype(ml_dtypes.bfloat16)
+        return bfloat16()
     return np.dtype(name)
 
 
@@ -195,7 +205,7 @@ def storage_dtype(name: str) -> np.dtype:
 
 def to_storage(array: np.ndarray) -> np.ndarray:
     """View an array in its on-disk dtype (bfloat16 -> uint16 bits, no copy)."""
-    return array.view(np.uint16) if array.dtype == numpy_dtype("bfloat16") else array
+    return array.view(np.uint16) if array.dtype.name == "bfloat16" else array
 
 
 def from_storage(array: np.ndarray, logical: np.dtype) -> np.ndarray:
