@@ -65,7 +65,8 @@ def device_to_host(parts: Sequence[Tensor], out: Tensor) -> None:
 
 def read_scalars(*values: Tensor) -> list[float]:
     """The step's scalars (0-D tensors on one device) read in one device-to-host copy -> floats."""
-    stacked = torch.stack([v.detach().float().reshape(()) for v in values])  # (k,), on the device
+    device = values[0].device  # (a scalar made elsewhere, e.g. a norm over no gradients, joins it)
+    stacked = torch.stack([v.detach().float().reshape(()).to(device) for v in values])  # (k,)
     out = torch.empty(stacked.numel() * stacked.element_size(), dtype=torch.uint8)
     device_to_host([stacked], out)
     return out.view(torch.float32).tolist()

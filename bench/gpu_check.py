@@ -1,0 +1,231 @@
+"""GPU check (`make gpu-check`): the `tiny` preset trained on a device with the real RemoteBackend
+against CPU shard processes, step by step against the same run on the CPU.
+
+    python bench/gpu_check.py [--device cuda|cpu] [--steps 20]     # make gpu-check [DEVICE=cpu]
+
+For each lookup mode (rows, pooled) it trains twice from the same initial dense weights and tables,
+on the same batches (random token ids seeded by the step; no corpus needed), in sync consistency
+(staleness 0, so the runs are deterministic up to floating point): once on the CPU in fp32 (the
+reference) and once on `--device` in fp32, plus once in bf16 autocast when the device is CUDA.
+Each run gets 2 fresh `ultramem shard serve` processes on the CPU (started and stopped by PID)
+over the same initial Zarr tables. It asserts that every step's loss, and at the end every dense
+parameter and every value table (read back from the shards), match the reference within the
+tolerances of the run's precision (`TOLERANCES`), and prints the step and memory-path tokens/s
+(tokens per step / seconds per step spent inside the backend's lookup and update calls).
+`--device cpu` runs the whole check with the "device" run on the CPU too (it then matches exactly).
+
+Exit status: 0 all runs match, 1 a run does not, 2 this machine cannot run the check (no CUDA
+device, or a package the shards need is missing: the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # bench/_shards.py and the project, when run as a script
+    sys.path.insert(0, str(REPO))
+
+# per precision: max |loss - reference loss| at any step, and max relative L2 distance
+# ||x - ref|| / ||ref|| of any dense parameter or value table at the end
+TOLERANCES = {"fp32": {"loss": 2e-3, "param": 2e-3}, "bf16": {"loss": 5e-2, "param": 5e-2}}
+NUM_SHARDS = 2
+WARMUP = 2  # steps left out of the timing (allocations, first lookups)
+# what the shard processes and this script import beyond torch and numpy (Ray is not needed)
+NEEDED = ("grpc", "google.protobuf", "grpc_health", "grpc_reflection", "zarr", "ml_dtypes")
+
+
+@dataclass
+class RunResult:
+    """What one training run left: losses per step, final weights, timings."""
+
+    name: str
+    losses: list[float]
+    dense: dict[str, Any]  # name -> float32 CPU tensor
+    tables: dict[str, Any]  # table name -> float32 [P, d_v] numpy, read back from the shards
+    step_s: list[float] = field(default_factory=list)  # per timed step
+    memory_s: list[float] = field(default_factory=list)  # per timed step, inside backend calls
+    tokens_per_step: int = 0
+
+    def tokens_per_s(self) -> tuple[float, float]:
+        """(step tokens/s, memory-path tokens/s), medians over the timed steps."""
+        step = statistics.median(self.step_s) if self.step_s else math.nan
+        memory = statistics.median(self.memory_s) if self.memory_s else math.nan
+        return self.tokens_per_step / step, self.tokens_per_step / memory
+
+
+def _distance(a: Any, b: Any) -> float:
+    """Relative L2 distance ||a - b|| / ||b|| of two arrays/tensors (0 when both are zero)."""
+    import numpy as np
+
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a64.shape != b64.shape:
+        return math.inf
+    scale = float(np.linalg.norm(b64))
+    diff = float(np.linalg.norm(a64 - b64))
+    return diff / scale if scale > 0 else diff
+
+
+def compare(run: RunResult, reference: RunResult, precision: str) -> list[str]:
+    """The ways `run` differs from `reference` beyond the tolerances of `precision` (empty: it matches)."""
+    tol = TOLERANCES[precision]
+    problems = []
+    if len(run.losses) != len(reference.losses):
+        problems.append(f"{run.name}: {len(run.losses)} steps, reference {len(reference.losses)}")
+    for step, (got, want) in enumerate(zip(run.losses, reference.losses, strict=False)):
+        if not (math.isfinite(got) and abs(got - want) <= tol["loss"]):
+            problems.append(f"{run.name}: step {step} loss {got:.6f} vs reference {want:.6f} "
+                            f"(tolerance {tol['loss']})")
+    for kind, mine, theirs in (("dense", run.dense, reference.dense), ("table", run.tables, reference.tables)):
+        if sorted(mine) != sorted(theirs):
+            problems.append(f"{run.name}: {kind} names differ: {sorted(set(mine) ^ set(theirs))}")
+            continue
+        for name in sorted(mine):
+            d = _distance(mine[name], theirs[name])
+            if not d <= tol["param"]:
+                problems.append(f"{run.name}: {kind} {name} is {d:.2e} away from the reference "
+                                f"(relative L2, tolerance {tol['param']})")
+    return problems
+
+
+def _missing_packages() -> list[str]:
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+
+
+def _train(device_name: str, lookup: str, precision: str, tables: list[Path], steps: int) -> RunResult:
+    """One run: fresh shard processes over the initial `tables`, `steps` sync training steps."""
+    import torch
+
+    from bench._shards import start_shards, stop_shards
+    from model_workers.model import LanguageModel
+    from model_workers.remote import RemoteBackend
+    from model_workers.trainer import make_optimizer, train_step
+    from orchestration.config import load_config
+    from param_server.client import Client
+
+    cfg = load_config(preset="tiny", overrides=[f'model.memory.lookup="{lookup}"'])
+    device = torch.device(device_name)
+    train = replace(cfg.train, max_steps=steps, device=device.type,
+                    autocast="bf16" if precision == "bf16" else "off")
+    amp = torch.bfloat16 if precision == "bf16" else None
+    batch, seq = cfg.data.batch_size, cfg.data.seq_len
+    procs, addresses = start_shards(tables, NUM_SHARDS)
+    client = Client(addresses)
+    try:
+        torch.manual_seed(0)
+        specs = LanguageModel(cfg.model).memory_tables()
+        backend = RemoteBackend(client, specs, consistency="sync")
+        torch.manual_seed(0)
+        model = LanguageModel(cfg.model, backend=backend).to(device)
+        optimizer = make_optimizer(model, train)
+        in_backend = [0.0]
+
+        def timed(fn: Any) -> Any:
+            def call(*args: Any, **kw: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kw)
+                finally:
+                    in_backend[0] += time.perf_counter() - t0
+            return call
+
+        for name in ("fetch_rows", "push_grads", "pooled", "pooled_backward"):
+            setattr(backend, name, timed(getattr(backend, name)))
+        result = RunResult(f"{lookup}/{device.type}/{precision}", [], {}, {}, tokens_per_step=batch * seq)
+        for step in range(steps):
+            tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1),
+                                   generator=torch.Generator().manual_seed(1000 + step))
+            x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+            in_backend[0] = 0.0
+            t0 = time.perf_counter()
+            res = train_step(model, optimizer, x, y, step=step, cfg=train, max_steps=steps, amp_dtype=amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= WARMUP:
+                result.step_s.append(time.perf_counter() - t0)
+                result.memory_s.append(in_backend[0])
+            result.losses.append(res.loss)
+        backend.flush()
+        result.dense = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+        for spec in specs:  # sync: the lookup waits until every push of the run is applied
+            result.tables[spec.name] = backend.fetch_rows(spec.name, torch.arange(spec.rows)).numpy()
+        return result
+    finally:
+        client.close()
+        stop_shards(procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="where the worker runs: cuda (default) or cpu")
+    parser.add_argument("--steps", type=int, default=20, help="sync training steps per run (default 20)")
+    args = parser.parse_args(argv)
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be > {WARMUP}")
+    missing = _missing_packages()
+    if missing:
+        print(f"gpu-check: missing Python packages {missing}: install them (the project's lock pins "
+              "their versions), or carry their wheels to this machine", file=sys.stderr)
+        return 2
+    import torch
+
+    from storage.table_store import create_table
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here; `make gpu-check DEVICE=cpu` runs the check on the CPU",
+              file=sys.stderr)
+        return 2
+    precisions = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"gpu-check: tiny preset, {args.steps} sync steps per run, {NUM_SHARDS} CPU shard processes per run, "
+          f"device {args.device} ({where}) against the CPU (fp32)")
+    problems: list[str] = []
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ultramem-gpu-check-") as tmp:
+        from model_workers.model import LanguageModel
+        from orchestration.config import load_config
+
+        torch.manual_seed(0)
+        specs = LanguageModel(load_config(preset="tiny").model).memory_tables()
+        tables = [create_table(Path(tmp) / spec.name, spec).path for spec in specs]
+        for lookup in ("rows", "pooled"):
+            reference = _train("cpu", lookup, "fp32", tables, args.steps)
+            for precision in precisions:
+                run = _train(args.device, lookup, precision, tables, args.steps)
+                found = compare(run, reference, precision)
+                problems += found
+                worst_loss = max(abs(a - b) for a, b in zip(run.losses, reference.losses, strict=True))
+                worst = max([_distance(run.dense[k], reference.dense[k]) for k in run.dense]
+                            + [_distance(run.tables[k], reference.tables[k]) for k in run.tables])
+                rows.append((run, reference, worst_loss, worst, not found))
+    print(f"  {'run':20s} {'loss 0 -> last':>17s} {'max |dloss|':>11s} {'max rel L2':>10s} "
+          f"{'step tok/s':>11s} {'memory-path tok/s':>17s}  verdict")
+    printed: set[int] = set()
+    for run, reference, worst_loss, worst, ok in rows:
+        for r in (reference, run):
+            if id(r) in printed:
+                continue
+            printed.add(id(r))
+            step_rate, memory_rate = r.tokens_per_s()
+            same = r is reference
+            verdict = "reference" if same else ("match" if ok else "MISMATCH")
+            print(f"  {r.name:20s} {r.losses[0]:8.4f}->{r.losses[-1]:7.4f} "
+                  f"{'' if same else f'{worst_loss:.1e}':>11s} {'' if same else f'{worst:.1e}':>10s} "
+                  f"{step_rate:11,.0f} {memory_rate:17,.0f}  {verdict}")
+    for line in problems:
+        print(f"  MISMATCH {line}", file=sys.stderr)
+    print("gpu-check: " + ("every run matches the CPU reference" if not problems else f"{len(problems)} mismatches"))
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
