@@ -62,10 +62,11 @@ bench: venv
 	$(VENV)/bin/ultramem bench all
 
 # The `tiny` preset trained on DEVICE (default cuda) against CPU shard processes, step by step against
-# the same run on the CPU (docs/benchmarks.md). `make gpu-check DEVICE=cpu` runs it all on the CPU.
+# the same run on the CPU (docs/benchmarks.md). `make gpu-check DEVICE=cpu` runs it all on the CPU;
+# SHARDS=ray|processes picks the shards (default: Ray actors if Ray is importable, else processes).
 # Where the project's venv cannot be built (a GPU machine without the network): make gpu-check PY=python3
 gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),venv)
-	$(PY) bench/gpu_check.py --device $(or $(DEVICE),cuda)
+	$(PY) bench/gpu_check.py --device $(or $(DEVICE),cuda) --shards $(or $(SHARDS),auto)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -7,15 +7,17 @@ For each lookup mode (rows, pooled) it trains twice from the same initial dense 
 on the same batches (random token ids seeded by the step; no corpus needed), in sync consistency
 (staleness 0, so the runs are deterministic up to floating point): once on the CPU in fp32 (the
 reference) and once on `--device` in fp32, plus once in bf16 autocast when the device is CUDA.
-Each run gets 2 fresh `ultramem shard serve` processes on the CPU (started and stopped by PID)
-over the same initial Zarr tables. It asserts that every step's loss, and at the end every dense
-parameter and every value table (read back from the shards), match the reference within the
-tolerances of the run's precision (`TOLERANCES`), and prints the step and memory-path tokens/s
-(tokens per step / seconds per step spent inside the backend's lookup and update calls).
+Each run gets 2 fresh shards on the CPU over the same initial Zarr tables: Ray `ShardActor`s in an
+embedded Ray when Ray is importable (`--shards auto`, the default), else plain `ultramem shard serve`
+processes started and stopped by PID (`--shards processes`; a GPU machine without Ray). It asserts
+that every step's loss, and at the end every dense parameter and every value table (read back from
+the shards), match the reference within the tolerances of the run's precision (`TOLERANCES`), and
+prints the step and memory-path tokens/s (tokens per step / seconds per step spent inside the
+backend's lookup and update calls).
 `--device cpu` runs the whole check with the "device" run on the CPU too (it then matches exactly).
 
 Exit status: 0 all runs match, 1 a run does not, 2 this machine cannot run the check (no CUDA
-device, or a package the shards need is missing: the message names it).
+device, or a package the shards need is missing or does not import: the message names it).
 """
 
 from __future__ import annotations
@@ -97,15 +99,91 @@ def compare(run: RunResult, reference: RunResult, precision: str) -> list[str]:
     return problems
 
 
-def _missing_packages() -> list[str]:
-    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+def _environment_problems() -> list[str]:
+    """Why this machine cannot run the check (empty: it can): missing packages, failing imports."""
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if missing:
+        return [f"missing Python packages: {', '.join(missing)} (the project's lock pins their versions)"]
+    problems = []
+    for module in ("protos.ultramem.v1.memory_pb2", "param_server.server", "storage.table_store",
+                   "model_workers.remote"):
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # e.g. a protobuf runtime older than the generated code
+            problems.append(f"importing {module}: {type(err).__name__}: {err}")
+    return problems
 
 
-def _train(device_name: str, lookup: str, precision: str, tables: list[Path], steps: int) -> RunResult:
-    """One run: fresh shard processes over the initial `tables`, `steps` sync training steps."""
+class ProcessShards:
+    """`ultramem shard serve` processes (bench/_shards.py), stopped by PID."""
+
+    name = "shard-serve processes"
+
+    def __init__(self) -> None:
+        self._procs: list[Any] = []
+
+    def start(self, tables: list[Path]) -> list[str]:
+        from bench._shards import start_shards
+
+        self._procs, addresses = start_shards(tables, NUM_SHARDS)
+        return addresses
+
+    def stop(self) -> None:
+        from bench._shards import stop_shards
+
+        stop_shards(self._procs)
+        self._procs = []
+
+    def close(self) -> None:
+        self.stop()
+
+
+class RayShards:
+    """`ShardActor`s in an embedded, loopback-only Ray (orchestration/cluster.py), killed after each run."""
+
+    name = "Ray shard actors"
+
+    def __init__(self) -> None:
+        import os
+
+        from orchestration.cluster import Cluster, ClusterConfig
+
+        self._cluster = Cluster(ClusterConfig(num_cpus=max(os.cpu_count() or 1, 2 * NUM_SHARDS)))
+        self._cluster.connect()
+        self._actors: list[Any] = []
+
+    def start(self, tables: list[Path]) -> list[str]:
+        import ray
+
+        from orchestration.placement import shard_options
+        from param_server.actor import ShardActor, ShardActorConfig
+        from storage.table_store import open_table
+
+        paths = {open_table(t, "r").spec.name: str(t) for t in tables}
+        num_partitions = open_table(tables[0], "r").spec.num_partitions
+        options = shard_options(self._cluster.resources(), max_restarts=0)
+        self._actors = [ray.remote(ShardActor).options(**options).remote(
+            ShardActorConfig(shard_id=s, table_paths=paths, partitions=tuple(range(s, num_partitions, NUM_SHARDS))))
+            for s in range(NUM_SHARDS)]
+        return ray.get([actor.address.remote() for actor in self._actors], timeout=120)
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+
+    def close(self) -> None:
+        self.stop()
+        self._cluster.close()
+
+
+def _train(device_name: str, lookup: str, precision: str, tables: list[Path], steps: int,
+           shards: ProcessShards | RayShards) -> RunResult:
+    """One run: fresh shards over the initial `tables`, `steps` sync training steps."""
     import torch
 
-    from bench._shards import start_shards, stop_shards
     from model_workers.model import LanguageModel
     from model_workers.remote import RemoteBackend
     from model_workers.trainer import make_optimizer, train_step
@@ -118,8 +196,7 @@ def _train(device_name: str, lookup: str, precision: str, tables: list[Path], st
                     autocast="bf16" if precision == "bf16" else "off")
     amp = torch.bfloat16 if precision == "bf16" else None
     batch, seq = cfg.data.batch_size, cfg.data.seq_len
-    procs, addresses = start_shards(tables, NUM_SHARDS)
-    client = Client(addresses)
+    client = Client(shards.start(tables))
     try:
         torch.manual_seed(0)
         specs = LanguageModel(cfg.model).memory_tables()
@@ -161,20 +238,23 @@ def _train(device_name: str, lookup: str, precision: str, tables: list[Path], st
         return result
     finally:
         client.close()
-        stop_shards(procs)
+        shards.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="where the worker runs: cuda (default) or cpu")
     parser.add_argument("--steps", type=int, default=20, help="sync training steps per run (default 20)")
+    parser.add_argument("--shards", choices=("auto", "ray", "processes"), default="auto",
+                        help="Ray shard actors or `ultramem shard serve` processes (auto: Ray if importable)")
     args = parser.parse_args(argv)
     if args.steps <= WARMUP:
         parser.error(f"--steps must be > {WARMUP}")
-    missing = _missing_packages()
-    if missing:
-        print(f"gpu-check: missing Python packages {missing}: install them (the project's lock pins "
-              "their versions), or carry their wheels to this machine", file=sys.stderr)
+    problems = _environment_problems()
+    if problems:
+        for line in problems:
+            print(f"gpu-check: {line}", file=sys.stderr)
+        print("gpu-check: install them, or carry their wheels to this machine (docs/benchmarks.md)", file=sys.stderr)
         return 2
     import torch
 
@@ -186,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     precisions = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"gpu-check: tiny preset, {args.steps} sync steps per run, {NUM_SHARDS} CPU shard processes per run, "
-          f"device {args.device} ({where}) against the CPU (fp32)")
-    problems: list[str] = []
+    use_ray = args.shards == "ray" or (args.shards == "auto" and importlib.util.find_spec("ray") is not None)
+    shards = RayShards() if use_ray else ProcessShards()
+    print(f"gpu-check: tiny preset, {args.steps} sync steps per run, {NUM_SHARDS} {shards.name} on the CPU "
+          f"per run, device {args.device} ({where}) against the CPU (fp32)")
     rows = []
+    problems = []  # mismatches, over every run
     with tempfile.TemporaryDirectory(prefix="ultramem-gpu-check-") as tmp:
         from model_workers.model import LanguageModel
         from orchestration.config import load_config
@@ -197,16 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         specs = LanguageModel(load_config(preset="tiny").model).memory_tables()
         tables = [create_table(Path(tmp) / spec.name, spec).path for spec in specs]
-        for lookup in ("rows", "pooled"):
-            reference = _train("cpu", lookup, "fp32", tables, args.steps)
-            for precision in precisions:
-                run = _train(args.device, lookup, precision, tables, args.steps)
-                found = compare(run, reference, precision)
-                problems += found
-                worst_loss = max(abs(a - b) for a, b in zip(run.losses, reference.losses, strict=True))
-                worst = max([_distance(run.dense[k], reference.dense[k]) for k in run.dense]
-                            + [_distance(run.tables[k], reference.tables[k]) for k in run.tables])
-                rows.append((run, reference, worst_loss, worst, not found))
+        try:
+            for lookup in ("rows", "pooled"):
+                reference = _train("cpu", lookup, "fp32", tables, args.steps, shards)
+                for precision in precisions:
+                    run = _train(args.device, lookup, precision, tables, args.steps, shards)
+                    found = compare(run, reference, precision)
+                    problems += found
+                    worst_loss = max(abs(a - b) for a, b in zip(run.losses, reference.losses, strict=True))
+                    worst = max([_distance(run.dense[k], reference.dense[k]) for k in run.dense]
+                                + [_distance(run.tables[k], reference.tables[k]) for k in run.tables])
+                    rows.append((run, reference, worst_loss, worst, not found))
+        finally:
+            shards.close()
     print(f"  {'run':20s} {'loss 0 -> last':>17s} {'max |dloss|':>11s} {'max rel L2':>10s} "
           f"{'step tok/s':>11s} {'memory-path tok/s':>17s}  verdict")
     printed: set[int] = set()

@@ -53,7 +53,7 @@ def test_nan_losses_and_missing_tensors_never_match():
 
 
 def test_a_machine_without_a_needed_package_exits_2_before_starting_anything(monkeypatch, capsys):
-    monkeypatch.setattr(gpu_check, "_missing_packages", lambda: ["zarr"])
+    monkeypatch.setattr(gpu_check, "_environment_problems", lambda: ["missing Python packages: zarr"])
     assert gpu_check.main(["--device", "cpu"]) == 2
     assert "zarr" in capsys.readouterr().err
 
