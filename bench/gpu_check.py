@@ -106,7 +106,7 @@ def _environment_problems() -> list[str]:
         return [f"missing Python packages: {', '.join(missing)} (the project's lock pins their versions)"]
     problems = []
     for module in ("protos.ultramem.v1.memory_pb2", "param_server.server", "storage.table_store",
-                   "model_workers.remote"):
+                   "model_workers.remote", "model_workers.trainer", "orchestration.config"):
         try:
             importlib.import_module(module)
         except Exception as err:  # e.g. a protobuf runtime older than the generated code
