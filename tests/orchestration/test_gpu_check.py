@@ -22,11 +22,14 @@ _spec.loader.exec_module(gpu_check)
 
 
 def _run(name: str = "rows/cuda/fp32", loss_shift: float = 0.0, table_scale: float = 1.0):
+    """A run whose table ended at `table_scale` x the reference's; training moved the table by 10%."""
     rng = np.random.default_rng(0)
     table = rng.standard_normal((64, 32)).astype(np.float32)
+    w = torch.linspace(-1, 1, 100)
     return gpu_check.RunResult(
         name, [6.25 - 0.01 * s + (loss_shift if s == 7 else 0.0) for s in range(20)],
-        {"w": torch.linspace(-1, 1, 100)}, {"mem0.values": table * table_scale})
+        {"w": w}, {"mem0.values": table * table_scale},
+        start={"dense/w": w * 0.9, "table/mem0.values": table * 0.9})
 
 
 def test_a_run_equal_to_the_reference_matches():
@@ -39,9 +42,12 @@ def test_a_loss_off_by_more_than_the_fp32_tolerance_at_one_step_is_reported_with
     assert gpu_check.compare(_run(loss_shift=0.01), _run("reference"), "bf16") == []  # within bf16's
 
 
-def test_a_table_drifting_beyond_the_tolerance_is_reported_by_name():
+def test_a_table_off_by_more_than_the_tolerance_of_its_training_change_is_reported_by_name():
+    # off by 1% of its values, 10% of the change training made: beyond fp32's, within bf16's tolerance
     problems = gpu_check.compare(_run(table_scale=1.01), _run("reference"), "fp32")
     assert len(problems) == 1 and "table mem0.values" in problems[0]
+    assert gpu_check.compare(_run(table_scale=1.01), _run("reference"), "bf16") == []
+    assert gpu_check.worst_distance(_run(table_scale=1.01), _run("reference")) == pytest.approx(0.1, rel=1e-5)
 
 
 def test_nan_losses_and_missing_tensors_never_match():
