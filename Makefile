@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: venv demo test test-stress lint lock protos bench clean
+.PHONY: venv demo test test-stress lint lock protos bench clean gpu-check
 
 venv: $(STAMP)
 
@@ -60,6 +60,13 @@ protos: venv
 
 bench: venv
 	$(VENV)/bin/ultramem bench all
+
+# The `tiny` preset trained on DEVICE (default cuda) against CPU shard processes, step by step against
+# the same run on the CPU (docs/benchmarks.md). `make gpu-check DEVICE=cpu` runs it all on the CPU;
+# SHARDS=ray|processes picks the shards (default: Ray actors if Ray is importable, else processes).
+# Where the project's venv cannot be built (a GPU machine without the network): make gpu-check PY=python3
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),venv)
+	$(PY) bench/gpu_check.py --device $(or $(DEVICE),cuda) --shards $(or $(SHARDS),auto)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

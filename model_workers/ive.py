@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from model_workers.transfer import HostStaging
+
 if TYPE_CHECKING:  # pragma: no cover
     from model_workers.values import ValueBackend
 
@@ -72,42 +74,51 @@ def pooled_sum(values: Tensor, projector: Tensor, scores: Tensor, e: int) -> Ten
 
 
 class _PooledLookup(torch.autograd.Function):
-    """Steps 5-6 done where the values live: forward = partial sums, backward = dL/ds + row update."""
+    """Steps 5-6 done where the values live: forward = partial sums, backward = dL/ds + row update.
+
+    Each direction makes one device-to-host copy (model_workers/transfer.py): forward the rows,
+    projectors and scores, backward the same with dL/do (kept on the device in between, so a second
+    forward before this backward cannot overwrite them), and one non_blocking copy of the answer back.
+    """
 
     @staticmethod
     def forward(ctx, scores: Tensor, backend: ValueBackend, table: str, rows: Tensor, projector: Tensor,
-                token: Tensor, num_tokens: int, e: int) -> Tensor:  # type: ignore[override]
-        scores32 = scores.detach().to("cpu", torch.float32)  # (n, h)
-        out = backend.pooled(table, rows, projector, token, scores32, num_tokens, e)  # (T, E, d_v)
-        ctx.backend, ctx.table = backend, table
+                token: Tensor, num_tokens: int, e: int, staging: HostStaging) -> Tensor:  # type: ignore[override]
+        scores32 = scores.detach().float()  # (n, h), on the device
+        host = staging.to_host("lookup", rows, projector, scores32)  # rows, projector, scores
+        out = backend.pooled(table, host[0], host[1], token, host[2], num_tokens, e)  # (T, E, d_v)
+        ctx.backend, ctx.table, ctx.staging = backend, table, staging
         ctx.lookup = (rows, projector, token, scores32)
-        ctx.scores_like = (scores.device, scores.dtype)
-        return out.to(scores.device)
+        ctx.scores_dtype = scores.dtype
+        return staging.to_device("answer", out, scores.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         rows, projector, token, scores32 = ctx.lookup
+        rows_h, proj_h, scores_h, grad_h = ctx.staging.to_host("backward", rows, projector, scores32,
+                                                               grad_out.detach().float())
         # the backend also updates the rows: dL/dV[row_j, slice c] = s_c[j] * dL/do[t_j, p_j, slice c]
-        grad_scores = ctx.backend.pooled_backward(ctx.table, rows, projector, token, scores32,
-                                                  grad_out.detach().to("cpu", torch.float32))  # (n, h)
-        device, dtype = ctx.scores_like
-        return grad_scores.to(device, dtype), None, None, None, None, None, None, None
+        grad_scores = ctx.backend.pooled_backward(ctx.table, rows_h, proj_h, token, scores_h, grad_h)  # (n, h)
+        grad_scores = ctx.staging.to_device("grad_scores", grad_scores, scores32.device).to(ctx.scores_dtype)
+        return grad_scores, None, None, None, None, None, None, None, None
 
 
 def pooled_lookup(backend: ValueBackend, table: str, rows: Tensor, projector: Tensor, scores: Tensor,
-                  e: int) -> Tensor:
+                  e: int, *, staging: HostStaging | None = None) -> Tensor:
     """Pooled mode (DESIGN §4.2): MCS + pooling by the backend, where the table lives.
 
     rows/projector int64 [T, J], scores [T, J, h] -> o float32 [T, E, d_v], differentiable in the scores.
     The backend gets (row, projector, token, scores) per selected slot and answers the sums of step 6;
     backward sends dL/do and gets dL/ds back, and the backend queues the rows' update at the step and
-    value LR of its last `begin_step` (no raw rows ever reach the worker).
+    value LR of its last `begin_step` (no raw rows ever reach the worker). `staging`: the layer's
+    host buffers (a fresh set when None).
     """
     t, j = rows.shape
-    token = torch.arange(t, dtype=torch.int64).repeat_interleave(j)  # (T*J,)
-    flat_rows = rows.reshape(-1).to("cpu", torch.int64)
-    flat_proj = projector.reshape(-1).to("cpu", torch.int64)
+    token = torch.arange(t, dtype=torch.int64).repeat_interleave(j)  # (T*J,), made on the host
+    flat_rows = rows.reshape(-1).to(torch.int64)  # (T*J,), on the device
+    flat_proj = projector.reshape(-1).to(torch.int64)
     flat_scores = scores.reshape(t * j, scores.shape[-1])  # (T*J, h)
-    out = _PooledLookup.apply(flat_scores, backend, table, flat_rows, flat_proj, token, t, e)
+    staging = staging if staging is not None else HostStaging()
+    out = _PooledLookup.apply(flat_scores, backend, table, flat_rows, flat_proj, token, t, e, staging)
     return out  # (T, E, d_v)

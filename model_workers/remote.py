@@ -13,6 +13,10 @@ Both lookup modes: rows mode (`fetch_rows` = Gather, `push_grads` = PushGradient
 (`pooled` = PooledGather, `pooled_backward` = PooledBackward, DESIGN §4.2). A pooled backward is a
 round trip in both consistency modes (the worker needs dL/ds), but the shards queue its row update
 like a push, numbered and stepped, so `min_step` works the same.
+
+The backend works on the host: a memory layer hands it host tensors (read from the device in one
+copy per layer and direction, model_workers/transfer.py) and copies the answers back to the device
+itself, so nothing here syncs a GPU. `*_async` lookups run on this backend's lookup threads.
 """
 
 from __future__ import annotations

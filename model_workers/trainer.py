@@ -34,6 +34,7 @@ from model_workers.data import Corpus, DataConfig, eval_batches, get_batch, prep
 from model_workers.model import LanguageModel, ModelConfig
 from model_workers.schedule import lr_at, value_lr_multiplier
 from model_workers.tdqkr import TuckerCores
+from model_workers.transfer import read_scalars
 from model_workers.values import LocalBackend
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,12 @@ def train_step(model: LanguageModel, optimizer: torch.optim.Optimizer, inputs: t
     total.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # a device tensor: no sync here
     optimizer.step()
     model.push_value_grads(lr, step, max_steps)  # values at lr * multiplier, by the backend's optimizer
     model.after_optimizer_step()  # e.g. refresh the TDQKR rank-1 filter from the updated cores
-    return StepResult(float(out.loss.detach()), float(out.aux_loss.detach()), lr, value_lr, grad_norm)
+    loss, aux_loss, norm = read_scalars(out.loss, out.aux_loss, grad_norm)  # the step's one scalar read
+    return StepResult(loss, aux_loss, lr, value_lr, norm)
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from model_workers.tdqkr import (
     tdqkr_topk,
     tdqkr_topk_decode,
 )
+from model_workers.transfer import Arrival, HostStaging
 
 if TYPE_CHECKING:  # pragma: no cover
     from model_workers.values import ValueBackend
@@ -250,10 +251,10 @@ class _Read:
     s_row: Tensor | None  # per-rank scores (None on the decode path, which never builds them)
     s_col: Tensor | None
     pooled: Tensor | None = None  # pooled mode: [N, E, d_v], already looked up ...
-    pooled_future: Future | None = None  # ... or, without autograd on a backend that can, in flight
-    unique: Tensor | None = None  # rows mode: unique physical rows [U] ...
+    pooled_future: Future[Arrival] | None = None  # ... or, without autograd, in flight
+    unique: Tensor | None = None  # rows mode: unique physical rows [U] (on the device) ...
     inverse: Tensor | None = None  # ... and where each selection's row sits in them [N, H*m]
-    values: Future | None = None  # ... and the lookup in flight -> [U, d_v]
+    values: Future[Arrival] | None = None  # ... and the lookup in flight -> [U, d_v] on the device
 
 
 class MemoryLayer(EvalCached):
@@ -305,8 +306,12 @@ class MemoryLayer(EvalCached):
         )
         self.register_buffer("hits", torch.zeros(num_virtual, dtype=torch.int64), persistent=False)
         self.backend: ValueBackend | None = None
-        self._pending: list[tuple[Tensor, Tensor]] = []  # (unique rows [U], fetched leaf [U, d_v])
-        self._stats = torch.zeros(4, dtype=torch.float64)  # top-1 sum, count, out sum, out sum sq
+        self._pending: list[tuple[Tensor, Tensor]] = []  # (unique rows [U], fetched leaf [U, d_v]), on the device
+        # the device <-> host copies of this layer's lookups, in reused (pinned on CUDA) host buffers
+        self.staging = HostStaging()
+        # top-1 score sum, output sum, output sum of squares: accumulated on the device (no sync per step)
+        self._stats = torch.zeros(3, dtype=torch.float64)
+        self._score_count = 0  # (token, head) pairs behind the top-1 sum
         self._out_count = 0
         self._sample: tuple[Tensor, Tensor, Tensor] | None = None  # s_row, s_col, found (for recall)
         self.reset_parameters(gen)
@@ -470,11 +475,13 @@ class MemoryLayer(EvalCached):
 
     def fetch(self, rows: Tensor) -> Tensor:
         """Fetch the rows [N, J] through the backend -> values [N, J, d_v] (grad lands on a leaf)."""
-        unique, inverse = torch.unique(rows, return_inverse=True)
-        leaf = self._backend().fetch_rows(self.table, unique.cpu()).to(rows.device)  # (U, d_v)
+        unique, inverse = torch.unique(rows, return_inverse=True)  # on the device
+        (unique_host,) = self.staging.to_host("lookup", unique)  # the one device-to-host copy
+        leaf = self.staging.to_device("answer", self._backend().fetch_rows(self.table, unique_host),
+                                      rows.device)  # (U, d_v)
         if torch.is_grad_enabled():
             leaf.requires_grad_(True)
-            self._pending.append((unique.cpu(), leaf))
+            self._pending.append((unique, leaf))
         return F.embedding(inverse, leaf)  # (N, J, d_v)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -486,7 +493,9 @@ class MemoryLayer(EvalCached):
 
         In rows mode the rows are requested from the backend without waiting, so the dense blocks
         before the add block run while the lookup travels (`finish` waits for it); in pooled mode
-        the same happens without autograd (decoding, `ValueBackend.pooled_async`).
+        the same happens without autograd (decoding, `ValueBackend.pooled_async`). The request
+        leaves the device in one copy (model_workers/transfer.py); the answer comes back with a
+        non_blocking copy (on CUDA, on a side stream as soon as it arrives).
         """
         b, t, d = x.shape
         xf = x.reshape(b * t, d)
@@ -505,15 +514,19 @@ class MemoryLayer(EvalCached):
         if self.cfg.lookup == "pooled":  # steps 5-6 where the table lives: (N, E, d_v)
             if not torch.is_grad_enabled():  # decoding: overlap the hop (as rows mode)
                 token = torch.arange(n, dtype=torch.int64).repeat_interleave(rows.shape[1])  # (N*H*m,)
-                read.pooled_future = self._backend().pooled_async(self.table, rows.reshape(-1).to("cpu", torch.int64),
-                                           projector.reshape(-1).to("cpu", torch.int64), token,
-                                           scores.reshape(-1, h).detach().to("cpu", torch.float32), n,
-                                           self.cfg.expansion)
+                rows_h, proj_h, scores_h = self.staging.to_host(  # the one device-to-host copy
+                    "lookup", rows.reshape(-1), projector.reshape(-1), scores.reshape(-1, h).detach().float())
+                answer = self._backend().pooled_async(self.table, rows_h, proj_h, token, scores_h, n,
+                                                      self.cfg.expansion)
+                read.pooled_future = self.staging.to_device_async("answer", answer, x.device)
             else:
-                read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion)
+                read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion,
+                                            staging=self.staging)
         else:
-            read.unique, read.inverse = torch.unique(rows, return_inverse=True)
-            read.values = self._backend().fetch_rows_async(self.table, read.unique.cpu())
+            read.unique, read.inverse = torch.unique(rows, return_inverse=True)  # on the device
+            (unique_host,) = self.staging.to_host("lookup", read.unique)  # the one device-to-host copy
+            answer = self._backend().fetch_rows_async(self.table, unique_host)
+            read.values = self.staging.to_device_async("answer", answer, x.device)
         return read
 
     def finish(self, read: _Read) -> Tensor:
@@ -521,14 +534,15 @@ class MemoryLayer(EvalCached):
         b, t, d = read.shape
         n = b * t
         if read.pooled_future is not None:
-            o = read.pooled_future.result().to(read.scores.device)  # (N, E, d_v)
+            o = read.pooled_future.result().get()  # (N, E, d_v)
         elif read.pooled is not None:
             o = read.pooled
         else:
-            leaf = read.values.result().to(read.inverse.device)  # (U, d_v)
+            assert read.values is not None and read.unique is not None and read.inverse is not None
+            leaf = read.values.result().get()  # (U, d_v), on the device
             if torch.is_grad_enabled():
                 leaf.requires_grad_(True)
-                self._pending.append((read.unique.cpu(), leaf))
+                self._pending.append((read.unique, leaf))
             values = F.embedding(read.inverse, leaf)  # (N, H*m, d_v)
             o = pooled_sum(values, read.projector, read.scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
         o = o.reshape(n, -1).to(read.dtype)  # (N, E*d_v)
@@ -551,27 +565,30 @@ class MemoryLayer(EvalCached):
 
     # ----------------------------------------------------------------------------- training hooks
     def pending_grads(self) -> tuple[Tensor, Tensor] | None:
-        """Rows [N] and their grads [N, d_v] from every forward since the last call (then forgotten)."""
+        """Rows int64 [N] and their grads float32 [N, d_v] from every forward since the last call (then
+        forgotten), on the host, read from the device in one copy. They are views of this layer's
+        staging buffer, valid until its next `pending_grads`: copy them to keep them longer."""
         parts = [(rows, leaf.grad) for rows, leaf in self._pending if leaf.grad is not None]
         self._pending.clear()
         if not parts:
             return None
-        return torch.cat([r for r, _ in parts]), torch.cat([g.detach().float().cpu() for _, g in parts])
+        rows = torch.cat([r for r, _ in parts])  # (N,), on the device
+        grads = torch.cat([g.detach().float() for _, g in parts])  # (N, d_v)
+        rows_host, grads_host = self.staging.to_host("grads", rows, grads)  # the one device-to-host copy
+        return rows_host, grads_host
 
     @torch.no_grad()
     def _record(self, virtual: Tensor, scores: Tensor, y: Tensor, s_row: Tensor, s_col: Tensor) -> None:
-        self.hits += torch.bincount(virtual.reshape(-1), minlength=self.hits.numel()).to(self.hits.device)
+        """Accumulate step 9's statistics on the device: no host sync here (`metrics` reads them)."""
+        slots = virtual.reshape(-1)
+        self.hits.index_add_(0, slots, torch.ones_like(slots))  # bincount would sync on CUDA (its size)
         total = scores.float().sum(-1).view(virtual.shape[0], self.cfg.heads, -1)  # (N, H, m)
-        yf = y.float()
-        self._stats += torch.tensor(
-            [
-                float(total.max(-1).values.sum()),
-                total.shape[0] * total.shape[1],
-                float(yf.sum()),
-                float(yf.pow(2).sum()),
-            ],
-            dtype=torch.float64,
-        )
+        yf = y.detach().float()
+        sums = torch.stack([total.max(-1).values.sum(), yf.sum(), yf.pow(2).sum()]).to(torch.float64)
+        if self._stats.device != sums.device:  # first step on this device
+            self._stats = self._stats.to(sums.device)
+        self._stats += sums
+        self._score_count += total.shape[0] * total.shape[1]
         self._out_count += yf.numel()
         k = min(self.cfg.recall_sample_tokens, virtual.shape[0])
         if k:
@@ -588,9 +605,9 @@ class MemoryLayer(EvalCached):
             nz = p[p > 0]
             out["coverage"] = float((self.hits > 0).double().mean())
             out["kl_uniform"] = float((nz * torch.log(nz * self.hits.numel())).sum())
-        top1_sum, count, s1, s2 = self._stats.tolist()
-        if count:
-            out["top1_score"] = top1_sum / count
+        top1_sum, s1, s2 = self._stats.tolist()
+        if self._score_count:
+            out["top1_score"] = top1_sum / self._score_count
         if self._out_count:
             mean = s1 / self._out_count
             out["output_std"] = math.sqrt(max(s2 / self._out_count - mean * mean, 0.0))
@@ -605,6 +622,7 @@ class MemoryLayer(EvalCached):
         if reset:
             self.hits.zero_()
             self._stats.zero_()
+            self._score_count = 0
             self._out_count = 0
             self._sample = None
         return out

@@ -64,6 +64,10 @@ class ValueBackend(ABC):
     Rows mode uses `fetch_rows` + `push_grads`. Pooled mode (DESIGN §4.2) uses `pooled` in the
     forward and `pooled_backward` in the backward, which also updates the rows at the step and value
     LR of the last `begin_step`.
+
+    A memory layer hands every method host tensors that are views of its reused staging buffers
+    (model_workers/transfer.py): valid for the call (until the answer of an `*_async` call), so a
+    backend that keeps one longer copies it. Answers are fresh host tensors the layer may keep.
     """
 
     _step_lr: tuple[int, float] | None = None  # (step, value LR) of the last begin_step

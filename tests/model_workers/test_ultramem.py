@@ -25,7 +25,7 @@ class TensorBackend(ValueBackend):
         return {self.name: TableSpec(name=self.name, rows=self.table.shape[0], dim=self.table.shape[1])}
 
     def fetch_rows(self, table, rows):
-        return self.table[rows]
+        return self.table[rows.clone()]  # autograd keeps the index; rows are valid for the call only
 
     def push_grads(self, table, rows, grads, lr, step):
         raise AssertionError("not used")
