@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?=
 PY := $(VENV)/bin/python
+# test processes (pytest-xdist; a test file runs in one of them, with its fixtures); 0: one process
+TEST_PROCS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile
 STAMP := $(VENV)/.installed
 LOCK := requirements/lock.txt
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
@@ -46,11 +49,11 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The whole suite while a bounded CPU hog keeps every core busy: timing-dependent tests fail here.
 test-stress: venv
-	$(PY) tests/stress.py -- $(PY) -m pytest -q
+	$(PY) tests/stress.py -- $(PYTEST)
 
 lint: venv
 	$(VENV)/bin/ruff check .
