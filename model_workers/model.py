@@ -1,9 +1,10 @@
 """The language model (DESIGN §3): a pre-norm decoder-only transformer plus memory layers.
 
 Blocks: h += Attn(RMSNorm(h)); x = RMSNorm(h); h += FFN(x) (+ memory outputs due after this block).
-FFN kinds: dense SwiGLU, MoE (top-2 of N), or dense SwiGLU with PKM/UltraMem memory layers beside it:
-a memory layer reads x of block i and its output is added to the residual after block j (skip-layer,
-`MemoryConfig.placement`). Rotary positions, tied input/output embeddings, a KV cache for decoding.
+FFN kinds: dense SwiGLU, MoE (top-2 of N), or dense SwiGLU with PKM/UltraMem/UltraMemV2 memory layers
+beside it: a memory layer reads x of block i and its output is added to the residual after block j
+(skip-layer, `MemoryConfig.placement`; UltraMemV2: "full", one beside every block's FFN, DESIGN §3.3).
+Rotary positions, tied input/output embeddings, a KV cache for decoding.
 
 Memory values are not parameters: they come from a `ValueBackend` (values.py). Training recipe:
     out = model(tokens, targets); (out.loss + out.aux_loss).backward()
@@ -35,12 +36,13 @@ from model_workers.ultramem import MemoryConfig, MemoryLayer, ModelConfigError
 from model_workers.values import LocalBackend, ValueBackend
 from storage.layout import TableSpec
 
-FfnKind = Literal["dense", "pkm", "ultramem", "moe"]
+FfnKind = Literal["dense", "pkm", "ultramem", "ultramem_v2", "moe"]
+MEMORY_KINDS = ("pkm", "ultramem", "ultramem_v2")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The whole model; ``memory`` is used when ffn_kind is pkm/ultramem, ``moe`` when it is moe."""
+    """The whole model; ``memory`` is used when ffn_kind is pkm/ultramem/ultramem_v2, ``moe`` when it is moe."""
 
     vocab_size: int = 8192  # tokenizer vocabulary
     d_model: int = 256  # D
@@ -49,7 +51,9 @@ class ModelConfig:
     max_seq_len: int = 256  # longest context (rotary table and KV cache length)
     ffn_mult: float = 8 / 3  # SwiGLU hidden = ffn_mult * D (rounded up to a multiple of 8)
     rope_theta: float = 10000.0  # rotary base
-    ffn_kind: FfnKind = "ultramem"  # dense | pkm | ultramem (memory beside the FFN) | moe
+    # dense | pkm | ultramem | ultramem_v2 (memory beside the FFN) | moe. UltraMemV2 runs its FFN narrower
+    # (DESIGN §3.3 item 1): lower ffn_mult with it (orchestration/presets/tiny_v2.toml)
+    ffn_kind: FfnKind = "ultramem"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     init_seed: int = 0  # seeds dense init, cores, π and the value tables
@@ -65,9 +69,9 @@ class ModelConfig:
             raise ModelConfigError(
                 f"model.d_model ({self.d_model}) / n_heads ({self.n_heads}) must be an even integer"
             )
-        if self.ffn_kind not in ("dense", "pkm", "ultramem", "moe"):
+        if self.ffn_kind not in ("dense", *MEMORY_KINDS, "moe"):
             raise ModelConfigError(
-                f"model.ffn_kind must be dense, pkm, ultramem or moe, got {self.ffn_kind!r}"
+                f"model.ffn_kind must be dense, pkm, ultramem, ultramem_v2 or moe, got {self.ffn_kind!r}"
             )
         if self.ffn_mult <= 0:
             raise ModelConfigError(f"model.ffn_mult must be > 0, got {self.ffn_mult}")
@@ -76,7 +80,7 @@ class ModelConfig:
                 raise ModelConfigError(
                     f"model.ffn_kind={self.ffn_kind!r} needs memory.kind={self.ffn_kind!r}"
                 )
-            for read, add in self.memory.placements:
+            for read, add in self.placements:
                 if add >= self.n_layers:
                     raise ModelConfigError(
                         f"memory.placement {read}:{add} is past the last block ({self.n_layers - 1})"
@@ -84,7 +88,19 @@ class ModelConfig:
 
     @property
     def has_memory(self) -> bool:
-        return self.ffn_kind in ("pkm", "ultramem")
+        return self.ffn_kind in MEMORY_KINDS
+
+    @property
+    def placements(self) -> tuple[tuple[int, int], ...]:
+        """(read block, add block) per memory layer (`memory.placement`, "full" = i:i for every block);
+        () without memory."""
+        return self.memory.placements_for(self.n_layers) if self.has_memory else ()
+
+    @property
+    def remote_ready(self) -> bool:
+        """Whether the sharded (remote) value backend serves this model: not yet with pre-value
+        tables (UltraMemV2), whose scoring is not on the shards; they train and serve in-process."""
+        return not (self.has_memory and (self.ffn_kind == "ultramem_v2" or self.memory.d_p))
 
 
 @dataclass
@@ -129,7 +145,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        placements = cfg.memory.placements if cfg.has_memory else ()
+        placements = cfg.placements
         self.placements = placements
         self.memories = nn.ModuleList(
             MemoryLayer(
@@ -168,26 +184,29 @@ class LanguageModel(nn.Module):
                 nn.init.normal_(block.ffn.w2.weight, 0.0, out_std, generator=gen)
 
     # ------------------------------------------------------------------ value tables
+    PRE_VALUE_SEED = 8  # P_tab's seed = the layer's + 8: never another layer's (layer seeds step by 17)
+
     def memory_tables(self) -> list[TableSpec]:
-        """The value tables the memory layers need: "mem{k}.values", P = K² rows, d_v wide."""
+        """The sparse tables the memory layers need: "mem{k}.values" (P = K² rows, d_v wide) and, with
+        pre-values (DESIGN §3.3), "mem{k}.pre_values" beside it: the same rows and partitions, d_p wide,
+        the same optimizer (and value LR)."""
         mc = self.cfg.memory
         args = (("beta1", 0.9), ("beta2", 0.95), ("weight_decay", mc.value_weight_decay))
-        return [
-            TableSpec(
-                name=layer.table,
-                rows=mc.physical_rows,
-                dim=layer.d_v,
-                dtype=mc.value_dtype,
-                num_partitions=min(mc.num_partitions, mc.physical_rows),
-                optimizer=mc.value_optimizer,
-                optimizer_args=args
-                if mc.value_optimizer == "adamw"
-                else (("weight_decay", mc.value_weight_decay),),
-                init_std=layer.value_std,
-                seed=layer.seed,
-            )
-            for layer in self.memories
-        ]
+        common = {
+            "rows": mc.physical_rows,
+            "dtype": mc.value_dtype,
+            "num_partitions": min(mc.num_partitions, mc.physical_rows),
+            "optimizer": mc.value_optimizer,
+            "optimizer_args": args if mc.value_optimizer == "adamw" else (("weight_decay", mc.value_weight_decay),),
+        }
+        specs = []
+        for layer in self.memories:
+            specs.append(TableSpec(name=layer.table, dim=layer.d_v, init_std=layer.value_std, seed=layer.seed,
+                                   **common))
+            if layer.pre_table is not None:
+                specs.append(TableSpec(name=layer.pre_table, dim=mc.d_p, init_std=layer.pre_value_std,
+                                       seed=layer.seed + self.PRE_VALUE_SEED, **common))
+        return specs
 
     def set_backend(self, backend: ValueBackend) -> None:
         """Attach a backend after checking it serves every table with the right shape."""
@@ -249,15 +268,15 @@ class LanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ training hooks
     def push_value_grads(self, lr: float, step: int, max_steps: int | None = None) -> None:
-        """After backward: push each memory layer's fetched-row grads at lr * value_lr_multiplier(step)."""
+        """After backward: push each memory layer's fetched-row grads (values, and pre-values at the same
+        LR) at lr * value_lr_multiplier(step)."""
         if not self.memories:
             return
         assert self.backend is not None  # set in __init__ whenever there are memories
         value_lr = lr * value_lr_multiplier(step, self.cfg.memory, max_steps)
         for layer in self.memories:
-            grads = layer.pending_grads()
-            if grads is not None:
-                self.backend.push_grads(layer.table, grads[0], grads[1], value_lr, step)
+            for table, rows, grads in layer.pending_table_grads():
+                self.backend.push_grads(table, rows, grads, value_lr, step)
 
     def after_optimizer_step(self) -> None:
         """Per-step memory refresh: TDQKR rank-1 filters from the updated cores (fp32 SVD, sign aligned)."""

@@ -2,7 +2,8 @@
 
 Dense parameters follow linear warmup then cosine decay to ``min_lr_ratio * base_lr``; the memory
 values additionally get a multiplier that decays linearly from ``value_lr_mult`` (4x) to
-``value_lr_mult_final`` (1x), the paper's single biggest ablation gain ("value LR decay").
+``value_lr_mult_final`` (1x), the paper's single biggest ablation gain ("value LR decay"), or, with
+``value_lr_schedule = "constant"``, stays at ``value_lr_mult`` (UltraMemV2's choice for long runs).
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def lr_at(
 
 
 def value_lr_multiplier(step: int, cfg: MemoryConfig, max_steps: int | None) -> float:
-    """The value-table LR multiplier at ``step``: linear from cfg.value_lr_mult to value_lr_mult_final.
+    """The value-table LR multiplier at ``step``: linear from cfg.value_lr_mult to value_lr_mult_final,
+    or cfg.value_lr_mult at every step with value_lr_schedule = "constant" (UltraMemV2, DESIGN §3.3).
 
     The decay spans ``cfg.value_lr_decay_steps`` steps, or ``max_steps`` (the run's length) when that
     field is None; after it the multiplier stays at the final value. Equal start and final values give
     a constant multiplier (the ablation rows before "value LR decay").
     """
+    assert cfg.value_lr_mult is not None  # resolved by MemoryConfig.__post_init__
+    if cfg.value_lr_schedule == "constant":
+        return float(cfg.value_lr_mult)
     start, final = cfg.value_lr_mult, cfg.value_lr_mult_final
     span = cfg.value_lr_decay_steps if cfg.value_lr_decay_steps is not None else max_steps
     if start == final:

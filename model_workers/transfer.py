@@ -7,7 +7,10 @@ Per memory layer and training step the path makes exactly:
 - forward: one device-to-host copy: rows mode the unique physical rows [U] (made unique on the
   device), pooled mode the rows, projectors [n] and scores [n, h] packed into one buffer;
 - backward: one device-to-host copy: rows mode the unique rows and their gradients [U, d_v]
-  together (`MemoryLayer.pending_grads`), pooled mode dL/do [T, E, d_v];
+  together (`MemoryLayer.pending_table_grads`; with pre-values the P_tab gradients ride along),
+  pooled mode dL/do [T, E, d_v];
+- pooled mode with pre-values (UltraMemV2) adds two: the worker fetches the selected P_tab rows in
+  the forward (the shards do not score pre-values yet) and sends their gradients after backward;
 - answers (values, partial sums, dL/ds) go back to the device with non_blocking copies from pinned
   host buffers; a lookup answered on a lookup thread is copied on a side stream, and the layer's
   compute stream waits for it with an event only where it needs the values.

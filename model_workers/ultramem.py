@@ -1,4 +1,5 @@
-"""The memory layer: PKM and UltraMem behind one config (DESIGN §3.1, paper arXiv 2411.12364).
+"""The memory layer: PKM, UltraMem and UltraMemV2 behind one config (DESIGN §3.1, §3.3; arXiv 2411.12364,
+2508.18756).
 
 Forward, in the paper's order (steps of DESIGN §3.1):
   1. query   q_row, q_col = split(x · W_q) (shared by the heads or one per head), optional RMSNorm
@@ -12,7 +13,11 @@ backward their gradients are pushed back (`push_value_grads`), so a remote table
 With `MemoryConfig.lookup = "pooled"` steps 5-6 run in the backend instead (ive.pooled_lookup): no
 row reaches the worker, and the backend updates the rows during backward at the step and value LR
 announced by `ValueBackend.begin_step` (train_step calls it before the forward).
-Every ablation row of the paper (DESIGN §3.2) is a switch of MemoryConfig.
+Every ablation row of the paper (DESIGN §3.2) is a switch of MemoryConfig, and so is every UltraMemV2
+difference (DESIGN §3.3): placement "full", one shared IVE projector (`shared_projector`: one [d_v] sum
+per token, W_out d_v -> D), PEER-style pre-values (`d_p`: a second table P_tab beside the values, each
+selected row weighted by ⟨x·W_p, P_tab[row]⟩, prevalues.py) and the value-LR schedule; kind
+"ultramem_v2" turns them on by default.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from model_workers.eval_cache import EvalCache, EvalCached
 from model_workers.ive import make_permutation, pooled_lookup, pooled_sum, split_virtual
 from model_workers.layers import RMSNorm
 from model_workers.pkm import brute_force_product_keys, product_key_topk
+from model_workers.prevalues import pre_value_std, pre_value_weight, weight_scores
 from model_workers.query_norm import BatchWhitening
 from model_workers.tdqkr import (
     DecodeKeys,
@@ -51,11 +57,19 @@ class ModelConfigError(ValueError):
     """A model/memory/MoE config field is out of range; the message names the field."""
 
 
-def parse_placement(text: str) -> tuple[tuple[int, int], ...]:
+FULL = "full"  # placement of UltraMemV2 (DESIGN §3.3 item 1): a memory layer beside every block's FFN
+
+
+def parse_placement(text: str, n_layers: int | None = None) -> tuple[tuple[int, int], ...]:
     """'i:j/i:j' -> ((i, j), ...): memory read at block i (0-based), added after block j >= i.
 
-    A lone 'i' means 'i:i' (read and add at the same block, beside its FFN).
+    A lone 'i' means 'i:i' (read and add at the same block, beside its FFN); "full" means 'i:i' for
+    every one of the `n_layers` blocks (so it needs `n_layers`).
     """
+    if text.strip() == FULL:
+        if n_layers is None:
+            raise ModelConfigError("memory.placement = 'full' needs the block count: use ModelConfig.placements")
+        return tuple((i, i) for i in range(n_layers))
     pairs = []
     for part in text.split("/"):
         bits = part.strip().split(":")
@@ -75,9 +89,10 @@ def parse_placement(text: str) -> tuple[tuple[int, int], ...]:
 class MemoryConfig:
     """One memory layer design; every UltraMem component is a switch (DESIGN §3.2 ablation rows)."""
 
-    kind: Literal["pkm", "ultramem"] = (
-        "ultramem"  # label; "pkm" requires additive keys (tucker_rank 0, cores 1)
-    )
+    # "pkm" requires additive keys (tucker_rank 0, cores 1); "ultramem_v2" (DESIGN §3.3) changes the
+    # defaults of the V2 switches below (placement, shared_projector, d_p, value_lr_schedule), each of
+    # which can still be set by hand (ablations)
+    kind: Literal["pkm", "ultramem", "ultramem_v2"] = "ultramem"
     num_keys: int = 64  # K sub-keys per side of the physical table: P = K*K rows per memory layer
     d_k: int = 64  # query / sub-key width
     d_v: int = 128  # value width when half_dv_proj (paper: D/2); otherwise values are D wide
@@ -110,10 +125,24 @@ class MemoryConfig:
     value_init: Literal["ffn_matched", "fixed", "legacy"] = "ffn_matched"
     value_std: float = 0.02  # σ of the values when value_init = "fixed"
     aux_loss_alpha: float = 0.0  # Tucker aux loss weight (paper 0.001); 0 = off
-    value_lr_mult: float = 4.0  # value LR multiplier at step 0 (paper range 4-10)
-    value_lr_mult_final: float = 1.0  # ... decayed linearly to this; equal to value_lr_mult = constant
+    # value LR multiplier: "linear_decay" from value_lr_mult to value_lr_mult_final (DESIGN §3.1 step 8),
+    # or "constant" value_lr_mult at every step (V2: a constant 1x ends slightly better on long runs).
+    # None = the kind's choice: "constant" for ultramem_v2, else "linear_decay"
+    value_lr_schedule: Literal["linear_decay", "constant"] | None = None
+    # value LR multiplier at step 0 (paper range 4-10); None = 4.0 with "linear_decay", 1.0 with "constant"
+    value_lr_mult: float | None = None
+    value_lr_mult_final: float = 1.0  # ... decayed linearly to this (equal to value_lr_mult = constant)
     value_lr_decay_steps: int | None = None  # length of the decay; None = the run's max steps
-    placement: str = "1:2"  # "i:j/i:j": one memory layer per entry, read at block i, added after j
+    # "i:j/i:j": one memory layer per entry, read at block i, added after j; "full": one beside the FFN of
+    # every block (i:i for all i, UltraMemV2). None = the kind's choice: "full" for ultramem_v2, else "1:2"
+    placement: str | None = None
+    # IVE with one shared projector (DESIGN §3.3 item 2): all E virtual blocks pool into one [d_v] sum per
+    # token and one W_out d_v -> D follows (pooled answers E times smaller). None = on for ultramem_v2
+    shared_projector: bool | None = None
+    # d_p: width of the PEER-style pre-value table P_tab [P, d_p] (DESIGN §3.3 item 3): a selected row
+    # weighs ⟨x·W_p, P_tab[row]⟩ · s_j. 0 = no pre-values; None = d_v // 3 for ultramem_v2 (V2's best
+    # d_p : d_v = 1 : 3), else 0
+    d_p: int | None = None
     value_optimizer: Literal["adamw", "adagrad", "sgd"] = "adamw"  # sparse optimizer of the tables
     value_weight_decay: float = 0.0  # decoupled weight decay on touched value rows
     value_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # table storage dtype
@@ -130,12 +159,21 @@ class MemoryConfig:
     lookup: Literal["rows", "pooled"] = "rows"
 
     def __post_init__(self) -> None:
+        self._resolve_kind_defaults()
         positive = ("num_keys", "d_k", "d_v", "heads", "topk", "expansion", "cores", "num_partitions")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ModelConfigError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
-        if self.kind not in ("pkm", "ultramem"):
-            raise ModelConfigError(f"memory.kind must be 'pkm' or 'ultramem', got {self.kind!r}")
+        if self.kind not in ("pkm", "ultramem", "ultramem_v2"):
+            raise ModelConfigError(f"memory.kind must be 'pkm', 'ultramem' or 'ultramem_v2', got {self.kind!r}")
+        if isinstance(self.d_p, bool) or not isinstance(self.d_p, int) or self.d_p < 0:
+            raise ModelConfigError(f"memory.d_p must be an int >= 0 (0 = no pre-values), got {self.d_p!r}")
+        if not isinstance(self.shared_projector, bool):
+            raise ModelConfigError(f"memory.shared_projector must be true or false, got {self.shared_projector!r}")
+        if self.value_lr_schedule not in ("linear_decay", "constant"):
+            raise ModelConfigError(
+                f"memory.value_lr_schedule must be 'linear_decay' or 'constant', got {self.value_lr_schedule!r}"
+            )
         if self.tucker_rank < 0:
             raise ModelConfigError(f"memory.tucker_rank must be >= 0, got {self.tucker_rank}")
         if self.topk > self.num_keys:
@@ -182,7 +220,25 @@ class MemoryConfig:
             raise ModelConfigError(f"memory.value_std must be finite and > 0, got {self.value_std}")
         if self.lookup not in ("rows", "pooled"):
             raise ModelConfigError(f"memory.lookup must be 'rows' or 'pooled', got {self.lookup!r}")
-        parse_placement(self.placement)
+        if not isinstance(self.placement, str):
+            raise ModelConfigError(f"memory.placement must be a string, got {self.placement!r}")
+        parse_placement(self.placement, n_layers=1)  # syntax only ("full" is checked by ModelConfig)
+
+    def _resolve_kind_defaults(self) -> None:
+        """Fill the fields left None with the kind's choice, so a built config (and the config saved
+        with a run) always holds concrete values."""
+        v2 = self.kind == "ultramem_v2"
+        chosen: dict[str, Any] = {
+            "placement": FULL if v2 else "1:2",
+            "shared_projector": v2,
+            "d_p": max(self.d_v // 3, 1) if v2 and isinstance(self.d_v, int) else 0,
+            "value_lr_schedule": "constant" if v2 else "linear_decay",
+        }
+        for name, value in chosen.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.value_lr_mult is None:
+            object.__setattr__(self, "value_lr_mult", 1.0 if self.value_lr_schedule == "constant" else 4.0)
 
     @classmethod
     def pkm(cls, **overrides: Any) -> MemoryConfig:
@@ -203,10 +259,27 @@ class MemoryConfig:
         }
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def ultramem_v2(cls, **overrides: Any) -> MemoryConfig:
+        """UltraMemV2 (DESIGN §3.3): a layer beside every block's FFN, one shared IVE projector,
+        pre-values with d_p = d_v // 3, constant 1x value LR, Tucker aux loss off."""
+        return cls(**{"kind": "ultramem_v2", "aux_loss_alpha": 0.0, **overrides})
+
     @property
     def placements(self) -> tuple[tuple[int, int], ...]:
-        """The (read block, add block) pairs, one per memory layer."""
+        """The (read block, add block) pairs, one per memory layer ("full" needs ModelConfig.placements)."""
+        assert self.placement is not None  # resolved in __post_init__
         return parse_placement(self.placement)
+
+    def placements_for(self, n_layers: int) -> tuple[tuple[int, int], ...]:
+        """The (read block, add block) pairs of a model with `n_layers` blocks ("full": i:i for every i)."""
+        assert self.placement is not None  # resolved in __post_init__
+        return parse_placement(self.placement, n_layers)
+
+    @property
+    def pool_blocks(self) -> int:
+        """Sums per token that pooling makes: E, or 1 with the shared projector (DESIGN §3.3 item 2)."""
+        return 1 if self.shared_projector else self.expansion
 
     @property
     def physical_rows(self) -> int:
@@ -225,7 +298,7 @@ class MemoryConfig:
 
     def uses_projection(self) -> bool:
         """W_out exists when values are narrower than D or several projectors are needed (IVE)."""
-        return self.half_dv_proj or self.expansion > 1
+        return self.half_dv_proj or self.pool_blocks > 1
 
     def value_init_std(self, num_memory_layers: int, d_model: int) -> float | None:
         """σ of the value table from the config alone: value_std ("fixed"), the old formula ("legacy":
@@ -255,6 +328,8 @@ class _Read:
     unique: Tensor | None = None  # rows mode: unique physical rows [U] (on the device) ...
     inverse: Tensor | None = None  # ... and where each selection's row sits in them [N, H*m]
     values: Future[Arrival] | None = None  # ... and the lookup in flight -> [U, d_v] on the device
+    q_p: Tensor | None = None  # pre-values (DESIGN §3.3): the projected query x·W_p [N, d_p] ...
+    pre_values: Future[Arrival] | None = None  # ... rows mode: the P_tab lookup in flight -> [U, d_p]
 
 
 class MemoryLayer(EvalCached):
@@ -274,6 +349,8 @@ class MemoryLayer(EvalCached):
         super().__init__()
         self.cfg, self.d_model, self.index = cfg, d_model, index
         self.table = f"mem{index}.values"
+        # the pre-value table P_tab [P, d_p] (DESIGN §3.3 item 3): the same rows as the value table
+        self.pre_table: str | None = f"mem{index}.pre_values" if cfg.d_p else None
         self.num_memory_layers = num_memory_layers
         self.seed = seed
         self.n_row, self.n_col = cfg.side_keys
@@ -301,12 +378,16 @@ class MemoryLayer(EvalCached):
         # π: persistent so every checkpoint carries it (DESIGN §3.1 step 4)
         num_virtual = cfg.expansion * cfg.physical_rows if slot_buffers else 1
         self.register_buffer("permutation", make_permutation(num_virtual, seed, identity=cfg.expansion == 1))
+        # W_out: E·d_v -> D (one W_e per projector), or d_v -> D with the shared projector (DESIGN §3.3)
         self.w_out = (
-            nn.Linear(cfg.expansion * self.d_v, d_model, bias=False) if cfg.uses_projection() else None
+            nn.Linear(cfg.pool_blocks * self.d_v, d_model, bias=False) if cfg.uses_projection() else None
         )
+        self.w_p = nn.Linear(d_model, cfg.d_p, bias=False) if cfg.d_p else None  # W_p: D -> d_p
+        self.pre_value_std: float | None = pre_value_std(cfg.d_p) if cfg.d_p else None
         self.register_buffer("hits", torch.zeros(num_virtual, dtype=torch.int64), persistent=False)
         self.backend: ValueBackend | None = None
-        self._pending: list[tuple[Tensor, Tensor]] = []  # (unique rows [U], fetched leaf [U, d_v]), on the device
+        # (table, unique rows [U], fetched leaf [U, dim]) on the device, until `pending_table_grads`
+        self._pending: list[tuple[str, Tensor, Tensor]] = []
         # the device <-> host copies of this layer's lookups, in reused (pinned on CUDA) host buffers
         self.staging = HostStaging()
         # top-1 score sum, output sum, output sum of squares: accumulated on the device (no sync per step)
@@ -322,7 +403,8 @@ class MemoryLayer(EvalCached):
     @torch.no_grad()
     def reset_parameters(self, gen: torch.Generator) -> None:
         """DESIGN §3.1 step 7: keys N(0, 1/d_k), W_q N(0, 1/d_k) (the released code's), W_out
-        N(0, 1/(E·d_v)), q-norm and k-norm gains d_k^-0.33. Values: see `calibrate_value_std`."""
+        N(0, 1/(E·d_v)) (1/d_v with the shared projector), q-norm and k-norm gains d_k^-0.33; W_p N(0, 1/D)
+        (prevalues.py). Values: see `calibrate_value_std`; pre-values N(0, 1/d_p)."""
         cfg = self.cfg
         nn.init.normal_(self.w_q.weight, 0.0, cfg.d_k**-0.5, generator=gen)
         nn.init.normal_(self.keys_row, 0.0, cfg.d_k**-0.5, generator=gen)
@@ -331,17 +413,21 @@ class MemoryLayer(EvalCached):
             if norm is not None:
                 norm.weight.fill_(cfg.d_k**-0.33)
         if self.w_out is not None:
-            nn.init.normal_(self.w_out.weight, 0.0, (cfg.expansion * self.d_v) ** -0.5, generator=gen)
+            nn.init.normal_(self.w_out.weight, 0.0, (cfg.pool_blocks * self.d_v) ** -0.5, generator=gen)
+        if self.w_p is not None:
+            nn.init.normal_(self.w_p.weight, 0.0, self.d_model**-0.5, generator=gen)
 
     @torch.no_grad()
     def unit_value_output_var(self, tokens: int = 1024) -> float:
         """Per-element variance of the output y at the current (init) parameters if the values were
         N(0, 1), in expectation over the values and π (a selection's projector is uniform over E):
         E[y²] = (1/D)·Σ_c w_c·mean_t Σ_j s_c[t, j]², w_c = Σ over the W_out columns of slice c of
-        |column|², averaged over the E projectors (d_v/h without W_out). The selections and scores s
-        come from a fixed probe of N(0, 1) inputs (unit RMS, like the normed FFN input the layer
-        reads), with the probe's own batch statistics (whitening / batchnorm); no running statistic,
-        hit count or other state changes."""
+        |column|², averaged over the E projectors (one shared projector: DESIGN §3.3; d_v/h without
+        W_out). With pre-values each s_c[t, j]² is multiplied by E[a_j²] = σ_p²·|q_p[t]|² (in
+        expectation over P_tab ~ N(0, σ_p²), prevalues.py). The selections and scores s come from a
+        fixed probe of N(0, 1) inputs (unit RMS, like the normed FFN input the layer reads), with the
+        probe's own batch statistics (whitening / batchnorm); no running statistic, hit count or
+        other state changes."""
         gen = torch.Generator().manual_seed(self.seed + 1)
         x = torch.randn(tokens, self.d_model, generator=gen).to(self.w_q.weight)
         q = self.w_q(x)
@@ -352,8 +438,12 @@ class MemoryLayer(EvalCached):
         elif isinstance(self.q_stats, nn.BatchNorm1d):
             q = F.batch_norm(q, None, None, training=True, eps=self.q_stats.eps)
         _, scores = self.retrieve(*self.key_scores(*self._split_query(q)))
-        h, e = scores.shape[-1], self.cfg.expansion
-        per_core = scores.double().pow(2).reshape(tokens, -1, h).sum(1).mean(0)  # (h,)
+        h, e = scores.shape[-1], self.cfg.pool_blocks
+        per_token = scores.double().pow(2).reshape(tokens, -1, h).sum(1)  # (T, h)
+        if self.w_p is not None and self.pre_value_std is not None:
+            a2 = self.pre_value_std**2 * self.w_p(x).double().pow(2).sum(-1)  # (T,) E[a_j²] per token
+            per_token = per_token * a2.unsqueeze(-1)
+        per_core = per_token.mean(0)  # (h,)
         width = self.d_v // h
         if self.w_out is not None:
             cols = self.w_out.weight.double().pow(2).sum(0).view(e, h, width).sum(-1).mean(0)  # (h,)
@@ -481,8 +571,22 @@ class MemoryLayer(EvalCached):
                                       rows.device)  # (U, d_v)
         if torch.is_grad_enabled():
             leaf.requires_grad_(True)
-            self._pending.append((unique, leaf))
+            self._pending.append((self.table, unique, leaf))
         return F.embedding(inverse, leaf)  # (N, J, d_v)
+
+    def _pre_weights_now(self, q_p: Tensor, rows: Tensor) -> Tensor:
+        """Pooled mode with pre-values: fetch the selected P_tab rows now (the worker computes the
+        weights until shards score pre-values themselves) -> a [N, J] (prevalues.pre_value_weight).
+        The rows' gradients are pushed after backward like rows-mode values (`pending_table_grads`)."""
+        assert self.pre_table is not None
+        unique, inverse = torch.unique(rows, return_inverse=True)  # on the device
+        (unique_host,) = self.staging.to_host("pre_lookup", unique)  # a second device-to-host copy
+        leaf = self.staging.to_device("pre_answer", self._backend().fetch_rows(self.pre_table, unique_host),
+                                      rows.device)  # (U, d_p)
+        if torch.is_grad_enabled():
+            leaf.requires_grad_(True)
+            self._pending.append((self.pre_table, unique, leaf))
+        return pre_value_weight(q_p, F.embedding(inverse, leaf))  # (N, J)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, D] -> y [B, T, D] (to be added to the residual after the add block)."""
@@ -510,23 +614,32 @@ class MemoryLayer(EvalCached):
         virtual = virtual.reshape(n, -1)  # (N, H*m)
         scores = scores.reshape(n, -1, h)  # (N, H*m, h)
         rows, projector = split_virtual(virtual, self.permutation, self.cfg.physical_rows)  # step 4
+        if self.cfg.shared_projector:  # DESIGN §3.3 item 2: every virtual block pools into one sum
+            projector = torch.zeros_like(projector)
         read = _Read(x.shape, x.dtype, virtual, scores, projector, s_row, s_col)
+        if self.w_p is not None:
+            read.q_p = self.w_p(xf)  # (N, d_p), DESIGN §3.3 item 3
+        e = self.cfg.pool_blocks
         if self.cfg.lookup == "pooled":  # steps 5-6 where the table lives: (N, E, d_v)
+            if read.q_p is not None:  # the backend pools with the pre-weighted scores a_j · s_j
+                scores = weight_scores(scores, self._pre_weights_now(read.q_p, rows))  # (N, H*m, h)
             if not torch.is_grad_enabled():  # decoding: overlap the hop (as rows mode)
                 token = torch.arange(n, dtype=torch.int64).repeat_interleave(rows.shape[1])  # (N*H*m,)
                 rows_h, proj_h, scores_h = self.staging.to_host(  # the one device-to-host copy
                     "lookup", rows.reshape(-1), projector.reshape(-1), scores.reshape(-1, h).detach().float())
-                answer = self._backend().pooled_async(self.table, rows_h, proj_h, token, scores_h, n,
-                                                      self.cfg.expansion)
+                answer = self._backend().pooled_async(self.table, rows_h, proj_h, token, scores_h, n, e)
                 read.pooled_future = self.staging.to_device_async("answer", answer, x.device)
             else:
-                read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, self.cfg.expansion,
+                read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, e,
                                             staging=self.staging)
         else:
             read.unique, read.inverse = torch.unique(rows, return_inverse=True)  # on the device
             (unique_host,) = self.staging.to_host("lookup", read.unique)  # the one device-to-host copy
             answer = self._backend().fetch_rows_async(self.table, unique_host)
             read.values = self.staging.to_device_async("answer", answer, x.device)
+            if self.pre_table is not None:  # P_tab rows of the same unique rows, in flight beside the values
+                pre = self._backend().fetch_rows_async(self.pre_table, unique_host)
+                read.pre_values = self.staging.to_device_async("pre_answer", pre, x.device)
         return read
 
     def finish(self, read: _Read) -> Tensor:
@@ -539,18 +652,27 @@ class MemoryLayer(EvalCached):
             o = read.pooled
         else:
             assert read.values is not None and read.unique is not None and read.inverse is not None
-            leaf = read.values.result().get()  # (U, d_v), on the device
-            if torch.is_grad_enabled():
-                leaf.requires_grad_(True)
-                self._pending.append((read.unique, leaf))
+            leaf = self._arrived(self.table, read.values, read.unique)  # (U, d_v), on the device
             values = F.embedding(read.inverse, leaf)  # (N, H*m, d_v)
-            o = pooled_sum(values, read.projector, read.scores, self.cfg.expansion)  # steps 5-6: (N, E, d_v)
+            scores = read.scores
+            if read.pre_values is not None and read.q_p is not None and self.pre_table is not None:
+                pre = F.embedding(read.inverse, self._arrived(self.pre_table, read.pre_values, read.unique))
+                scores = weight_scores(scores, pre_value_weight(read.q_p, pre))  # a_j · s_j, (N, H*m, h)
+            o = pooled_sum(values, read.projector, scores, self.cfg.pool_blocks)  # steps 5-6: (N, E, d_v)
         o = o.reshape(n, -1).to(read.dtype)  # (N, E*d_v)
         y = self.w_out(o) if self.w_out is not None else o
         if self.training:
             assert read.s_row is not None and read.s_col is not None  # the decode path is eval-only
             self._record(read.virtual, read.scores, y, read.s_row, read.s_col)
         return y.view(b, t, d)
+
+    def _arrived(self, table: str, answer: Future[Arrival], unique: Tensor) -> Tensor:
+        """Wait for a rows-mode lookup -> the leaf [U, dim] on the device (kept for its gradient)."""
+        leaf = answer.result().get()
+        if torch.is_grad_enabled():
+            leaf.requires_grad_(True)
+            self._pending.append((table, unique, leaf))
+        return leaf
 
     def after_optimizer_step(self) -> None:
         """Per-step refresh: the TDQKR rank-1 filter from the new cores."""
@@ -564,18 +686,31 @@ class MemoryLayer(EvalCached):
         return self.tucker.aux_loss(self.cfg.aux_loss_alpha)
 
     # ----------------------------------------------------------------------------- training hooks
-    def pending_grads(self) -> tuple[Tensor, Tensor] | None:
-        """Rows int64 [N] and their grads float32 [N, d_v] from every forward since the last call (then
-        forgotten), on the host, read from the device in one copy. They are views of this layer's
-        staging buffer, valid until its next `pending_grads`: copy them to keep them longer."""
-        parts = [(rows, leaf.grad) for rows, leaf in self._pending if leaf.grad is not None]
+    def pending_table_grads(self) -> list[tuple[str, Tensor, Tensor]]:
+        """(table, rows int64 [N], grads float32 [N, dim]) per table fetched in rows mode since the last
+        call (then forgotten): the value table, and P_tab with pre-values. On the host, read from the
+        device in one copy; views of this layer's staging buffer, valid until the next call."""
+        by_table: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for table, rows, leaf in self._pending:
+            if leaf.grad is not None:
+                by_table.setdefault(table, []).append((rows, leaf.grad))
         self._pending.clear()
+        parts: list[Tensor] = []
+        for got in by_table.values():
+            parts.append(torch.cat([r for r, _ in got]))  # (N,), on the device
+            parts.append(torch.cat([g.detach().float() for _, g in got]))  # (N, dim)
         if not parts:
-            return None
-        rows = torch.cat([r for r, _ in parts])  # (N,), on the device
-        grads = torch.cat([g.detach().float() for _, g in parts])  # (N, d_v)
-        rows_host, grads_host = self.staging.to_host("grads", rows, grads)  # the one device-to-host copy
-        return rows_host, grads_host
+            return []
+        host = self.staging.to_host("grads", *parts)  # the one device-to-host copy
+        return [(table, host[2 * i], host[2 * i + 1]) for i, table in enumerate(by_table)]
+
+    def pending_grads(self) -> tuple[Tensor, Tensor] | None:
+        """The value table's rows int64 [N] and grads float32 [N, d_v] of `pending_table_grads` (the
+        rest is forgotten), or None when no value row got a gradient."""
+        for table, rows, grads in self.pending_table_grads():
+            if table == self.table:
+                return rows, grads
+        return None
 
     @torch.no_grad()
     def _record(self, virtual: Tensor, scores: Tensor, y: Tensor, s_row: Tensor, s_col: Tensor) -> None:

@@ -241,8 +241,10 @@ def _memory_macs(cfg: ModelConfig) -> float:
     else:
         macs += big_h * m * m  # additive grid
     macs += big_h * m * d_v  # MCS weighting + pooling of H*m rows
+    if mem.d_p:  # pre-values (DESIGN §3.3): W_p, then one d_p dot product per selected row
+        macs += d * mem.d_p + big_h * m * mem.d_p
     if mem.uses_projection():
-        macs += mem.expansion * d_v * d  # W_out
+        macs += mem.pool_blocks * d_v * d  # W_out (E·d_v -> D, or d_v -> D with the shared projector)
     return float(macs)
 
 
@@ -258,7 +260,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         ffn = 3 * d * swiglu_hidden(d, cfg.ffn_mult)
     macs = layers * (attn + ffn) + d * cfg.vocab_size  # + tied LM head
     if cfg.has_memory:
-        macs += len(cfg.memory.placements) * _memory_macs(cfg)
+        macs += len(cfg.placements) * _memory_macs(cfg)
     return 2.0 * macs
 
 
@@ -275,7 +277,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         active -= cfg.n_layers * (cfg.moe.num_experts - cfg.moe.top_k) * 3 * cfg.d_model * hidden
     if cfg.has_memory:
         mem = cfg.memory
-        active += len(mem.placements) * mem.heads * mem.topk * mem.value_dim(cfg.d_model)
+        active += len(cfg.placements) * mem.heads * mem.topk * mem.value_dim(cfg.d_model)
     return {"total": dense + sparse, "dense": dense, "sparse": sparse, "active": active}
 
 
