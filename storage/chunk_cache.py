@@ -326,8 +326,11 @@ class CachedPartitions:
     def _update_in_chunks(self, part: np.ndarray, local: np.ndarray, order: np.ndarray,
                           update_at: RowUpdateAt) -> None:
         """update_rows(update_at=) on rows sorted by (partition, local): one `update_at` call per
-        stretch of `_stretch_rows` rows (one chunk of the finest array, a slice of the others'
-        chunks), its chunks loaded first where missing (all arrays' at once, one read per array)."""
+        stretch of `_stretch_rows` rows (one chunk of the finest array, a slice of the others').
+
+        Stretches go in batches: as many consecutive stretches as their chunks (of every array,
+        held or not) fit the budget together; a batch's held chunks become most recently used, and
+        only its missing chunks are read, one read call per array, after one round of evictions."""
         base = self._stretch_rows
         assert base is not None
         per_partition = -(-self.spec.rows_per_partition // base)
@@ -335,33 +338,46 @@ class CachedPartitions:
         starts = np.flatnonzero(code[1:] != code[:-1]) + 1
         bounds = [0, *starts.tolist(), len(code)]
         chunks, names = self._chunks, self._names
+        stretches = []  # (lo, hi, first local row, {name: chunk key})
         for i in range(len(bounds) - 1):
-            lo, hi = bounds[i], bounds[i + 1]
-            p, k = divmod(int(code[lo]), per_partition)
+            p, k = divmod(int(code[bounds[i]]), per_partition)
             first = k * base  # the stretch is local rows [first, first + base) of partition p
-            keys, missing, nbytes = [], [], 0
-            for name in names:
-                rows = self._chunk_rows[name]
-                key = (name, p * self._chunks_per_partition[name] + first // rows)
-                keys.append(key)
-                if key in chunks:
-                    chunks.move_to_end(key)  # held: most recently used, so making room never evicts it
+            keys = {n: (n, p * self._chunks_per_partition[n] + first // self._chunk_rows[n]) for n in names}
+            stretches.append((bounds[i], bounds[i + 1], first, keys))
+        nbytes = {n: self._chunk_rows[n] * self._row_bytes[n] for n in names}
+        i = 0
+        while i < len(stretches):
+            batch: dict[tuple[str, int], int] = {}  # every chunk the batch needs -> its bytes
+            need, j = 0, i
+            while j < len(stretches):
+                new = {key: nbytes[n] for n, key in stretches[j][3].items() if key not in batch}
+                if j > i and need + sum(new.values()) > self.budget_bytes:
+                    break
+                batch.update(new)
+                need += sum(new.values())
+                j += 1
+            missing: dict[str, list[int]] = {}
+            for name, c in batch:
+                if (name, c) in chunks:
+                    chunks.move_to_end((name, c))  # held: most recently used, so making room never evicts it
                 else:
-                    missing.append(key)
-                    nbytes += rows * self._row_bytes[name]
-            self._counters["hits"] += len(keys) - len(missing)
-            self._counters["misses"] += len(missing)
+                    missing.setdefault(name, []).append(c)
+            n_missing = sum(len(v) for v in missing.values())
+            self._counters["hits"] += len(batch) - n_missing
+            self._counters["misses"] += n_missing
             if missing:
-                self._make_room(nbytes)  # one write-back batch for the stretch's chunks of every array
-                for name, code_n in missing:
-                    self._load(name, [code_n])
-            arrays = {}
-            for name, key in zip(names, keys, strict=True):
-                chunk = chunks[key]
-                chunk.dirty = True
-                off = first % self._chunk_rows[name]
-                arrays[name] = chunk.data[off:off + base]
-            update_at(arrays, local[lo:hi] - first, order[lo:hi])
+                self._make_room(sum(nbytes[n] * len(c) for n, c in missing.items()))  # one write-back batch
+                for name, codes in missing.items():
+                    self._load(name, codes)  # one read call per array
+            for lo, hi, first, keys in stretches[i:j]:
+                arrays = {}
+                for name, key in keys.items():
+                    chunk = chunks[key]
+                    chunk.dirty = True
+                    off = first % self._chunk_rows[name]
+                    arrays[name] = chunk.data[off:off + base]
+                update_at(arrays, local[lo:hi] - first, order[lo:hi])
+            i = j
 
     def _missing_bytes(self, groups: Mapping[str, _Group]) -> int:
         """Bytes of the chunks (of every array) that the grouped rows need and are not held; the

@@ -201,14 +201,15 @@ def _update_at(cache, oracle, rows: np.ndarray, rng: np.random.Generator) -> Non
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(_op_in_place, min_size=1, max_size=15), dtype=st.sampled_from(["float32", "bfloat16"]),
-       budget_chunks=st.integers(1, 4), raw=st.booleans(), share=st.sampled_from([0.0, 0.3, np.inf]),
+       budget_chunks=st.integers(1, 8), raw=st.booleans(), share=st.sampled_from([0.0, 0.3, np.inf]),
        seed=st.integers(0, 2**16))
 def test_rows_read_and_written_without_loading_their_chunks_match_a_resident_oracle(ops, dtype, budget_chunks, raw,
                                                                                      share, seed):
     """write_rows(load=False), as the row cache writes its evicted rows: rows of held chunks go into
     them, the others straight into their chunk files (raw arrays; compressed ones load the chunk),
     and read_rows(load=False) (rows repeat), mixed with reads, ordinary writes, updates (in blocks,
-    and inside the held chunks with update_at) and flushes. Partial chunks and bfloat16 included."""
+    and inside the held chunks with update_at, several stretches a batch where the budget holds
+    them) and flushes. Partial chunks and bfloat16 included."""
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         store = create_table(Path(tmp) / "t", _spec(dtype), target_chunk_bytes=SMALL_CHUNKS, compress_state=not raw)
