@@ -284,10 +284,11 @@ class CachedPartitions:
         (as `HotRowCache.update_rows` does for its slots): `update_at(arrays, index, positions)`
         gets, per stretch of rows that one chunk of every array covers, {name: view of those rows
         inside the held chunks}, index int64 [k] (rows in the views) and positions int64 [k] into
-        `rows`, and changes arrays[name][index] in place. It is used when every array's chunks
-        are a whole multiple of the smallest chunks' rows (the planner's work tables: the `step`
-        array's chunk spans whole value chunks) and one chunk of every array fits the budget;
-        otherwise `update` runs on blocks as above.
+        `rows`, and changes arrays[name][index] in place; rows of sparse stretches whose chunks are
+        not held come as one block read from the chunk files (then written back in place). It is
+        used when every array's chunks are a whole multiple of the smallest chunks' rows (the
+        planner's work tables: the `step` array's chunk spans whole value chunks) and one chunk of
+        every array fits the budget; otherwise `update` runs on blocks as above.
         Raises (nothing changed): LayoutError for duplicate, out-of-range or foreign rows;
         ReadOnlyTableError when the store is open read-only.
         """
@@ -330,7 +331,10 @@ class CachedPartitions:
 
         Stretches go in batches: as many consecutive stretches as their chunks (of every array,
         held or not) fit the budget together; a batch's held chunks become most recently used, and
-        only its missing chunks are read, one read call per array, after one round of evictions."""
+        only its missing chunks are read, one read call per array, after one round of evictions.
+        A stretch with at most `in_place_read_share` of its rows and none of its chunks held is
+        not loaded: all such rows are read from the chunk files, stepped in one `update_at` call
+        (arrays then are those rows, index arange) and written back in place (raw arrays only)."""
         base = self._stretch_rows
         assert base is not None
         per_partition = -(-self.spec.rows_per_partition // base)
@@ -339,11 +343,25 @@ class CachedPartitions:
         bounds = [0, *starts.tolist(), len(code)]
         chunks, names = self._chunks, self._names
         stretches = []  # (lo, hi, first local row, {name: chunk key})
+        sparse = []  # rows of stretches with few rows and no chunk held: stepped in place, row by row
+        in_place = all(self.io.writes_in_place(n) for n in names)
         for i in range(len(bounds) - 1):
             p, k = divmod(int(code[bounds[i]]), per_partition)
             first = k * base  # the stretch is local rows [first, first + base) of partition p
             keys = {n: (n, p * self._chunks_per_partition[n] + first // self._chunk_rows[n]) for n in names}
-            stretches.append((bounds[i], bounds[i + 1], first, keys))
+            lo, hi = bounds[i], bounds[i + 1]
+            if in_place and hi - lo <= base * self.in_place_read_share and not any(k in chunks for k in keys.values()):
+                sparse.append(np.arange(lo, hi))
+            else:
+                stretches.append((lo, hi, first, keys))
+        if sparse:  # first: the chunks loaded below then read what these rows wrote
+            sel = np.concatenate(sparse)
+            block = {n: self.io.read_rows(n, part[sel], local[sel]) for n in names}
+            update_at(block, np.arange(len(sel)), order[sel])
+            for n in names:
+                self.io.write_rows(n, part[sel], local[sel], block[n])
+            self._counters["rows_read_in_place"] += len(sel) * len(names)
+            self._counters["rows_written_in_place"] += len(sel) * len(names)
         nbytes = {n: self._chunk_rows[n] * self._row_bytes[n] for n in names}
         i = 0
         while i < len(stretches):

@@ -148,8 +148,8 @@ class HotRowCache:
                 if admit.size:
                     put(miss[admit], self._install(u[miss[admit]], slots, None))
                 rest = np.delete(miss, admit)
-                if rest.size:
-                    put(rest, self.lower.read_rows(self._global(u[rest]), names))
+                if rest.size:  # chunks with few of these rows are not loaded: rows read from the files
+                    put(rest, self.lower.read_rows(self._global(u[rest]), names, load=False))
             return out if dest is not None else {n: a[inv] for n, a in out.items()}
 
     def write_rows(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
