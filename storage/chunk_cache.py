@@ -285,7 +285,7 @@ class CachedPartitions:
         gets, per stretch of rows that one chunk of every array covers, {name: view of those rows
         inside the held chunks}, index int64 [k] (rows in the views) and positions int64 [k] into
         `rows`, and changes arrays[name][index] in place; rows of sparse stretches whose chunks are
-        not held come as one block read from the chunk files (then written back in place). It is
+        not all held come as one block read from the chunk files (then written back in place). It is
         used when every array's chunks are a whole multiple of the smallest chunks' rows (the
         planner's work tables: the `step` array's chunk spans whole value chunks) and one chunk of
         every array fits the budget; otherwise `update` runs on blocks as above.
@@ -332,9 +332,10 @@ class CachedPartitions:
         Stretches go in batches: as many consecutive stretches as their chunks (of every array,
         held or not) fit the budget together; a batch's held chunks become most recently used, and
         only its missing chunks are read, one read call per array, after one round of evictions.
-        A stretch with at most `in_place_read_share` of its rows and none of its chunks held is
-        not loaded: all such rows are read from the chunk files, stepped in one `update_at` call
-        (arrays then are those rows, index arange) and written back in place (raw arrays only)."""
+        A stretch with at most `in_place_read_share` of its rows and not all of its chunks held
+        is not loaded: all such rows are read (from the held chunks, else from the chunk files),
+        stepped in one `update_at` call (arrays then are those rows, index arange) and written
+        back the same way (raw arrays only)."""
         base = self._stretch_rows
         assert base is not None
         per_partition = -(-self.spec.rows_per_partition // base)
@@ -350,18 +351,22 @@ class CachedPartitions:
             first = k * base  # the stretch is local rows [first, first + base) of partition p
             keys = {n: (n, p * self._chunks_per_partition[n] + first // self._chunk_rows[n]) for n in names}
             lo, hi = bounds[i], bounds[i + 1]
-            if in_place and hi - lo <= base * self.in_place_read_share and not any(k in chunks for k in keys.values()):
+            if in_place and hi - lo <= base * self.in_place_read_share and not all(k in chunks for k in keys.values()):
                 sparse.append(np.arange(lo, hi))
             else:
                 stretches.append((lo, hi, first, keys))
         if sparse:  # first: the chunks loaded below then read what these rows wrote
             sel = np.concatenate(sparse)
-            block = {n: self.io.read_rows(n, part[sel], local[sel]) for n in names}
+            p_sel, l_sel = part[sel], local[sel]
+            groups = self._groups(names, p_sel, l_sel)  # sorted rows: no sort
+            block = {}
+            for n in names:  # rows of held chunks from RAM, the others from the chunk files
+                t = self._templates[n]
+                block[n] = np.empty((len(sel), *t.shape[1:]), dtype=t.dtype)
+                self._in_place(n, groups[n], block[n], p_sel, l_sel, write=False)
             update_at(block, np.arange(len(sel)), order[sel])
             for n in names:
-                self.io.write_rows(n, part[sel], local[sel], block[n])
-            self._counters["rows_read_in_place"] += len(sel) * len(names)
-            self._counters["rows_written_in_place"] += len(sel) * len(names)
+                self._in_place(n, groups[n], block[n], p_sel, l_sel, write=True)
         nbytes = {n: self._chunk_rows[n] * self._row_bytes[n] for n in names}
         i = 0
         while i < len(stretches):
