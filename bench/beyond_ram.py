@@ -245,7 +245,7 @@ class _Leg:
         if timed:
             d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in (
                 "cache_hits", "cache_misses", "cache_row_hits", "cache_row_misses", "cache_io_read_s",
-                "cache_io_write_s", "cache_bytes_loaded", "cache_bytes_written_back")}
+                "cache_io_write_s", "cache_io_read_bytes", "cache_io_write_bytes")}
             self.passes.setdefault(label, []).append(
                 {"seconds": wall, "cpu_s": cpu, "rows": float(sum(u.size for u in steps)), **d})
 
@@ -262,8 +262,8 @@ class _Leg:
             "rows_per_s": p[0]["rows"] / sec, "cache_hit_rate": rate("cache_hits", "cache_misses"),
             "row_hit_rate": rate("cache_row_hits", "cache_row_misses"),
             "cpu_s_per_million_rows": statistics.median(x["cpu_s"] / x["rows"] * 1e6 for x in p)}
-        for k, name in (("cache_io_read_s", "io_read_s"), ("cache_io_write_s", "io_write_s"),
-                        ("cache_bytes_loaded", "io_read_bytes"), ("cache_bytes_written_back", "io_write_bytes")):
+        for k, name in (("cache_io_read_s", "io_read_s"), ("cache_io_write_s", "io_write_s"),  # chunks and rows
+                        ("cache_io_read_bytes", "io_read_bytes"), ("cache_io_write_bytes", "io_write_bytes")):
             out[f"{name}_per_step"] = statistics.median(x[k] for x in p) / n_steps
         return out
 
@@ -510,8 +510,9 @@ def _print_stream(label: str, r: dict[str, Any]) -> None:
         print(f"    {leg:8s} {x['tokens_per_s']:10,.0f} tokens/s (memory path)  {x['steps_per_s']:6.2f} steps/s  "
               f"{x['cpu_s_per_million_rows']:.2f} CPU-s/M rows{hit}; chunk I/O {x['io_read_s_per_step'] * 1e3:.1f} ms "
               f"read + {x['io_write_s_per_step'] * 1e3:.1f} ms write per step")
+    over = r["cached_over_floor_time"]  # None when the cache moved no bytes at all
     print(f"    cached / resident = {r['cached_over_resident']:.3f}x; disk floor for the bytes moved "
-          f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {r['cached_over_floor_time']:.1f}x floor; "
+          f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {'-' if over is None else f'{over:.1f}'}x floor; "
           f"target {r['target']}: {'met' if r['target_met'] else 'MISSED'}")
 
 

@@ -493,7 +493,8 @@ class CachedPartitions:
         rows_written, rows_read_in_place / rows_written_in_place (`read_rows` / `write_rows` with
         load=False, from or into chunk files: one per row and array), bytes_loaded,
         bytes_written_back, and the chunk I/O's io_read_s, io_write_s (seconds spent in the store),
-        io_read_ops, io_write_ops, io_open_files, the engines: io_<engine>_arrays (arrays each
+        io_read_bytes, io_write_bytes (whole chunks and single rows), io_read_ops, io_write_ops,
+        io_open_files, the engines: io_<engine>_arrays (arrays each
         engine serves) and io_engine.<array>.<engine> = 1."""
         with self._lock:
             c = dict(self._counters)
@@ -502,6 +503,7 @@ class CachedPartitions:
             engines = self.io.engines
             return {
                 "io_read_s": io["read_s"], "io_write_s": io["write_s"],
+                "io_read_bytes": io["read_bytes"], "io_write_bytes": io["write_bytes"],
                 "io_read_ops": io["read_ops"], "io_write_ops": io["write_ops"],
                 "io_open_files": self.io.open_files(),
                 **{f"io_{e}_arrays": sum(1 for v in engines.values() if v == e) for e in ENGINES},
