@@ -565,28 +565,27 @@ class MemoryLayer(EvalCached):
 
     def fetch(self, rows: Tensor) -> Tensor:
         """Fetch the rows [N, J] through the backend -> values [N, J, d_v] (grad lands on a leaf)."""
+        return self._fetch_table(self.table, rows, "lookup", "answer")
+
+    def _fetch_table(self, table: str, rows: Tensor, lookup_key: str, answer_key: str) -> Tensor:
+        """Rows [N, J] of `table` through the backend -> [N, J, width]: unique rows in one
+        device-to-host copy (staging `lookup_key`), the answer back through `answer_key`; with grad
+        enabled the answer is a leaf whose gradient is pushed after backward (`_pending`)."""
         unique, inverse = torch.unique(rows, return_inverse=True)  # on the device
-        (unique_host,) = self.staging.to_host("lookup", unique)  # the one device-to-host copy
-        leaf = self.staging.to_device("answer", self._backend().fetch_rows(self.table, unique_host),
-                                      rows.device)  # (U, d_v)
+        (unique_host,) = self.staging.to_host(lookup_key, unique)  # the one device-to-host copy
+        leaf = self.staging.to_device(answer_key, self._backend().fetch_rows(table, unique_host),
+                                      rows.device)  # (U, width)
         if torch.is_grad_enabled():
             leaf.requires_grad_(True)
-            self._pending.append((self.table, unique, leaf))
-        return F.embedding(inverse, leaf)  # (N, J, d_v)
+            self._pending.append((table, unique, leaf))
+        return F.embedding(inverse, leaf)  # (N, J, width)
 
     def _pre_weights_now(self, q_p: Tensor, rows: Tensor) -> Tensor:
         """Pooled mode with pre-values: fetch the selected P_tab rows now (the worker computes the
         weights until shards score pre-values themselves) -> a [N, J] (prevalues.pre_value_weight).
         The rows' gradients are pushed after backward like rows-mode values (`pending_table_grads`)."""
         assert self.pre_table is not None
-        unique, inverse = torch.unique(rows, return_inverse=True)  # on the device
-        (unique_host,) = self.staging.to_host("pre_lookup", unique)  # a second device-to-host copy
-        leaf = self.staging.to_device("pre_answer", self._backend().fetch_rows(self.pre_table, unique_host),
-                                      rows.device)  # (U, d_p)
-        if torch.is_grad_enabled():
-            leaf.requires_grad_(True)
-            self._pending.append((self.pre_table, unique, leaf))
-        return pre_value_weight(q_p, F.embedding(inverse, leaf))  # (N, J)
+        return pre_value_weight(q_p, self._fetch_table(self.pre_table, rows, "pre_lookup", "pre_answer"))  # (N, J)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, D] -> y [B, T, D] (to be added to the residual after the add block)."""
