@@ -98,8 +98,8 @@ class ModelConfig:
 
     @property
     def remote_ready(self) -> bool:
-        """Whether the sharded (remote) value backend serves this model: not yet with pre-value
-        tables (UltraMemV2), whose scoring is not on the shards; they train and serve in-process."""
+        """Whether `ultramem serve` serves this model from read-only shards: not yet with pre-value
+        tables (UltraMemV2). Training on the shards takes every model (the shards score pre-values)."""
         return not (self.has_memory and (self.ffn_kind == "ultramem_v2" or self.memory.d_p))
 
 

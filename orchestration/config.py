@@ -158,12 +158,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def require_remote_ready(model: ModelConfig) -> None:
-    """ConfigError unless the sharded value backend can serve `model` (training on Ray, serving)."""
+    """ConfigError unless `ultramem serve` (read-only shards, remote pooled lookups) serves `model`.
+    Training on the shards takes every model: UltraMemV2 pre-values are scored on the shards."""
     if not model.remote_ready:
         raise ConfigError(
-            "ultramem_v2 needs the local backend for now: the shards do not serve pre-value tables yet "
-            f"(model.ffn_kind={model.ffn_kind!r}, model.memory.d_p={model.memory.d_p}); train with "
-            "`ultramem train --local` and sample with `ultramem generate`"
+            "ultramem serve does not serve ultramem_v2 (pre-value) checkpoints yet "
+            f"(model.ffn_kind={model.ffn_kind!r}, model.memory.d_p={model.memory.d_p}); sample with "
+            "`ultramem generate`"
         )
 
 

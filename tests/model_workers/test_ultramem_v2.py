@@ -304,18 +304,17 @@ def test_tiny_v2_trains_locally_and_its_checkpoint_generates_through_pooled_look
     served.eval()
     with torch.no_grad():
         torch.testing.assert_close(served(tokens).logits, trainer.model(tokens).logits, rtol=1e-4, atol=1e-5)
+    from orchestration.cli import main  # `ultramem serve` refuses it with a one-line error, before any shard
+
+    assert main(["serve", "--checkpoint", str(result.checkpoint), "--port", "0"]) == 2
 
 
-def test_the_remote_backend_refuses_v2_with_a_config_error(tmp_path: Path):
-    from orchestration.cli import main
-
+def test_serving_refuses_v2_with_a_config_error_while_training_on_shards_is_allowed():
     v2 = load_config(preset="tiny_v2")
-    with pytest.raises(ConfigError, match="ultramem_v2 needs the local backend for now"):
+    with pytest.raises(ConfigError, match="ultramem serve does not serve ultramem_v2"):
         require_remote_ready(v2.model)
     require_remote_ready(load_config(preset="tiny").model)  # v1 is served remotely
     mem = replace(load_config(preset="tiny").model.memory, d_p=3)  # pre-values on a v1 layer too
-    with pytest.raises(ConfigError, match="needs the local backend"):
+    with pytest.raises(ConfigError, match="does not serve ultramem_v2"):
         require_remote_ready(replace(load_config(preset="tiny").model, memory=mem))
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny_v2", "--out", str(out), "--no-progress"]) == 2
-    assert not out.exists()  # refused before anything was made
+    # training on shards takes V2 (the shards score pre-values): tests/e2e/test_distributed_v2.py
