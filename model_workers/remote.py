@@ -72,9 +72,15 @@ class RemoteBackend(ValueBackend):
     def tables(self) -> dict[str, TableSpec]:
         return dict(self._specs)
 
-    def min_step(self) -> int | None:
-        """The step whose pushes a lookup must see applied now (None: nothing to wait for)."""
-        wanted = self.last_pushed_step - self.staleness
+    def min_step(self, step: int | None = None) -> int | None:
+        """The step whose pushes a lookup must see applied now (None: nothing to wait for).
+
+        `step`: the lookup belongs to this step's backward (a pooled backward), so it waits for the
+        steps before it only: with several memory layers the first backward of a step has already
+        sent this step's update of its own table, and the next one must not wait for its own.
+        """
+        newest = self.last_pushed_step if step is None else min(self.last_pushed_step, step - 1)
+        wanted = newest - self.staleness
         return wanted if wanted >= 0 else None
 
     def fetch_rows(self, table: str, rows: torch.Tensor) -> torch.Tensor:
@@ -123,7 +129,7 @@ class RemoteBackend(ValueBackend):
         """PooledBackward at the step and value LR of begin_step: dL/do [T, E, d_v] -> dL/ds [n, h]."""
         step, lr = self.step_lr()
         grad_scores = self.client.pooled_backward(table, _ids(rows), _ids(projector), _ids(token), _f32(scores),
-                                                  _f32(grad_out), lr=lr, step=step, min_step=self.min_step())
+                                                  _f32(grad_out), lr=lr, step=step, min_step=self.min_step(step))
         self.last_pushed_step = max(self.last_pushed_step, step)
         return torch.from_numpy(np.ascontiguousarray(grad_scores, dtype=np.float32))
 
@@ -135,7 +141,7 @@ class RemoteBackend(ValueBackend):
         step, lr = self.step_lr()
         grad_scores, grad_q = self.client.pooled_backward_pre(
             table, pre_table, _ids(rows), _ids(projector), _ids(token), _f32(scores), _f32(q_p), _f32(grad_out),
-            lr=lr, step=step, min_step=self.min_step())
+            lr=lr, step=step, min_step=self.min_step(step))
         self.last_pushed_step = max(self.last_pushed_step, step)
         return (torch.from_numpy(np.ascontiguousarray(grad_scores, dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(grad_q, dtype=np.float32)))

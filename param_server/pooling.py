@@ -146,10 +146,14 @@ def pre_value_backward(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, rows
     d_p = q_p.shape[1]
     grad_scores = (grad_weighted * a[:, None]).astype(np.float32, copy=False)  # (n, h)
     g = np.einsum("nh,nh->n", scores, grad_weighted).astype(np.float32, copy=False)[:, None]  # (n, 1) dL/da
-    to_q = torch.from_numpy(g * pre.astype(np.float32, copy=False))  # (n, d_p), fresh arrays: writable
-    to_pre = torch.from_numpy(g * q_p[q_pos])  # (n, d_p)
-    grad_q = torch.zeros((q_p.shape[0], d_p), dtype=torch.float32).index_add_(0, torch.from_numpy(q_pos), to_q)
-    unique, inverse = np.unique(rows, return_inverse=True)
+    # sums in row order (stable), whatever order the entries came in: a client sends each shard its
+    # entries sorted by row, so one shard and the in-process backend add in the same order
+    order = np.argsort(rows, kind="stable")
+    rows_o, q_pos_o, g_o = rows[order], q_pos[order], g[order]
+    to_q = torch.from_numpy(g_o * pre[order].astype(np.float32, copy=False))  # (n, d_p), fresh: writable
+    to_pre = torch.from_numpy(g_o * q_p[q_pos_o])  # (n, d_p)
+    grad_q = torch.zeros((q_p.shape[0], d_p), dtype=torch.float32).index_add_(0, torch.from_numpy(q_pos_o), to_q)
+    unique, inverse = np.unique(rows_o, return_inverse=True)
     grad_pre = torch.zeros((unique.shape[0], d_p), dtype=torch.float32)
     grad_pre.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False)), to_pre)
     return grad_scores, grad_q.numpy(), unique.astype(np.int64, copy=False), grad_pre.numpy()
