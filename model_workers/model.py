@@ -96,12 +96,6 @@ class ModelConfig:
         () without memory."""
         return self.memory.placements_for(self.n_layers) if self.has_memory else ()
 
-    @property
-    def remote_ready(self) -> bool:
-        """Whether `ultramem serve` serves this model from read-only shards: not yet with pre-value
-        tables (UltraMemV2). Training on the shards takes every model (the shards score pre-values)."""
-        return not (self.has_memory and (self.ffn_kind == "ultramem_v2" or self.memory.d_p))
-
 
 @dataclass
 class ModelOutput:

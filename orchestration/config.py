@@ -157,17 +157,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def require_remote_ready(model: ModelConfig) -> None:
-    """ConfigError unless `ultramem serve` (read-only shards, remote pooled lookups) serves `model`.
-    Training on the shards takes every model: UltraMemV2 pre-values are scored on the shards."""
-    if not model.remote_ready:
-        raise ConfigError(
-            "ultramem serve does not serve ultramem_v2 (pre-value) checkpoints yet "
-            f"(model.ffn_kind={model.ffn_kind!r}, model.memory.d_p={model.memory.d_p}); sample with "
-            "`ultramem generate`"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # sources: presets, files, overrides
 
