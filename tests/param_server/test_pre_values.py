@@ -26,6 +26,7 @@ from param_server.update_log import UpdateLog
 from protos.ultramem.v1 import memory_pb2 as pb
 from protos.ultramem.v1 import memory_pb2_grpc as pb_grpc
 from storage.layout import TableSpec, init_partition_values
+from storage.table_store import create_table, open_table
 
 Code = grpc.StatusCode
 P, NP, D_V, D_P = 24, 3, 6, 4
@@ -291,3 +292,44 @@ def test_good_pre_value_requests_after_bad_ones_answer_and_update_both_tables(se
     after = _state(shard)
     assert after[0][V_SPEC.name] != before[0][V_SPEC.name] and after[0][P_SPEC.name] != before[0][P_SPEC.name]
     assert after[1:] == (1, 0, 0)
+
+
+def test_pre_values_beyond_the_ram_budget_answer_like_resident_ones(tmp_path):
+    # both tables of a layer partly (values: 1 of 3 partitions in RAM) or wholly (pre-values) through the
+    # chunk cache (chunks of 8 rows, a budget of a few chunks) give the same sums, gradients and final
+    # state (optimizer state included) as resident ones
+    specs = [TableSpec(name=s.name, rows=P, dim=s.dim, num_partitions=NP, optimizer="adamw", init_std=0.5,
+                       seed=s.seed) for s in (V_SPEC, P_SPEC)]
+    for spec in specs:
+        create_table(tmp_path / spec.name, spec, initialize=True, target_chunk_bytes=8 * spec.dim * 4)
+    resident = Shard(ShardConfig(wait_timeout_s=5), shard_id=0)
+    cached = Shard(ShardConfig(ram_budget_bytes=1600, cache_share=0.5, wait_timeout_s=5), shard_id=1)
+    rng = np.random.default_rng(11)
+    try:
+        for spec in specs:
+            resident.load_table(open_table(tmp_path / spec.name), range(NP))
+            cached.load_table(open_table(tmp_path / spec.name, "r+"), range(NP))
+        assert len(cached.cached_partitions(V_SPEC.name)) == 2 and len(cached.cached_partitions(P_SPEC.name)) == 3
+        for step in range(3):
+            rows, projector, token, scores = _entries(rng, 30, np.arange(P), 2, 2, 5)
+            tokens = np.unique(token)
+            q_p = rng.standard_normal((tokens.shape[0], D_P)).astype(np.float32)
+            grad_out = rng.standard_normal((tokens.shape[0], 2, D_V)).astype(np.float32)
+            answers = []
+            for shard in (resident, cached):
+                shard.drain()
+                sums = shard.pooled_gather(V_SPEC.name, rows, projector, token, scores, 2, pre_table=P_SPEC.name,
+                                           q_p=q_p, tokens_touched=tokens)
+                back = shard.pooled_backward_pre(V_SPEC.name, P_SPEC.name, 0, step + 1, step, 0.1, rows, projector,
+                                                 token, scores, q_p, grad_out, tokens, 2)
+                answers.append((*sums, *back))
+            for a, b in zip(*answers, strict=True):
+                np.testing.assert_array_equal(a, b)
+        for spec in specs:
+            for a, b in zip(resident.export_partitions(spec.name).values(),
+                            cached.export_partitions(spec.name).values(), strict=True):
+                for k in a:
+                    np.testing.assert_array_equal(a[k], b[k], err_msg=f"{spec.name} {k}")
+    finally:
+        resident.close()
+        cached.close()
