@@ -10,7 +10,8 @@ MCS: a value row is h slices of d_v/h; slice c is weighted by the core score s_c
 Two ways to run steps 5-6 (`MemoryConfig.lookup`): rows mode fetches the selected rows and pools
 them here (`pooled_sum`, autograd gives the row gradients, pushed after backward); pooled mode
 (`pooled_lookup`) lets the value backend pool where the table lives and exchanges only partial
-sums [T, E, d_v] and score gradients [T*J, h] (DESIGN §4.2 PooledGather / PooledBackward).
+sums [T, E, d_v] and score gradients [T*J, h] (DESIGN §4.2 PooledGather / PooledBackward); with
+UltraMemV2 pre-values also the projected queries q_p [T, d_p] out and dL/dq_p back (DESIGN §3.3).
 
 Legend: T tokens, J = H*m selected slots per token, E projectors, h cores, d_v value width.
 """
