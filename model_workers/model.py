@@ -96,12 +96,6 @@ class ModelConfig:
         () without memory."""
         return self.memory.placements_for(self.n_layers) if self.has_memory else ()
 
-    @property
-    def remote_ready(self) -> bool:
-        """Whether the sharded (remote) value backend serves this model: not yet with pre-value
-        tables (UltraMemV2), whose scoring is not on the shards; they train and serve in-process."""
-        return not (self.has_memory and (self.ffn_kind == "ultramem_v2" or self.memory.d_p))
-
 
 @dataclass
 class ModelOutput:

@@ -72,9 +72,15 @@ class RemoteBackend(ValueBackend):
     def tables(self) -> dict[str, TableSpec]:
         return dict(self._specs)
 
-    def min_step(self) -> int | None:
-        """The step whose pushes a lookup must see applied now (None: nothing to wait for)."""
-        wanted = self.last_pushed_step - self.staleness
+    def min_step(self, step: int | None = None) -> int | None:
+        """The step whose pushes a lookup must see applied now (None: nothing to wait for).
+
+        `step`: the lookup belongs to this step's backward (a pooled backward), so it waits for the
+        steps before it only: with several memory layers the first backward of a step has already
+        sent this step's update of its own table, and the next one must not wait for its own.
+        """
+        newest = self.last_pushed_step if step is None else min(self.last_pushed_step, step - 1)
+        wanted = newest - self.staleness
         return wanted if wanted >= 0 else None
 
     def fetch_rows(self, table: str, rows: torch.Tensor) -> torch.Tensor:
@@ -97,30 +103,48 @@ class RemoteBackend(ValueBackend):
         self.last_pushed_step = max(self.last_pushed_step, int(step))
 
     def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
-               scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
-        """PooledGather: rows/projector/token int64 [n], scores [n, h] -> float32 [T, E, d_v] (shard-summed)."""
+               scores: torch.Tensor, num_tokens: int, num_projectors: int, *, pre_table: str | None = None,
+               q_p: torch.Tensor | None = None) -> torch.Tensor:
+        """PooledGather: rows/projector/token int64 [n], scores [n, h] (and with pre-values q_p [T, d_p],
+        scored by the shards) -> float32 [T, E, d_v] (shard-summed)."""
         r = _ids(rows)
         out = self.client.pooled_gather(table, r, _ids(projector), _ids(token), _f32(scores), int(num_tokens),
-                                        int(num_projectors), min_step=self.min_step(), wire_dtype=self.wire_dtype)
+                                        int(num_projectors), min_step=self.min_step(), wire_dtype=self.wire_dtype,
+                                        pre_table=pre_table, q_p=None if q_p is None else _f32(q_p))
         self._observe(table, r.size)  # entries looked up (no row travels)
         return torch.from_numpy(out)
 
     def pooled_async(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
-                     scores: torch.Tensor, num_tokens: int, num_projectors: int) -> Future[torch.Tensor]:
+                     scores: torch.Tensor, num_tokens: int, num_projectors: int, *, pre_table: str | None = None,
+                     q_p: torch.Tensor | None = None) -> Future[torch.Tensor]:
         """`pooled` on a lookup thread (forward without autograd, i.e. decoding): a memory layer
         starts it at its read block and waits after its add block, so the dense blocks in between run
         while the partial sums travel (as `fetch_rows_async` does for rows mode)."""
         return self._lookups.submit(self.pooled, table, rows.detach().cpu(), projector.detach().cpu(),
-                                    token.detach().cpu(), scores.detach().cpu(), num_tokens, num_projectors)
+                                    token.detach().cpu(), scores.detach().cpu(), num_tokens, num_projectors,
+                                    pre_table=pre_table, q_p=None if q_p is None else q_p.detach().cpu().clone())
 
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """PooledBackward at the step and value LR of begin_step: dL/do [T, E, d_v] -> dL/ds [n, h]."""
         step, lr = self.step_lr()
         grad_scores = self.client.pooled_backward(table, _ids(rows), _ids(projector), _ids(token), _f32(scores),
-                                                  _f32(grad_out), lr=lr, step=step, min_step=self.min_step())
+                                                  _f32(grad_out), lr=lr, step=step, min_step=self.min_step(step))
         self.last_pushed_step = max(self.last_pushed_step, step)
         return torch.from_numpy(np.ascontiguousarray(grad_scores, dtype=np.float32))
+
+    def pooled_backward_pre(self, table: str, pre_table: str, rows: torch.Tensor, projector: torch.Tensor,
+                            token: torch.Tensor, scores: torch.Tensor, q_p: torch.Tensor, grad_out: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PooledBackward with pre-values: dL/do -> (dL/ds [n, h], dL/dq_p [T, d_p]); the shards update
+        the rows of both tables at the step and value LR of begin_step."""
+        step, lr = self.step_lr()
+        grad_scores, grad_q = self.client.pooled_backward_pre(
+            table, pre_table, _ids(rows), _ids(projector), _ids(token), _f32(scores), _f32(q_p), _f32(grad_out),
+            lr=lr, step=step, min_step=self.min_step(step))
+        self.last_pushed_step = max(self.last_pushed_step, step)
+        return (torch.from_numpy(np.ascontiguousarray(grad_scores, dtype=np.float32)),
+                torch.from_numpy(np.ascontiguousarray(grad_q, dtype=np.float32)))
 
     def flush(self) -> None:
         """Wait until every push sent so far has been queued by its shard."""

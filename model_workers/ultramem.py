@@ -580,13 +580,6 @@ class MemoryLayer(EvalCached):
             self._pending.append((table, unique, leaf))
         return F.embedding(inverse, leaf)  # (N, J, width)
 
-    def _pre_weights_now(self, q_p: Tensor, rows: Tensor) -> Tensor:
-        """Pooled mode with pre-values: fetch the selected P_tab rows now (the worker computes the
-        weights until shards score pre-values themselves) -> a [N, J] (prevalues.pre_value_weight).
-        The rows' gradients are pushed after backward like rows-mode values (`pending_table_grads`)."""
-        assert self.pre_table is not None
-        return pre_value_weight(q_p, self._fetch_table(self.pre_table, rows, "pre_lookup", "pre_answer"))  # (N, J)
-
     def forward(self, x: Tensor) -> Tensor:
         """x [B, T, D] -> y [B, T, D] (to be added to the residual after the add block)."""
         return self.finish(self.begin(x))
@@ -620,17 +613,19 @@ class MemoryLayer(EvalCached):
             read.q_p = self.w_p(xf)  # (N, d_p), DESIGN §3.3 item 3
         e = self.cfg.pool_blocks
         if self.cfg.lookup == "pooled":  # steps 5-6 where the table lives: (N, E, d_v)
-            if read.q_p is not None:  # the backend pools with the pre-weighted scores a_j · s_j
-                scores = weight_scores(scores, self._pre_weights_now(read.q_p, rows))  # (N, H*m, h)
+            # with pre-values the backend also gets q_p and weighs each slot by ⟨q_p, P_tab[row]⟩ itself
+            pre_table = self.pre_table if read.q_p is not None else None
             if not torch.is_grad_enabled():  # decoding: overlap the hop (as rows mode)
                 token = torch.arange(n, dtype=torch.int64).repeat_interleave(rows.shape[1])  # (N*H*m,)
-                rows_h, proj_h, scores_h = self.staging.to_host(  # the one device-to-host copy
-                    "lookup", rows.reshape(-1), projector.reshape(-1), scores.reshape(-1, h).detach().float())
-                answer = self._backend().pooled_async(self.table, rows_h, proj_h, token, scores_h, n, e)
+                q_p = () if read.q_p is None else (read.q_p.detach().float(),)
+                host = self.staging.to_host(  # the one device-to-host copy
+                    "lookup", rows.reshape(-1), projector.reshape(-1), scores.reshape(-1, h).detach().float(), *q_p)
+                pre = {} if pre_table is None else {"pre_table": pre_table, "q_p": host[3]}
+                answer = self._backend().pooled_async(self.table, host[0], host[1], token, host[2], n, e, **pre)
                 read.pooled_future = self.staging.to_device_async("answer", answer, x.device)
             else:
                 read.pooled = pooled_lookup(self._backend(), self.table, rows, projector, scores, e,
-                                            staging=self.staging)
+                                            staging=self.staging, pre_table=pre_table, q_p=read.q_p)
         else:
             read.unique, read.inverse = torch.unique(rows, return_inverse=True)  # on the device
             (unique_host,) = self.staging.to_host("lookup", read.unique)  # the one device-to-host copy

@@ -27,7 +27,7 @@ import torch
 
 from param_server.optimizers import SparseOptimizer, SparseOptimizerConfig, make_optimizer, sum_duplicates
 from param_server.pooling import pooled_backward as pooled_backward_rows
-from param_server.pooling import pooled_sum
+from param_server.pooling import pooled_sum, pre_value_backward, pre_value_scores
 from storage.layout import TableSpec, init_partition_values, numpy_dtype, state_layout
 
 
@@ -87,10 +87,12 @@ class ValueBackend(ABC):
         return _answered(self.fetch_rows, table, rows)
 
     def pooled_async(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
-                     scores: torch.Tensor, num_tokens: int, num_projectors: int) -> Future[torch.Tensor]:
+                     scores: torch.Tensor, num_tokens: int, num_projectors: int, *, pre_table: str | None = None,
+                     q_p: torch.Tensor | None = None) -> Future[torch.Tensor]:
         """`pooled` started now, answered later (decoding, without autograd: a memory layer overlaps
         it with the dense blocks before its add block, as `fetch_rows_async`). In-process: at once."""
-        return _answered(self.pooled, table, rows, projector, token, scores, num_tokens, num_projectors)
+        return _answered(lambda: self.pooled(table, rows, projector, token, scores, num_tokens, num_projectors,
+                                             pre_table=pre_table, q_p=q_p))
 
     @abstractmethod
     def push_grads(self, table: str, rows: torch.Tensor, grads: torch.Tensor, lr: float, step: int) -> None:
@@ -116,13 +118,24 @@ class ValueBackend(ABC):
         return self._step_lr
 
     def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
-               scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
+               scores: torch.Tensor, num_tokens: int, num_projectors: int, *, pre_table: str | None = None,
+               q_p: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled lookup (DESIGN §3.1 step 6 where the table lives).
 
         rows/projector/token int64 [n], scores float32 [n, h] -> float32 [T = num_tokens, E, d_v] with
         o[t, p, slice c] = sum_j [projector_j = p][token_j = t] * scores[j, c] * V[rows_j, slice c].
+        With pre-values (DESIGN §3.3): `pre_table` names P_tab of `table`, q_p float32 [T, d_p] is each
+        token's projected query, and scores[j] is weighted by a_j = <q_p[token_j], P_tab[rows_j]> first.
         """
         raise NotImplementedError(f"{type(self).__name__} has no pooled mode; use memory.lookup = 'rows'")
+
+    def pooled_backward_pre(self, table: str, pre_table: str, rows: torch.Tensor, projector: torch.Tensor,
+                            token: torch.Tensor, scores: torch.Tensor, q_p: torch.Tensor, grad_out: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of `pooled` with pre-values: dL/do [T, E, d_v] -> (dL/ds float32 [n, h], dL/dq_p
+        float32 [T, d_p]) (param_server.pooling.pre_value_backward), and the rows of both tables updated
+        (the same optimizer, step and value LR) as `pooled_backward` does for V."""
+        raise NotImplementedError(f"{type(self).__name__} has no pooled pre-values; use memory.lookup = 'rows'")
 
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -227,11 +240,16 @@ class LocalBackend(ValueBackend):
         t.optimizer.step(t.values, t.state, unique, summed, float(lr))
 
     def pooled(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
-               scores: torch.Tensor, num_tokens: int, num_projectors: int) -> torch.Tensor:
-        """In-process pooled lookup with the shard's own math (param_server.pooling.pooled_sum)."""
+               scores: torch.Tensor, num_tokens: int, num_projectors: int, *, pre_table: str | None = None,
+               q_p: torch.Tensor | None = None) -> torch.Tensor:
+        """In-process pooled lookup with the shard's own math (param_server.pooling.pooled_sum, and
+        pre_value_scores with pre-values)."""
         t = self._table(table)
         r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, num_tokens, num_projectors)
         out = np.zeros((num_tokens, num_projectors, t.spec.dim), dtype=np.float32)
+        if pre_table is not None or q_p is not None:
+            t_pre, q = self._pre_args(t, pre_table, q_p, num_tokens)
+            _, s = pre_value_scores(t_pre.values[r], q, tok, s)  # s' = a * s, (n, h)
         if r.size:
             tokens, sums = pooled_sum(t.values, p, tok, s, num_projectors, flat=r)  # (Tt,), (Tt, E, d_v)
             out[tokens] = sums
@@ -254,6 +272,41 @@ class LocalBackend(ValueBackend):
         if n:
             t.optimizer.step(t.values, t.state, unique, summed, lr)
         return torch.from_numpy(grad_scores)
+
+    def pooled_backward_pre(self, table: str, pre_table: str, rows: torch.Tensor, projector: torch.Tensor,
+                            token: torch.Tensor, scores: torch.Tensor, q_p: torch.Tensor, grad_out: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """dL/ds [n, h], dL/dq_p [T, d_p] and an immediate update of both tables (the shard's formula)."""
+        step, lr = self.step_lr()
+        t = self._table(table)
+        g_out = _float32(grad_out)
+        if g_out.ndim != 3 or g_out.shape[2] != t.spec.dim:
+            raise InvalidRowsError(f"{table}: grad_out must be [T, E, {t.spec.dim}], got {list(g_out.shape)}")
+        r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, g_out.shape[0], g_out.shape[1])
+        t_pre, q = self._pre_args(t, pre_table, q_p, g_out.shape[0])
+        if not np.isfinite(g_out).all():
+            raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
+        pre = t_pre.values[r]  # (n, d_p), P_tab before this step's update
+        a, weighted = pre_value_scores(pre, q, tok, s)
+        grad_weighted, unique, summed = pooled_backward_rows(t.values[r], r, p, tok, weighted, g_out)
+        grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(pre, q, tok, r, s, a, grad_weighted)
+        if r.size:
+            t.optimizer.step(t.values, t.state, unique, summed, lr)
+            t_pre.optimizer.step(t_pre.values, t_pre.state, pre_unique, pre_summed, lr)
+        return torch.from_numpy(grad_scores), torch.from_numpy(grad_q)
+
+    def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, num_tokens: int) -> tuple[_Table, np.ndarray]:
+        """The pre-value table of `t` and q_p float32 [T, d_p], validated."""
+        if pre_table is None or q_p is None:
+            raise InvalidRowsError(f"{t.spec.name}: pre-values need both pre_table and q_p")
+        t_pre = self._table(pre_table)
+        if (t_pre.spec.rows, t_pre.spec.num_partitions) != (t.spec.rows, t.spec.num_partitions):
+            raise InvalidRowsError(f"{pre_table} is not a pre-value table of {t.spec.name}: rows or partitions differ")
+        q = _float32(q_p)
+        if q.shape != (num_tokens, t_pre.spec.dim) or not np.isfinite(q).all():
+            raise InvalidRowsError(f"{pre_table}: q_p must be finite [{num_tokens}, {t_pre.spec.dim}], "
+                                   f"got {list(q.shape)}")
+        return t_pre, q
 
     def _pooled_args(self, t: _Table, rows: Any, projector: Any, token: Any, scores: Any, num_tokens: int,
                      num_projectors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

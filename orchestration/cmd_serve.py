@@ -177,12 +177,11 @@ def build_engine(checkpoint: Path, addresses: list[str], *, token: str | None = 
     from model_workers.model import LanguageModel
     from model_workers.remote import RemoteBackend
     from model_workers.tokenizer import Tokenizer
-    from orchestration.config import load_config, require_remote_ready
+    from orchestration.config import load_config
     from param_server.client import Client, ClientConfig
     from storage.table_store import open_table
 
     cfg = load_config(base=checkpoint_io.read_config(checkpoint))
-    require_remote_ready(cfg.model)
     tok_path = checkpoint / checkpoint_io.TOKENIZER
     if not tok_path.is_file():
         raise UsageError(f"{checkpoint} has no {checkpoint_io.TOKENIZER}")
@@ -206,7 +205,6 @@ def serve(args: argparse.Namespace) -> int:
     """Serve the checkpoint until SIGTERM/SIGINT (module docstring)."""
     from model_workers import checkpoint_io
     from model_workers.engine import EngineConfig, EngineError
-    from orchestration.config import load_config, require_remote_ready
     from orchestration.serve_http import CompletionService, HttpServer
     from param_server.auth import read_token_file
     from param_server.errors import ShardError
@@ -227,7 +225,6 @@ def serve(args: argparse.Namespace) -> int:
     try:
         try:
             checkpoint = checkpoint_io.find_checkpoint(args.checkpoint)
-            require_remote_ready(load_config(base=checkpoint_io.read_config(checkpoint)).model)  # no shard yet
             token = read_token_file(args.token_file) if args.token_file else None
             tables = table_paths(checkpoint)
             if args.shards:

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from orchestration.config import RunConfig, load_config, require_remote_ready, save_config, to_dict
+from orchestration.config import RunConfig, load_config, save_config, to_dict
 from orchestration.errors import ConfigError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ def train(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise UsageError(f"cannot resume: {err}") from None
     cfg = _resolve(args, base)
-    if not args.local:
-        require_remote_ready(cfg.model)  # before the run directory exists
     if args.out:
         run_dir = Path(args.out)
     elif found is not None:

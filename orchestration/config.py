@@ -157,16 +157,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def require_remote_ready(model: ModelConfig) -> None:
-    """ConfigError unless the sharded value backend can serve `model` (training on Ray, serving)."""
-    if not model.remote_ready:
-        raise ConfigError(
-            "ultramem_v2 needs the local backend for now: the shards do not serve pre-value tables yet "
-            f"(model.ffn_kind={model.ffn_kind!r}, model.memory.d_p={model.memory.d_p}); train with "
-            "`ultramem train --local` and sample with `ultramem generate`"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # sources: presets, files, overrides
 

@@ -50,7 +50,7 @@ from model_workers.data import prepare_corpus
 from model_workers.model import LanguageModel
 from model_workers.worker import ModelWorker, WorkerSpec
 from orchestration.cluster import LOOPBACK, Cluster, ClusterConfig, DistributedConfig
-from orchestration.config import require_remote_ready, to_dict
+from orchestration.config import to_dict
 from orchestration.coordinator import NAMESPACE, Coordinator, ShardRecord, coordinator_name
 from orchestration.placement import check_capacity, shard_options, worker_options
 from orchestration.rescale import Rescaler, RescaleResult
@@ -131,7 +131,6 @@ class DistributedTrainer:
         if the config has it, else unbounded); partitions beyond it are served through a chunk cache.
         resume_verified: `resume` is a step directory that checkpoint_io.find_checkpoint already
         verified (the CLI's), so its files are not hashed again."""
-        require_remote_ready(run_cfg.model)  # before anything starts
         self.cfg = run_cfg
         self.dist: DistributedConfig = run_cfg.cluster
         self.run_dir = Path(run_dir)

@@ -35,6 +35,13 @@ class PendingUpdate:
     lr: float  # learning rate, value multiplier included
     slots: np.ndarray  # int64 [N] rows of the shard's flat table arrays; may repeat
     grads: np.ndarray  # float32 [N, d_v], owned by the queue (a copy of the request's)
+    # further (table, slots [N'], grads [N', dim]) applied together with this one under the same seq:
+    # a pooled backward with pre-values updates the value table and its pre-value table at once
+    also: tuple[tuple[str, np.ndarray, np.ndarray], ...] = ()
+
+    def parts(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(table, slots, grads) of every table this update touches, this one first."""
+        return [(self.table, self.slots, self.grads), *self.also]
 
 
 class ApplyQueue:

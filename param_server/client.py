@@ -148,12 +148,18 @@ class Client:
 
     def pooled_gather(self, table: str, rows: np.ndarray, projector: np.ndarray, token: np.ndarray,
                       scores: np.ndarray, num_tokens: int, num_projectors: int, *,
-                      min_step: int | None = None, wire_dtype: str = "float32") -> np.ndarray:
-        """rows/projector/token int64 [n], scores float32 [n, h] -> float32 [T, E, d_v] (DESIGN §3.1 step 6)."""
+                      min_step: int | None = None, wire_dtype: str = "float32", pre_table: str | None = None,
+                      q_p: np.ndarray | None = None) -> np.ndarray:
+        """rows/projector/token int64 [n], scores float32 [n, h] -> float32 [T, E, d_v] (DESIGN §3.1 step 6).
+
+        With pre-values (DESIGN §3.3): `pre_table` names P_tab of `table` and q_p float32 [T, d_p] is
+        each token's projected query; the shards weigh entry j by <q_p[token_j], P_tab[row_j]>.
+        """
         meta = self.table(table)
         rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, num_tokens)
+        pre = self._pre_inputs(pre_table, q_p, num_tokens)
         return self._routing.rerouting(lambda: self._pooled_once(
-            table, meta, rows, projector, token, scores, num_tokens, num_projectors, min_step, wire_dtype))
+            table, meta, rows, projector, token, scores, num_tokens, num_projectors, min_step, wire_dtype, pre))
 
     def push(self, table: str, rows: np.ndarray, grads: np.ndarray, *, lr: float, step: int,
              wait: bool = True) -> None:
@@ -197,7 +203,25 @@ class Client:
             raise InvalidRequestError(f"grad_out must be [T, E, {meta.dim}], got {list(grad_out.shape)}")
         rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, grad_out.shape[0])
         self.flush()  # its seqs must follow any earlier push
-        return self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step, min_step)
+        return self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step, min_step)[0]
+
+    def pooled_backward_pre(self, table: str, pre_table: str, rows: np.ndarray, projector: np.ndarray,
+                            token: np.ndarray, scores: np.ndarray, q_p: np.ndarray, grad_out: np.ndarray, *,
+                            lr: float, step: int, min_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`pooled_backward` with pre-values (DESIGN §3.3): q_p float32 [T, d_p] ->
+        (dL/ds [n, h], dL/dq_p [T, d_p] summed over the shards); each shard queues the update of its
+        rows of both `table` and `pre_table` under one seq."""
+        meta = self.table(table)
+        grad_out = np.asarray(grad_out, dtype=np.float32)
+        if grad_out.ndim != 3 or grad_out.shape[2] != meta.dim:
+            raise InvalidRequestError(f"grad_out must be [T, E, {meta.dim}], got {list(grad_out.shape)}")
+        rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, grad_out.shape[0])
+        pre = self._pre_inputs(pre_table, q_p, grad_out.shape[0])
+        self.flush()
+        grad_scores, grad_q = self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step,
+                                                    min_step, pre)
+        assert grad_q is not None
+        return grad_scores, grad_q
 
     def info(self) -> list[dict]:
         """One dict per shard: shard_id, address, epoch, read_only, tables (with partitions), metrics."""
@@ -271,7 +295,7 @@ class Client:
 
     def _pooled_once(self, table: str, meta: TableMeta, rows: np.ndarray, projector: np.ndarray,
                      token: np.ndarray, scores: np.ndarray, num_tokens: int, num_projectors: int,
-                     min_step: int | None, wire_dtype: str) -> np.ndarray:
+                     min_step: int | None, wire_dtype: str, pre: tuple[str, np.ndarray] | None = None) -> np.ndarray:
         pmap = self._routing.pmap
         out = np.zeros((num_tokens, num_projectors, meta.dim), dtype=np.float32)
         header = self._lookup_header(table, pmap.epoch, min_step)
@@ -297,6 +321,11 @@ class Client:
                         token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
                         num_projectors=num_projectors,
                         wire_dtype=wire.dtype_enum(wire_dtype))
+                    if pre is not None:  # the projected queries of the tokens this request touches
+                        touched = np.unique(token[part])
+                        req.pre_table = pre[0]
+                        req.q_p.CopyFrom(wire.encode(pre[1][touched], "float32"))
+                        req.tokens_touched.CopyFrom(_ids(touched))
                     calls.append(fanout.Call(address, "PooledGather", req, done))
         self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
         self._record_applied(table, applied)
@@ -359,14 +388,18 @@ class Client:
 
     def _pooled_backward(self, table: str, meta: TableMeta, rows: np.ndarray, projector: np.ndarray,
                          token: np.ndarray, scores: np.ndarray, grad_out: np.ndarray, lr: float,
-                         step: int, min_step: int | None) -> np.ndarray:
+                         step: int, min_step: int | None, pre: tuple[str, np.ndarray] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
         num_projectors = grad_out.shape[1]
         grad_scores = np.zeros(scores.shape, dtype=np.float32)
+        grad_q_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (tokens, dL/dq_p) per answer, summed at the end
         # dL/do travels once per chunk for every token the chunk touches, and chunks are cut by rows,
         # so small chunks would resend most of grad_out each time: one request per shard unless it
         # would pass half the message limit (see _backward_chunks)
         budget = self.config.max_message_bytes // 2
         per_entry, per_token = 3 * 8 + 4 * scores.shape[1], 8 + num_projectors * meta.dim * 4
+        if pre is not None:
+            per_token += 2 * 4 * pre[1].shape[1]  # q_p there, dL/dq_p back
         todo = np.arange(rows.size)  # entries not yet accepted by their shard
         for _ in range(self.config.max_map_refreshes + 1):
             pmap = self._routing.pmap
@@ -377,10 +410,15 @@ class Client:
                 chunks = _backward_chunks(sel, rows, token, per_entry, per_token, budget)
                 futures.append(self._net.sender(self._routing.key(address)).submit(
                     self._send_backward_chunks, address, table, pmap.epoch, chunks, rows, projector, token,
-                    scores, grad_out, grad_scores, lr, step, min_step))
+                    scores, grad_out, grad_scores, lr, step, min_step, pre, grad_q_parts))
             left = [r for r in (f.result() for f in futures) if r is not None]
             if not left:
-                return grad_scores
+                if pre is None:
+                    return grad_scores, None
+                grad_q = np.zeros((grad_out.shape[0], pre[1].shape[1]), dtype=np.float32)
+                for tokens, part in grad_q_parts:  # tokens unique within one answer
+                    grad_q[tokens] += part
+                return grad_scores, grad_q
             todo = np.concatenate(left)
             self._routing.refresh()
         raise StaleEpochError("partition map kept changing during pooled backward", self._routing.pmap.epoch)
@@ -388,7 +426,8 @@ class Client:
     def _send_backward_chunks(self, address: str, table: str, epoch: int, chunks: list[np.ndarray],
                               rows: np.ndarray, projector: np.ndarray, token: np.ndarray, scores: np.ndarray,
                               grad_out: np.ndarray, grad_scores: np.ndarray, lr: float, step: int,
-                              min_step: int | None) -> np.ndarray | None:
+                              min_step: int | None, pre: tuple[str, np.ndarray] | None = None,
+                              grad_q_parts: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray | None:
         """Runs on the shard's sender thread; returns the entries not sent if the map went stale."""
         num_projectors = grad_out.shape[1]
         key = self._routing.key(address)
@@ -401,16 +440,23 @@ class Client:
                       touched: np.ndarray = touched) -> pb.PooledBackwardRequest:
                 header = pb.PushHeader(table=table, epoch=ep, worker_id=self.worker_id, seq=seq,
                                        step=_chunk_step(step, i, len(chunks)), lr=lr)
-                return pb.PooledBackwardRequest(
+                req = pb.PooledBackwardRequest(
                     header=header, rows=_ids(rows[part]), projector=_ids(projector[part]),
                     token=_ids(token[part]), scores=wire.encode(scores[part], "float32"),
                     grad_out=wire.encode(grad_out[touched], "float32"), tokens_touched=_ids(touched),
                     num_projectors=num_projectors, min_step=min_step)
+                if pre is not None:
+                    req.pre_table = pre[0]
+                    req.q_p.CopyFrom(wire.encode(pre[1][touched], "float32"))
+                return req
             try:
                 resp = self._routing.call(key, "PooledBackward", build, epoch)
             except StaleEpochError:
                 return np.concatenate(chunks[i:])
             grad_scores[part] = wire.decode_values(resp.grad_scores, "grad_scores", trailing=(scores.shape[1],))
+            if pre is not None and grad_q_parts is not None:
+                grad_q_parts.append((touched, wire.decode(resp.grad_q_p, "grad_q_p", allowed=("float32",), ndim=2,
+                                                          trailing=(touched.size, pre[1].shape[1]))))
         return None
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -445,6 +491,19 @@ class Client:
         if rows.size and (rows.min() < 0 or rows.max() >= meta.rows):
             raise InvalidRequestError(f"rows must be in [0, {meta.rows}), got {rows.min()}..{rows.max()}")
         return rows
+
+    def _pre_inputs(self, pre_table: str | None, q_p: Any, num_tokens: int) -> tuple[str, np.ndarray] | None:
+        """(pre_table, q_p float32 [T, d_p]) checked here (None: no pre-values); the shards check the rest."""
+        if pre_table is None and q_p is None:
+            return None
+        if not pre_table or q_p is None:
+            raise InvalidRequestError("pre-values need both pre_table and q_p")
+        meta = self.table(pre_table)
+        q = np.ascontiguousarray(q_p, dtype=np.float32)
+        if q.shape != (num_tokens, meta.dim):
+            raise InvalidRequestError(f"q_p must be [{num_tokens}, {meta.dim}] (d_p of {pre_table}), "
+                                      f"got {list(q.shape)}")
+        return pre_table, q
 
     def _pooled_inputs(self, meta: TableMeta, rows: Any, projector: Any, token: Any, scores: Any,
                        num_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -3,6 +3,12 @@ IVE grouping by (token, projector), MCS weighting of d_v slices by the h core sc
 backward of both. The pooled sum is torch's compiled `embedding_bag` over a zero-copy view of the
 table, the rest plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions, so
 local and remote pooled training share one formula.
+
+UltraMemV2 pre-values (DESIGN §3.3 item 3) are scored here too: with a pre-value table P_tab
+[P, d_p] beside V and the per-token projected query q_p [T, d_p] from the worker, entry j weighs
+a_j = <q_p[t_j], P_tab[row_j]> and pools with the scores s'_j = a_j * s_j (`pre_value_scores`);
+the backward turns dL/ds' into dL/ds, dL/dq_p per token and dL/dP_tab per row
+(`pre_value_backward`).
 """
 
 from __future__ import annotations
@@ -110,3 +116,44 @@ def pooled_sum(
     out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
     out[np.cumsum(new_token) - 1, group_proj] = sums.reshape(-1, d_v)  # each (token, projector) once
     return tokens, out
+
+
+def pre_value_scores(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, scores: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-value weights of n entries (DESIGN §3.3 item 3).
+
+    pre [n, d_p]: P_tab of each entry's row; q_p float32 [Tq, d_p]; q_pos int64 [n] (entry j's
+    query is q_p[q_pos_j]); scores float32 [n, h] ->
+    (a float32 [n] = <q_p[q_pos_j], P_tab[row_j]>, s' float32 [n, h] = a_j * s_j).
+    """
+    p = pre.astype(np.float32, copy=False)
+    a = np.einsum("nd,nd->n", q_p[q_pos], p).astype(np.float32, copy=False)  # (n,)
+    return a, (scores * a[:, None]).astype(np.float32, copy=False)
+
+
+def pre_value_backward(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, rows: np.ndarray, scores: np.ndarray,
+                       a: np.ndarray, grad_weighted: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Backward of `pre_value_scores` from dL/ds'.
+
+    pre [n, d_p], q_p float32 [Tq, d_p], q_pos int64 [n], rows int64 [n] (may repeat), scores float32
+    [n, h] (s, before weighting), a float32 [n], grad_weighted float32 [n, h] = dL/ds' ->
+    (dL/ds float32 [n, h] = a_j * dL/ds'_j; dL/dq_p float32 [Tq, d_p] = sum_{j: q_pos_j = t} g_j * P_tab[row_j];
+    unique sorted rows int64 [U]; dL/dP_tab float32 [U, d_p] = sum_{j: row_j = u} g_j * q_p[q_pos_j]),
+    with g_j = dL/da_j = <s_j, dL/ds'_j>. Repeated tokens and rows are summed (index_add_), never
+    overwritten (DESIGN §8).
+    """
+    d_p = q_p.shape[1]
+    grad_scores = (grad_weighted * a[:, None]).astype(np.float32, copy=False)  # (n, h)
+    g = np.einsum("nh,nh->n", scores, grad_weighted).astype(np.float32, copy=False)[:, None]  # (n, 1) dL/da
+    # sums in row order (stable), whatever order the entries came in: a client sends each shard its
+    # entries sorted by row, so one shard and the in-process backend add in the same order
+    order = np.argsort(rows, kind="stable")
+    rows_o, q_pos_o, g_o = rows[order], q_pos[order], g[order]
+    to_q = torch.from_numpy(g_o * pre[order].astype(np.float32, copy=False))  # (n, d_p), fresh: writable
+    to_pre = torch.from_numpy(g_o * q_p[q_pos_o])  # (n, d_p)
+    grad_q = torch.zeros((q_p.shape[0], d_p), dtype=torch.float32).index_add_(0, torch.from_numpy(q_pos_o), to_q)
+    unique, inverse = np.unique(rows_o, return_inverse=True)
+    grad_pre = torch.zeros((unique.shape[0], d_p), dtype=torch.float32)
+    grad_pre.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False)), to_pre)
+    return grad_scores, grad_q.numpy(), unique.astype(np.int64, copy=False), grad_pre.numpy()

@@ -174,9 +174,13 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
         self._check_epoch(header.epoch)
         rows, projector, token, scores = self._pooled_inputs(request)
         out_dtype = self._value_dtype(request.wire_dtype)
+        pre_table, q_p = self._pre_inputs(request)
+        touched = wire.decode_ids(request.tokens_touched, "tokens_touched") if request.HasField("tokens_touched") \
+            else None
         tokens, sums = self._shard.pooled_gather(
             header.table, rows, projector, token, scores, int(request.num_projectors),
-            worker_id=header.worker_id, min_step=_min_step(header),
+            worker_id=header.worker_id, min_step=_min_step(header), pre_table=pre_table, q_p=q_p,
+            tokens_touched=touched,
         )
         return pb.PooledGatherResponse(tokens=wire.encode(tokens, "int64"), sums=wire.encode(sums, out_dtype),
                                        applied_step=self._shard.applied_step(header.worker_id, header.table))
@@ -209,12 +213,22 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
         num_projectors = int(request.num_projectors)
         grad_out = wire.decode_values(request.grad_out, "grad_out", ndim=3, trailing=(num_projectors, dim))
         touched = wire.decode_ids(request.tokens_touched, "tokens_touched")
-        grad_scores, accepted = self._shard.pooled_backward_with_ack(
-            h.table, h.worker_id, h.seq, h.step, h.lr, rows, projector, token, scores,
-            grad_out, touched, num_projectors,
-            min_step=request.min_step if request.HasField("min_step") else None,
+        min_step = request.min_step if request.HasField("min_step") else None
+        pre_table, q_p = self._pre_inputs(request)
+        if pre_table is None and q_p is None:  # exactly the v1 backward
+            grad_scores, accepted = self._shard.pooled_backward_with_ack(
+                h.table, h.worker_id, h.seq, h.step, h.lr, rows, projector, token, scores,
+                grad_out, touched, num_projectors, min_step=min_step,
+            )
+            return pb.PooledBackwardResponse(grad_scores=wire.encode(grad_scores, "float32"), accepted=accepted)
+        if pre_table is None or q_p is None:
+            raise InvalidRequestError("pre-values need pre_table and q_p together")
+        grad_scores, grad_q_p, accepted = self._shard.pooled_backward_pre(
+            h.table, pre_table, h.worker_id, h.seq, h.step, h.lr, rows, projector, token, scores, q_p,
+            grad_out, touched, num_projectors, min_step=min_step,
         )
-        return pb.PooledBackwardResponse(grad_scores=wire.encode(grad_scores, "float32"), accepted=accepted)
+        return pb.PooledBackwardResponse(grad_scores=wire.encode(grad_scores, "float32"), accepted=accepted,
+                                         grad_q_p=wire.encode(grad_q_p, "float32"))
 
     # -- control -------------------------------------------------------------------------------
     @_rpc
@@ -267,6 +281,13 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
         if name not in wire.VALUE_DTYPES:
             raise InvalidRequestError(f"wire_dtype {name} is not a value dtype; expected one of {wire.VALUE_DTYPES}")
         return name
+
+    @staticmethod
+    def _pre_inputs(request: Any) -> tuple[str | None, np.ndarray | None]:
+        """(pre_table or None, q_p float32 [Tq, d_p] or None) of a pooled request (DESIGN §3.3): only
+        FLOAT32 q_p; its width, finiteness and the table pairing are the shard's checks."""
+        q_p = wire.decode(request.q_p, "q_p", allowed=("float32",), ndim=2) if request.HasField("q_p") else None
+        return request.pre_table or None, q_p
 
     @staticmethod
     def _pooled_inputs(request: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

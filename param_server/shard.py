@@ -74,7 +74,7 @@ from param_server.partitions import (
     plan_tiers,
     zero_state,
 )
-from param_server.pooling import pooled_backward, pooled_sum
+from param_server.pooling import pooled_backward, pooled_sum, pre_value_backward, pre_value_scores
 from param_server.update_log import LogRecord, UpdateLog
 from storage.layout import TableSpec
 from storage.table_store import TableStore, open_table
@@ -83,6 +83,20 @@ if TYPE_CHECKING:
     from typing import Self
 
 logger = logging.getLogger(__name__)
+
+
+def _same_seq_groups(records: Iterable[LogRecord]) -> Iterable[list[LogRecord]]:
+    """Consecutive log records of one (worker, seq), grouped: `_log_admitted` writes one record per
+    table of an update (a pooled backward with pre-values touches two) one after the other."""
+    group: list[LogRecord] = []
+    for rec in records:
+        if group and (rec.worker_id, rec.seq) != (group[0].worker_id, group[0].seq):
+            yield group
+            group = []
+        group.append(rec)
+    if group:
+        yield group
+
 
 @dataclass(frozen=True)
 class ShardConfig:
@@ -241,21 +255,32 @@ class Shard:
 
     def pooled_gather(
         self, table: str, rows: Any, projector: Any, token: Any, scores: Any, num_projectors: int, *,
-        worker_id: int = 0, min_step: int | None = None,
+        worker_id: int = 0, min_step: int | None = None, pre_table: str | None = None, q_p: Any = None,
+        tokens_touched: Any = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pooled partial sums of this shard's rows (DESIGN §3.1 step 6, §4.2 PooledGather).
 
         rows/projector/token int64 [n], scores float32 [n, h], num_projectors = E ->
         (tokens touched, sorted unique int64 [Tt]; sums float32 [Tt, E, d_v]).
+
+        With pre-values (DESIGN §3.3 item 3): `pre_table` names the pre-value table P_tab [P, d_p]
+        of `table` (same rows and partitions), q_p float32 [Tq, d_p] is the projected query of each
+        token of tokens_touched int64 [Tq] (sorted unique, holding every token), and entry j pools
+        with the scores a_j * s_j, a_j = <q_p[token_j], P_tab[row_j]> (pooling.pre_value_scores).
         """
         t = self._table(table)
         rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
                                                            allow_empty=False)
+        pre = self._pre_args(t, pre_table, q_p, tokens_touched, token)
         check_wait_args(worker_id, min_step)
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._check_owned(t, rows)
             self._counters.count_lookup(rows.shape[0])
+            if pre is not None:
+                t_pre, q, q_pos = pre
+                self._check_owned(t_pre, rows)
+                _, scores = pre_value_scores(t_pre.parts.read(rows), q, q_pos, scores)  # s' = a * s, (n, h)
             source = t.parts.source(rows)
             if source is not None:  # all resident: pool straight from the table, under the lock
                 return pooled_sum(source[0], projector, token, scores, int(num_projectors), flat=source[1])
@@ -304,6 +329,38 @@ class Shard:
         `min_step` makes V wait for the worker's earlier pushes as a lookup's would (DESIGN §4.3): a
         backward right after another push of the same rows reads the values that push left.
         """
+        grad_scores, _, accepted = self._pooled_backward(
+            table, worker_id, seq, step, lr, rows, projector, token, scores, grad_out, tokens_touched,
+            num_projectors, min_step=min_step)
+        return grad_scores, accepted
+
+    def pooled_backward_pre(
+        self, table: str, pre_table: str, worker_id: int, seq: int, step: int, lr: float, rows: Any,
+        projector: Any, token: Any, scores: Any, q_p: Any, grad_out: Any, tokens_touched: Any,
+        num_projectors: int, *, min_step: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Backward of `pooled_gather` with pre-values (DESIGN §3.3 item 3).
+
+        As `pooled_backward_with_ack`, plus `pre_table` (P_tab of `table`) and q_p float32 [Tt, d_p]
+        (the projected query of each token of tokens_touched) -> (dL/ds float32 [n, h], dL/dq_p float32
+        [Tt, d_p], accepted). With s' = a * s and dL/ds' as in `pooled_backward_with_ack` (V and
+        P_tab as they are now): dL/ds = a * dL/ds', dL/dq_p[t] = sum_{j: token_j = t} g_j * P_tab[row_j],
+        g_j = <s_j, dL/ds'_j>. One update of both tables is queued under `seq` (the same optimizer
+        and LR for both): dL/dV[row_j, slice c] = s'_c[j] * dL/do[t_j, p_j, slice c] and
+        dL/dP_tab[row_j] = g_j * q_p[t_j].
+        """
+        grad_scores, grad_q, accepted = self._pooled_backward(
+            table, worker_id, seq, step, lr, rows, projector, token, scores, grad_out, tokens_touched,
+            num_projectors, min_step=min_step, pre_table=pre_table, q_p=q_p)
+        assert grad_q is not None
+        return grad_scores, grad_q, accepted
+
+    def _pooled_backward(
+        self, table: str, worker_id: int, seq: int, step: int, lr: float, rows: Any, projector: Any,
+        token: Any, scores: Any, grad_out: Any, tokens_touched: Any, num_projectors: int, *,
+        min_step: int | None, pre_table: str | None = None, q_p: Any = None,
+    ) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """Check everything, then read V (and P_tab), compute the gradients and queue the update."""
         self._check_writable()
         t = self._table(table)
         worker_id, seq, step, lr = push_header(worker_id, seq, step, lr)
@@ -314,6 +371,7 @@ class Shard:
         if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
             raise InvalidRequestError("tokens_touched must be sorted and unique")
         g_out = floats("grad_out", grad_out, (touched.shape[0], e, d_v))
+        pre = self._pre_args(t, pre_table, q_p, touched, token) if pre_table is not None or q_p is not None else None
         check_wait_args(worker_id, min_step)
         t_pos = np.searchsorted(touched, token)  # [n]
         if n and (t_pos.max() >= touched.shape[0] or np.any(touched[t_pos] != token)):
@@ -322,9 +380,20 @@ class Shard:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
             v = t.parts.read(rows)  # [n, d_v]
-        grad_scores, unique, summed = pooled_backward(v, rows, projector, t_pos, scores, g_out)
-        accepted = self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
-        return grad_scores, accepted
+            if pre is not None:
+                self._check_owned(pre[0], rows)
+            p_rows = pre[0].parts.read(rows) if pre is not None else None  # [n, d_p]
+        if pre is None or p_rows is None:
+            grad_scores, unique, summed = pooled_backward(v, rows, projector, t_pos, scores, g_out)
+            return grad_scores, None, self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
+        t_pre, q, q_pos = pre
+        a, weighted = pre_value_scores(p_rows, q, q_pos, scores)  # (n,), (n, h)
+        grad_weighted, unique, summed = pooled_backward(v, rows, projector, t_pos, weighted, g_out)
+        grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(p_rows, q, q_pos, rows, scores, a,
+                                                                         grad_weighted)
+        update = PendingUpdate(table, worker_id, seq, step, lr, unique, summed,
+                               also=((t_pre.spec.name, pre_unique, pre_summed),))
+        return grad_scores, grad_q, self._admit(t, update)
 
     def _admit(self, t: _Table, update: PendingUpdate) -> bool:
         """Queue a validated update once its partitions are not being handed off; count it pending."""
@@ -334,13 +403,16 @@ class Shard:
                                        f"{self.config.wait_timeout_s} s")
             self._wait_unfrozen(t, update.slots)
             self._log_admitted(update)
-            self._clocks.queue(update.worker_id, update.table, update.step)
+            names = [name for name, _, _ in update.parts()]
+            for name in names:
+                self._clocks.queue(update.worker_id, name, update.step)
             accepted = False
             try:
                 accepted = self._queue.submit(update)
             finally:
                 if not accepted:
-                    self._clocks.unqueue(update.worker_id, update.table, update.step)
+                    for name in names:
+                        self._clocks.unqueue(update.worker_id, name, update.step)
         return accepted
 
     def _log_admitted(self, update: PendingUpdate) -> None:
@@ -350,8 +422,8 @@ class Shard:
             return
         if self._queue.depth() >= self._queue.max_pending:  # submit will refuse it; only _admit submits
             return
-        self._log.append(LogRecord(update.table, update.worker_id, update.seq, update.step, update.lr,
-                                   update.slots, update.grads))
+        for name, slots, grads in update.parts():  # one record per table, the same seq (see `replay`)
+            self._log.append(LogRecord(name, update.worker_id, update.seq, update.step, update.lr, slots, grads))
 
     def attach_log(self, log: UpdateLog | None) -> None:
         """Record every push admitted from now on in `log` before it is acknowledged (None: stop)."""
@@ -363,13 +435,19 @@ class Shard:
         admitted (a seq already accepted is dropped: exactly once). Rows of partitions not owned here
         (moved away by a rescale) are skipped. Call before attaching the log and serving."""
         admitted = 0
-        for rec in records:
-            t = self._tables.get(rec.table)
-            if t is None:
+        for group in _same_seq_groups(records):  # a value push and its pre-value push: one update
+            kept = []
+            for rec in group:
+                t = self._tables.get(rec.table)
+                if t is not None:
+                    keep = t.owned[rec.rows % t.spec.num_partitions]
+                    kept.append((rec.table, rec.rows[keep], rec.grads[keep]))
+            if not kept:
                 continue
-            keep = t.owned[rec.rows % t.spec.num_partitions]
-            update = PendingUpdate(rec.table, rec.worker_id, rec.seq, rec.step, rec.lr, rec.rows[keep],
-                                   rec.grads[keep])
+            rec = group[0]
+            t = self._tables[kept[0][0]]
+            update = PendingUpdate(kept[0][0], rec.worker_id, rec.seq, rec.step, rec.lr, kept[0][1], kept[0][2],
+                                   also=tuple(kept[1:]))
             while True:
                 try:
                     admitted += self._admit(t, update)
@@ -381,15 +459,16 @@ class Shard:
 
     def _apply(self, update: PendingUpdate) -> None:
         """Apply one push on the apply thread: duplicates summed, one optimizer step per row."""
-        t = self._tables[update.table]
         cpu0 = time.thread_time()
-        rows, grads = sum_duplicates(update.slots, update.grads)  # global rows, unique
-        with self._cond:
+        parts = [(self._tables[name], *sum_duplicates(slots, grads)) for name, slots, grads in update.parts()]
+        with self._cond:  # every table of the update under one hold: no lookup sees half of it
             try:
-                t.parts.step(t.optimizer, rows, grads, update.lr)
-            finally:  # advance the clock even if a bug raised, so lookups never hang on it
-                self._clocks.applied(update.worker_id, update.table, update.step, update.seq)
-                self._counters.count_apply(rows.shape[0], time.thread_time() - cpu0)
+                for t, rows, grads in parts:  # global rows, unique
+                    t.parts.step(t.optimizer, rows, grads, update.lr)
+            finally:  # advance the clocks even if a bug raised, so lookups never hang on them
+                for t, _, _ in parts:
+                    self._clocks.applied(update.worker_id, t.spec.name, update.step, update.seq)
+                self._counters.count_apply(parts[0][1].shape[0], time.thread_time() - cpu0)
                 self._cond.notify_all()
 
     # --- hand-off of partitions (rescaling, DESIGN §4.1) -----------------------------------------
@@ -669,6 +748,37 @@ class Shard:
         """Validated (rows [n], projector [n], token [n], scores float32 [n, h])."""
         rows = self._rows(t, rows, allow_empty=allow_empty)
         return (rows, *pooled_entries(rows.shape[0], projector, token, scores, num_projectors, t.spec.dim))
+
+    def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, tokens_touched: Any, token: np.ndarray
+                  ) -> tuple[_Table, np.ndarray, np.ndarray] | None:
+        """Validated pre-value inputs of a pooled request (None: none given): (the P_tab table,
+        q_p float32 [Tq, d_p], each entry's row of q_p int64 [n])."""
+        if pre_table is None and q_p is None and tokens_touched is None:
+            return None
+        if not pre_table or q_p is None or tokens_touched is None:
+            raise InvalidRequestError("pre-values need pre_table, q_p and tokens_touched together "
+                                      f"(got pre_table={pre_table!r}, q_p {'set' if q_p is not None else 'unset'}, "
+                                      f"tokens_touched {'set' if tokens_touched is not None else 'unset'})")
+        t_pre = self._tables.get(pre_table)
+        if t_pre is None:
+            raise UnknownTableError(f"shard {self.shard_id} holds no pre-value table {pre_table!r} for "
+                                    f"{t.spec.name!r}: the table has no pre-values here")
+        sp, sv = t_pre.spec, t.spec
+        if pre_table == sv.name or (sp.rows, sp.num_partitions) != (sv.rows, sv.num_partitions):
+            raise InvalidRequestError(f"{pre_table!r} is not a pre-value table of {sv.name!r}: it needs the same "
+                                      f"rows and partitions ({sp.rows}/{sp.num_partitions} vs "
+                                      f"{sv.rows}/{sv.num_partitions}) and another name")
+        touched = ids("tokens_touched", tokens_touched)
+        if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
+            raise InvalidRequestError("tokens_touched must be sorted and unique")
+        q = np.asarray(q_p)
+        if q.dtype != np.float32:
+            raise InvalidRequestError(f"q_p must be float32, got {q.dtype}")
+        q = floats("q_p", q, (touched.shape[0], sp.dim))  # wrong d_p or a NaN: refused here
+        q_pos = np.searchsorted(touched, token)  # [n]
+        if token.shape[0] and (q_pos.max() >= touched.shape[0] or np.any(touched[q_pos] != token)):
+            raise InvalidRequestError("every token must appear in tokens_touched (q_p has one row per token)")
+        return t_pre, q, q_pos
 
     def _wait_for_step(self, worker_id: int, table: str, min_step: int | None) -> None:
         """With self._cond held: wait until the worker's applied step on `table` >= min_step and no

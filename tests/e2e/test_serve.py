@@ -42,9 +42,9 @@ TEXTS = ["the quick brown fox jumps over the lazy dog. " * 3, "memory layers loo
 PROMPT = "the quick brown"
 
 
-def make_checkpoint(root: Path, value_dtype: str = "bfloat16") -> Path:
+def make_checkpoint(root: Path, value_dtype: str = "bfloat16", preset: str = "tiny") -> Path:
     """A tiny UltraMem checkpoint (2 training steps) with a tokenizer, as `ultramem train` writes."""
-    cfg = load_config(preset="tiny", overrides=[f"model.memory.value_dtype={value_dtype}"])
+    cfg = load_config(preset=preset, overrides=[f"model.memory.value_dtype={value_dtype}"])
     torch.manual_seed(0)
     model = LanguageModel(cfg.model)
     train = TrainConfig(max_steps=2, warmup_steps=1, autocast="off")
@@ -125,6 +125,33 @@ def test_greedy_completion_matches_ultramem_generate_local(served: Served, capsy
     assert PROMPT + body["choices"][0]["text"] == expected
     assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 40
+
+
+def test_a_v2_checkpoint_is_served_with_pre_values_scored_on_the_shards(tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    # tiny_v2: every memory layer sends q_p with its pooled lookups; the read-only shards hold the
+    # value and pre-value tables and weigh each selected row by <q_p, P_tab[row]> themselves
+    sent: list[str | None] = []
+    pooled_gather = Client.pooled_gather
+
+    def spy(self, *args, **kw):
+        sent.append(kw.get("pre_table"))
+        return pooled_gather(self, *args, **kw)
+
+    monkeypatch.setattr(Client, "pooled_gather", spy)
+    checkpoint = make_checkpoint(tmp_path, preset="tiny_v2")
+    assert "mem1.pre_values" in table_paths(checkpoint)
+    assert cli.main(["generate", "--checkpoint", str(checkpoint), "--local", "--temperature", "0",
+                     "--max-tokens", "24", PROMPT]) == 0
+    expected = capsys.readouterr().out.rstrip("\n")
+    served = Served(checkpoint)
+    try:
+        status, body = post(served.url, {"prompt": PROMPT, "max_tokens": 24, "temperature": 0})
+    finally:
+        served.stop()
+    assert status == 200
+    assert PROMPT + body["choices"][0]["text"] == expected
+    assert sent and set(sent) == {"mem0.pre_values", "mem1.pre_values"}  # every lookup carried q_p
 
 
 def test_concurrent_requests_are_decoded_together_and_match_sequential(served: Served) -> None:

@@ -166,15 +166,15 @@ def tiny_config(lookup: str) -> ModelConfig:
     return replace(cfg, memory=replace(cfg.memory, lookup=lookup))
 
 
-def train_20(model: LanguageModel) -> list[float]:
-    """STEPS sync steps on one fixed random batch (fp32, so it is learnt), returns the losses."""
-    train = TrainConfig(max_steps=STEPS, warmup_steps=2, autocast="off")
+def train_20(model: LanguageModel, steps: int = STEPS) -> list[float]:
+    """`steps` sync steps on one fixed random batch (fp32, so it is learnt), returns the losses."""
+    train = TrainConfig(max_steps=steps, warmup_steps=2, autocast="off")
     opt = make_optimizer(model, train)
     tokens = torch.randint(0, model.cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         losses.append(train_step(model, opt, tokens[:, :-1], tokens[:, 1:], step=step, cfg=train,
-                                 max_steps=STEPS).loss)
+                                 max_steps=steps).loss)
     return losses
 
 
@@ -272,6 +272,30 @@ def test_twenty_sync_steps_through_grpc_shards_pooled_match_rows(shards_for, loc
     local_model, local_losses = local_rows_run  # and one worker in sync mode == local training
     np.testing.assert_allclose(pooled_losses, local_losses, rtol=1e-5)
     assert_same_training(local_model, pooled_model, local_tables(local_model), pooled_tables)
+
+
+def test_two_pooled_v2_layers_through_grpc_shards_in_sync_match_local_training():
+    # tiny_v2: a memory layer in each of the two blocks, each with pre-values scored on the shards.
+    # Each layer's pooled backward waits only for the previous step's updates, never for the update
+    # the other layer's backward has just sent in the same step (which would wait forever)
+    cfg = load_config(preset="tiny_v2").model
+    cfg = replace(cfg, memory=replace(cfg.memory, lookup="pooled"))
+    shards = Shards(cfg)
+    try:
+        backend = RemoteBackend(shards.client, shards.specs, consistency="sync")
+        torch.manual_seed(0)
+        remote = LanguageModel(cfg, backend=backend)
+        remote_losses = train_20(remote, steps=4)
+        backend.flush()
+        remote_tables = shards.tables()
+    finally:
+        shards.close()
+    torch.manual_seed(0)
+    local = LanguageModel(cfg)
+    local_losses = train_20(local, steps=4)
+    np.testing.assert_allclose(remote_losses, local_losses, rtol=1e-5)
+    assert_same_training(local, remote, local_tables(local), remote_tables)
+    assert {"mem0.pre_values", "mem1.pre_values"} <= set(remote_tables)
 
 
 def test_remote_pooled_lookup_in_bfloat16_is_close_to_float32(shards_for):

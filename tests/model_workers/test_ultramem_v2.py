@@ -8,7 +8,6 @@ for pooled mode.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,7 @@ from model_workers.schedule import value_lr_multiplier
 from model_workers.trainer import LocalTrainer, evaluate
 from model_workers.ultramem import MemoryConfig, MemoryLayer, ModelConfigError
 from model_workers.values import LocalBackend, ValueBackend
-from orchestration.config import load_config, require_remote_ready, save_config, to_dict
-from orchestration.errors import ConfigError
+from orchestration.config import load_config, save_config, to_dict
 from storage.layout import TableSpec
 
 V2 = {"num_keys": 6, "d_k": 8, "d_v": 12, "heads": 2, "topk": 3, "expansion": 4}  # d_p = 4
@@ -304,18 +302,3 @@ def test_tiny_v2_trains_locally_and_its_checkpoint_generates_through_pooled_look
     served.eval()
     with torch.no_grad():
         torch.testing.assert_close(served(tokens).logits, trainer.model(tokens).logits, rtol=1e-4, atol=1e-5)
-
-
-def test_the_remote_backend_refuses_v2_with_a_config_error(tmp_path: Path):
-    from orchestration.cli import main
-
-    v2 = load_config(preset="tiny_v2")
-    with pytest.raises(ConfigError, match="ultramem_v2 needs the local backend for now"):
-        require_remote_ready(v2.model)
-    require_remote_ready(load_config(preset="tiny").model)  # v1 is served remotely
-    mem = replace(load_config(preset="tiny").model.memory, d_p=3)  # pre-values on a v1 layer too
-    with pytest.raises(ConfigError, match="needs the local backend"):
-        require_remote_ready(replace(load_config(preset="tiny").model, memory=mem))
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny_v2", "--out", str(out), "--no-progress"]) == 2
-    assert not out.exists()  # refused before anything was made

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/ultramem/v1/memory.proto\x12\x0bultramem.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.ultramem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x0cLookupHeader\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\x04\x12\x15\n\x08min_step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_min_step\"d\n\nPushHeader\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\n\n\x02lr\x18\x06 \x01(\x01\"\x85\x01\n\rGatherRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultramem.v1.LookupHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\nwire_dtype\x18\x03 \x01(\x0e\x32\x12.ultramem.v1.DType\"K\n\x0eGatherResponse\x12#\n\x06values\x18\x01 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x14\n\x0c\x61pplied_step\x18\x02 \x01(\x03\"\x94\x02\n\x13PooledGatherRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultramem.v1.LookupHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\tprojector\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\"\n\x05token\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12#\n\x06scores\x18\x05 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x16\n\x0enum_projectors\x18\x06 \x01(\r\x12&\n\nwire_dtype\x18\x07 \x01(\x0e\x32\x12.ultramem.v1.DType\"t\n\x14PooledGatherResponse\x12#\n\x06tokens\x18\x01 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12!\n\x04sums\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x14\n\x0c\x61pplied_step\x18\x03 \x01(\x03\"\x86\x01\n\x14PushGradientsRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.ultramem.v1.PushHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\"\n\x05grads\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\";\n\x15PushGradientsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"\xe4\x02\n\x15PooledBackwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.ultramem.v1.PushHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\tprojector\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\"\n\x05token\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12#\n\x06scores\x18\x05 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12%\n\x08grad_out\x18\x06 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12+\n\x0etokens_touched\x18\x07 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x16\n\x0enum_projectors\x18\x08 \x01(\r\x12\x15\n\x08min_step\x18\t \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_min_step\"T\n\x16PooledBackwardResponse\x12(\n\x0bgrad_scores\x18\x01 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"\r\n\x0bInfoRequest\"\x82\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x16\n\x0enum_partitions\x18\x05 \x01(\r\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12\x12\n\npartitions\x18\x07 \x03(\r\"\xd3\x01\n\x0cInfoResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12&\n\x06tables\x18\x04 \x03(\x0b\x32\x16.ultramem.v1.TableInfo\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.ultramem.v1.InfoResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x18\n\x16GetPartitionMapRequest\"W\n\x0cPartitionMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x16\n\x0enum_partitions\x18\x02 \x01(\r\x12\r\n\x05owner\x18\x03 \x03(\x05\x12\x11\n\taddresses\x18\x04 \x03(\t\"\'\n\x11\x43heckpointRequest\x12\x12\n\ntables_dir\x18\x01 \x01(\t\"8\n\x12\x43heckpointResponse\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x12\n\npartitions\x18\x02 \x03(\r*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x32\xb7\x04\n\x0bMemoryShard\x12\x41\n\x06Gather\x12\x1a.ultramem.v1.GatherRequest\x1a\x1b.ultramem.v1.GatherResponse\x12S\n\x0cPooledGather\x12 .ultramem.v1.PooledGatherRequest\x1a!.ultramem.v1.PooledGatherResponse\x12V\n\rPushGradients\x12!.ultramem.v1.PushGradientsRequest\x1a\".ultramem.v1.PushGradientsResponse\x12Y\n\x0ePooledBackward\x12\".ultramem.v1.PooledBackwardRequest\x1a#.ultramem.v1.PooledBackwardResponse\x12;\n\x04Info\x12\x18.ultramem.v1.InfoRequest\x1a\x19.ultramem.v1.InfoResponse\x12Q\n\x0fGetPartitionMap\x12#.ultramem.v1.GetPartitionMapRequest\x1a\x19.ultramem.v1.PartitionMap\x12M\n\nCheckpoint\x12\x1e.ultramem.v1.CheckpointRequest\x1a\x1f.ultramem.v1.CheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/ultramem/v1/memory.proto\x12\x0bultramem.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.ultramem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"c\n\x0cLookupHeader\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\x04\x12\x15\n\x08min_step\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_min_step\"d\n\nPushHeader\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\x04\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\n\n\x02lr\x18\x06 \x01(\x01\"\x85\x01\n\rGatherRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultramem.v1.LookupHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\nwire_dtype\x18\x03 \x01(\x0e\x32\x12.ultramem.v1.DType\"K\n\x0eGatherResponse\x12#\n\x06values\x18\x01 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x14\n\x0c\x61pplied_step\x18\x02 \x01(\x03\"\xf6\x02\n\x13PooledGatherRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.ultramem.v1.LookupHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\tprojector\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\"\n\x05token\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12#\n\x06scores\x18\x05 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x16\n\x0enum_projectors\x18\x06 \x01(\r\x12&\n\nwire_dtype\x18\x07 \x01(\x0e\x32\x12.ultramem.v1.DType\x12\x11\n\tpre_table\x18\x08 \x01(\t\x12 \n\x03q_p\x18\t \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12+\n\x0etokens_touched\x18\n \x01(\x0b\x32\x13.ultramem.v1.Tensor\"t\n\x14PooledGatherResponse\x12#\n\x06tokens\x18\x01 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12!\n\x04sums\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x14\n\x0c\x61pplied_step\x18\x03 \x01(\x03\"\x86\x01\n\x14PushGradientsRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.ultramem.v1.PushHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\"\n\x05grads\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\";\n\x15PushGradientsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"\x99\x03\n\x15PooledBackwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.ultramem.v1.PushHeader\x12!\n\x04rows\x18\x02 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12&\n\tprojector\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\"\n\x05token\x18\x04 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12#\n\x06scores\x18\x05 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12%\n\x08grad_out\x18\x06 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12+\n\x0etokens_touched\x18\x07 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x16\n\x0enum_projectors\x18\x08 \x01(\r\x12\x15\n\x08min_step\x18\t \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tpre_table\x18\n \x01(\t\x12 \n\x03q_p\x18\x0b \x01(\x0b\x32\x13.ultramem.v1.TensorB\x0b\n\t_min_step\"{\n\x16PooledBackwardResponse\x12(\n\x0bgrad_scores\x18\x01 \x01(\x0b\x32\x13.ultramem.v1.Tensor\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12%\n\x08grad_q_p\x18\x03 \x01(\x0b\x32\x13.ultramem.v1.Tensor\"\r\n\x0bInfoRequest\"\x82\x01\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x16\n\x0enum_partitions\x18\x05 \x01(\r\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12\x12\n\npartitions\x18\x07 \x03(\r\"\xd3\x01\n\x0cInfoResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tread_only\x18\x03 \x01(\x08\x12&\n\x06tables\x18\x04 \x03(\x0b\x32\x16.ultramem.v1.TableInfo\x12\x37\n\x07metrics\x18\x05 \x03(\x0b\x32&.ultramem.v1.InfoResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x18\n\x16GetPartitionMapRequest\"W\n\x0cPartitionMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x16\n\x0enum_partitions\x18\x02 \x01(\r\x12\r\n\x05owner\x18\x03 \x03(\x05\x12\x11\n\taddresses\x18\x04 \x03(\t\"\'\n\x11\x43heckpointRequest\x12\x12\n\ntables_dir\x18\x01 \x01(\t\"8\n\x12\x43heckpointResponse\x12\x0e\n\x06tables\x18\x01 \x03(\t\x12\x12\n\npartitions\x18\x02 \x03(\r*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x32\xb7\x04\n\x0bMemoryShard\x12\x41\n\x06Gather\x12\x1a.ultramem.v1.GatherRequest\x1a\x1b.ultramem.v1.GatherResponse\x12S\n\x0cPooledGather\x12 .ultramem.v1.PooledGatherRequest\x1a!.ultramem.v1.PooledGatherResponse\x12V\n\rPushGradients\x12!.ultramem.v1.PushGradientsRequest\x1a\".ultramem.v1.PushGradientsResponse\x12Y\n\x0ePooledBackward\x12\".ultramem.v1.PooledBackwardRequest\x1a#.ultramem.v1.PooledBackwardResponse\x12;\n\x04Info\x12\x18.ultramem.v1.InfoRequest\x1a\x19.ultramem.v1.InfoResponse\x12Q\n\x0fGetPartitionMap\x12#.ultramem.v1.GetPartitionMapRequest\x1a\x19.ultramem.v1.PartitionMap\x12M\n\nCheckpoint\x12\x1e.ultramem.v1.CheckpointRequest\x1a\x1f.ultramem.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFORESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2154
-  _globals['_DTYPE']._serialized_end=2246
+  _globals['_DTYPE']._serialized_start=2344
+  _globals['_DTYPE']._serialized_end=2436
   _globals['_TENSOR']._serialized_start=48
   _globals['_TENSOR']._serialized_end=120
   _globals['_LOOKUPHEADER']._serialized_start=122
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATHERRESPONSE']._serialized_start=461
   _globals['_GATHERRESPONSE']._serialized_end=536
   _globals['_POOLEDGATHERREQUEST']._serialized_start=539
-  _globals['_POOLEDGATHERREQUEST']._serialized_end=815
-  _globals['_POOLEDGATHERRESPONSE']._serialized_start=817
-  _globals['_POOLEDGATHERRESPONSE']._serialized_end=933
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=936
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1070
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1072
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1131
-  _globals['_POOLEDBACKWARDREQUEST']._serialized_start=1134
-  _globals['_POOLEDBACKWARDREQUEST']._serialized_end=1490
-  _globals['_POOLEDBACKWARDRESPONSE']._serialized_start=1492
-  _globals['_POOLEDBACKWARDRESPONSE']._serialized_end=1576
-  _globals['_INFOREQUEST']._serialized_start=1578
-  _globals['_INFOREQUEST']._serialized_end=1591
-  _globals['_TABLEINFO']._serialized_start=1594
-  _globals['_TABLEINFO']._serialized_end=1724
-  _globals['_INFORESPONSE']._serialized_start=1727
-  _globals['_INFORESPONSE']._serialized_end=1938
-  _globals['_INFORESPONSE_METRICSENTRY']._serialized_start=1892
-  _globals['_INFORESPONSE_METRICSENTRY']._serialized_end=1938
-  _globals['_GETPARTITIONMAPREQUEST']._serialized_start=1940
-  _globals['_GETPARTITIONMAPREQUEST']._serialized_end=1964
-  _globals['_PARTITIONMAP']._serialized_start=1966
-  _globals['_PARTITIONMAP']._serialized_end=2053
-  _globals['_CHECKPOINTREQUEST']._serialized_start=2055
-  _globals['_CHECKPOINTREQUEST']._serialized_end=2094
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=2096
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=2152
-  _globals['_MEMORYSHARD']._serialized_start=2249
-  _globals['_MEMORYSHARD']._serialized_end=2816
+  _globals['_POOLEDGATHERREQUEST']._serialized_end=913
+  _globals['_POOLEDGATHERRESPONSE']._serialized_start=915
+  _globals['_POOLEDGATHERRESPONSE']._serialized_end=1031
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1034
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1168
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1170
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1229
+  _globals['_POOLEDBACKWARDREQUEST']._serialized_start=1232
+  _globals['_POOLEDBACKWARDREQUEST']._serialized_end=1641
+  _globals['_POOLEDBACKWARDRESPONSE']._serialized_start=1643
+  _globals['_POOLEDBACKWARDRESPONSE']._serialized_end=1766
+  _globals['_INFOREQUEST']._serialized_start=1768
+  _globals['_INFOREQUEST']._serialized_end=1781
+  _globals['_TABLEINFO']._serialized_start=1784
+  _globals['_TABLEINFO']._serialized_end=1914
+  _globals['_INFORESPONSE']._serialized_start=1917
+  _globals['_INFORESPONSE']._serialized_end=2128
+  _globals['_INFORESPONSE_METRICSENTRY']._serialized_start=2082
+  _globals['_INFORESPONSE_METRICSENTRY']._serialized_end=2128
+  _globals['_GETPARTITIONMAPREQUEST']._serialized_start=2130
+  _globals['_GETPARTITIONMAPREQUEST']._serialized_end=2154
+  _globals['_PARTITIONMAP']._serialized_start=2156
+  _globals['_PARTITIONMAP']._serialized_end=2243
+  _globals['_CHECKPOINTREQUEST']._serialized_start=2245
+  _globals['_CHECKPOINTREQUEST']._serialized_end=2284
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=2286
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=2342
+  _globals['_MEMORYSHARD']._serialized_start=2439
+  _globals['_MEMORYSHARD']._serialized_end=3006
 # @@protoc_insertion_point(module_scope)

@@ -79,7 +79,7 @@ class GatherResponse(_message.Message):
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ..., applied_step: _Optional[int] = ...) -> None: ...
 
 class PooledGatherRequest(_message.Message):
-    __slots__ = ("header", "rows", "projector", "token", "scores", "num_projectors", "wire_dtype")
+    __slots__ = ("header", "rows", "projector", "token", "scores", "num_projectors", "wire_dtype", "pre_table", "q_p", "tokens_touched")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     PROJECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,9 @@ class PooledGatherRequest(_message.Message):
     SCORES_FIELD_NUMBER: _ClassVar[int]
     NUM_PROJECTORS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PRE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    Q_P_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
     header: LookupHeader
     rows: Tensor
     projector: Tensor
@@ -94,7 +97,10 @@ class PooledGatherRequest(_message.Message):
     scores: Tensor
     num_projectors: int
     wire_dtype: DType
-    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    pre_table: str
+    q_p: Tensor
+    tokens_touched: Tensor
+    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., pre_table: _Optional[str] = ..., q_p: _Optional[_Union[Tensor, _Mapping]] = ..., tokens_touched: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PooledGatherResponse(_message.Message):
     __slots__ = ("tokens", "sums", "applied_step")
@@ -125,7 +131,7 @@ class PushGradientsResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class PooledBackwardRequest(_message.Message):
-    __slots__ = ("header", "rows", "projector", "token", "scores", "grad_out", "tokens_touched", "num_projectors", "min_step")
+    __slots__ = ("header", "rows", "projector", "token", "scores", "grad_out", "tokens_touched", "num_projectors", "min_step", "pre_table", "q_p")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     PROJECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +141,8 @@ class PooledBackwardRequest(_message.Message):
     TOKENS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
     NUM_PROJECTORS_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    PRE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    Q_P_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     rows: Tensor
     projector: Tensor
@@ -144,15 +152,19 @@ class PooledBackwardRequest(_message.Message):
     tokens_touched: Tensor
     num_projectors: int
     min_step: int
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ..., tokens_touched: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ..., min_step: _Optional[int] = ...) -> None: ...
+    pre_table: str
+    q_p: Tensor
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., projector: _Optional[_Union[Tensor, _Mapping]] = ..., token: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ..., tokens_touched: _Optional[_Union[Tensor, _Mapping]] = ..., num_projectors: _Optional[int] = ..., min_step: _Optional[int] = ..., pre_table: _Optional[str] = ..., q_p: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PooledBackwardResponse(_message.Message):
-    __slots__ = ("grad_scores", "accepted")
+    __slots__ = ("grad_scores", "accepted", "grad_q_p")
     GRAD_SCORES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_Q_P_FIELD_NUMBER: _ClassVar[int]
     grad_scores: Tensor
     accepted: bool
-    def __init__(self, grad_scores: _Optional[_Union[Tensor, _Mapping]] = ..., accepted: _Optional[bool] = ...) -> None: ...
+    grad_q_p: Tensor
+    def __init__(self, grad_scores: _Optional[_Union[Tensor, _Mapping]] = ..., accepted: _Optional[bool] = ..., grad_q_p: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
