@@ -14,6 +14,14 @@ figures are predicted by counting (ids, scores, values, sums) so each number is 
                training adds PooledBackward: the entries again + dL/do [T, E, d_v] fp32 to each
                shard, and dL/ds [n, h] fp32 back.
 
+UltraMemV2 leg (DESIGN §3.3): the same selections with one shared projector (a token's pooled answer
+is one [d_v] sum, not E) and PEER-style pre-values P_tab [P, d_p], d_p = d_v / 3:
+
+  rows mode    lookup: U ids + U rows of V and of P_tab (both tables' Gather); push: both gradients.
+  pooled mode  lookup: the entries (as v1) + q_p [T, d_p] fp32 + the token ids, and [T, 1, d_v] sums
+               from each shard a token touches (E times fewer than v1's); training adds
+               PooledBackward with q_p and dL/do [T, 1, d_v], and dL/ds + dL/dq_p [T, d_p] back.
+
 Regimes: T = 1, 8, 64 tokens per lookup (decoding: one new token per sequence, nothing to dedupe)
 up to 512-2048 (prefill / training batches, where rows repeat and dedupe shrinks rows mode).
 Medians of several selections; printed side by side with the pooled/rows ratio; JSON in
@@ -45,6 +53,7 @@ D_MODEL = 768
 LAYER = MemoryConfig(num_keys=256, d_k=128, d_v=384, heads=2, topk=80, expansion=4, cores=2, tucker_rank=2,
                      placement="0:0", num_partitions=16)
 NUM_SHARDS = 2
+D_P = LAYER.d_v // 3  # UltraMemV2's pre-value width (d_p : d_v = 1 : 3, the V2 paper's best)
 TARGET = 1 / 8  # pooled bytes per token <= 1/8 of rows mode (issue 7)
 
 
@@ -135,6 +144,52 @@ def measure(client: Client, counter: ByteCounter, table: str, rows: np.ndarray, 
     return out
 
 
+def measure_v2(client: Client, counter: ByteCounter, table: str, pre_table: str, rows: np.ndarray,
+               scores: np.ndarray, q_p: np.ndarray, step: int) -> dict[str, dict[str, int]]:
+    """measure() for the UltraMemV2 layer: one shared projector (every entry's projector is 0, E = 1
+    in the pooled calls) and pre-values scored on the shards from q_p [T, d_p]."""
+    t, j = rows.shape
+    flat = rows.reshape(-1)
+    proj = np.zeros_like(flat)
+    token = np.repeat(np.arange(t, dtype=np.int64), j)
+    s = scores.reshape(t * j, -1)
+    out: dict[str, dict[str, int]] = {}
+
+    def record(name: str, methods: tuple[str, ...]) -> None:
+        c = counter.take()
+        out[name] = {k: sum(c.get(f"{m}.{k}", 0) for m in methods) for k in ("request", "response", "calls")}
+
+    counter.take()
+    unique = np.unique(flat)
+    for wire_dtype in ("float32", "bfloat16"):
+        client.gather(table, flat, wire_dtype=wire_dtype)
+        client.gather(pre_table, flat, wire_dtype=wire_dtype)
+        record(f"rows_lookup/{wire_dtype}", ("Gather",))
+        client.pooled_gather(table, flat, proj, token, s, t, 1, wire_dtype=wire_dtype, pre_table=pre_table, q_p=q_p)
+        record(f"pooled_lookup/{wire_dtype}", ("PooledGather",))
+    client.push(table, unique, np.zeros((unique.size, LAYER.d_v), np.float32), lr=0.0, step=step)
+    client.push(pre_table, unique, np.zeros((unique.size, D_P), np.float32), lr=0.0, step=step)
+    client.flush()
+    record("rows_push", ("PushGradients",))
+    client.pooled_backward_pre(table, pre_table, flat, proj, token, s, q_p, np.zeros((t, 1, LAYER.d_v), np.float32),
+                               lr=0.0, step=step)
+    record("pooled_backward", ("PooledBackward",))
+    return out
+
+
+def _regime(runs: list[dict[str, dict[str, int]]], t: int) -> dict[str, Any]:
+    """Per-token medians of measured runs, and the pooled/rows ratios."""
+    per_token = {op: statistics.median(_total(m[op]) / t for m in runs) for op in runs[0]}
+    return {
+        "bytes_per_token": per_token,
+        "calls": {op: statistics.median(m[op]["calls"] for m in runs) for op in runs[0]},
+        "ratio_lookup_bf16": per_token["pooled_lookup/bfloat16"] / per_token["rows_lookup/bfloat16"],
+        "ratio_lookup_fp32": per_token["pooled_lookup/float32"] / per_token["rows_lookup/float32"],
+        "ratio_training_round": (per_token["pooled_lookup/float32"] + per_token["pooled_backward"])
+        / (per_token["rows_lookup/float32"] + per_token["rows_push"]),
+    }
+
+
 def _total(op: dict[str, int]) -> int:
     return op["request"] + op["response"]
 
@@ -147,18 +202,22 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     layer = MemoryLayer(LAYER, D_MODEL, index=0, num_memory_layers=1, seed=0).eval()
     spec = TableSpec(name=layer.table, rows=LAYER.physical_rows, dim=LAYER.d_v,
                      num_partitions=LAYER.num_partitions, optimizer="sgd", init_std=0.02)
+    pre_spec = TableSpec(name=f"{layer.table}.pre_values", rows=LAYER.physical_rows, dim=D_P,
+                         num_partitions=LAYER.num_partitions, optimizer="sgd", init_std=D_P**-0.5)
     counter = ByteCounter()
     shards, servers = [], []
     for i in range(NUM_SHARDS):
         shard = Shard(shard_id=i)
-        shard.add_table(spec, {p: {"values": init_partition_values(spec, p)}
-                               for p in range(i, spec.num_partitions, NUM_SHARDS)})
+        for sp in (spec, pre_spec):
+            shard.add_table(sp, {p: {"values": init_partition_values(sp, p)}
+                                 for p in range(i, sp.num_partitions, NUM_SHARDS)})
         shards.append(shard)
         servers.append(create_server(shard, interceptors=[counter])[0].start())
     results: dict[str, Any] = {
         "layer": {"heads": LAYER.heads, "topk": LAYER.topk, "expansion": LAYER.expansion, "cores": LAYER.cores,
                   "d_v": LAYER.d_v, "physical_rows": LAYER.physical_rows, "d_model": D_MODEL},
         "num_shards": NUM_SHARDS, "repeats": repeats, "target_pooled_over_rows": TARGET, "regimes": {},
+        "v2": {"d_p": D_P, "shared_projector": True, "regimes": {}},
         "method": "serialized protobuf bodies counted by a server interceptor; medians over random token "
                   "selections; per-call gRPC framing (5 B) and HTTP/2 headers not included (see calls)",
     }
@@ -166,12 +225,16 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     try:
         with Client([s.address for s in servers]) as client:
             for t in token_counts:
-                runs, counted = [], []
+                runs, counted, runs_v2 = [], [], []
                 for r in range(repeats):
                     rows, projector, scores = selection(layer, t, seed=1000 * t + r)
                     runs.append(measure(client, counter, spec.name, rows, projector, scores, step))
                     counted.append(predicted(rows, NUM_SHARDS, 2))
                     step += 1
+                    q_p = np.random.default_rng(r).standard_normal((t, D_P), dtype=np.float32)
+                    runs_v2.append(measure_v2(client, counter, spec.name, pre_spec.name, rows, scores, q_p, step))
+                    step += 1
+                results["v2"]["regimes"][str(t)] = _regime(runs_v2, t)
                 per_token = {op: statistics.median(_total(m[op]) / t for m in runs) for op in runs[0]}
                 calls = {op: statistics.median(m[op]["calls"] for m in runs) for op in runs[0]}
                 pooled_req = statistics.median(m["pooled_lookup/bfloat16"]["request"] / t for m in runs)
@@ -216,6 +279,11 @@ def notes(results: dict[str, Any]) -> list[str]:
         "pooled sums grow with the number of shards a token's rows touch (each returns its own [E, d_v] "
         "partial sum per token), rows mode does not: with S shards pooled pays ~S * E * d_v per token.",
     ]
+    v1, v2 = results["regimes"]["1"]["bytes_per_token"], results["v2"]["regimes"]["1"]["bytes_per_token"]
+    out.append(f"UltraMemV2 (one shared projector, pre-values scored on the shards): a decoded token's pooled "
+               f"bf16 lookup is {v2['pooled_lookup/bfloat16'] / v1['pooled_lookup/bfloat16']:.2f}x v1's (one [d_v] sum "
+               f"per shard instead of E; q_p adds {results['v2']['d_p'] * 4} B), while rows mode also fetches "
+               f"the pre-value rows ({v2['rows_lookup/bfloat16'] / v1['rows_lookup/bfloat16']:.2f}x v1's rows bytes).")
     crossover = [t for t, r in results["regimes"].items() if r["ratio_lookup_bf16"] > TARGET]
     if crossover:
         out.append(f"with {', '.join(crossover)} tokens per lookup the batch repeats rows (P = "
@@ -242,6 +310,16 @@ def _print(results: dict[str, Any]) -> None:
     one = results["regimes"]["1"]
     verdict = "met" if one["ratio_lookup_bf16"] <= TARGET else "MISSED"
     print(f"  target pooled <= 1/8 of rows per decoded token (bf16 wire): {one['ratio_lookup_bf16']:.3f} ({verdict})")
+    print(f"  UltraMemV2 (shared projector, pre-values d_p = {results['v2']['d_p']}), bytes per token:")
+    print(f"  {'tokens':>6} | {'rows bf16':>10} {'pooled bf16':>11} {'ratio':>6} | {'train rows':>10} "
+          f"{'train pooled':>12} {'ratio':>6} | {'pooled bf16 / v1':>16}")
+    for t, r in results["v2"]["regimes"].items():
+        b = r["bytes_per_token"]
+        v1 = results["regimes"][t]["bytes_per_token"]["pooled_lookup/bfloat16"]
+        print(f"  {t:>6} | {b['rows_lookup/bfloat16']:10,.0f} {b['pooled_lookup/bfloat16']:11,.0f} "
+              f"{r['ratio_lookup_bf16']:6.3f} | {b['rows_lookup/float32'] + b['rows_push']:10,.0f} "
+              f"{b['pooled_lookup/float32'] + b['pooled_backward']:12,.0f} {r['ratio_training_round']:6.3f} | "
+              f"{b['pooled_lookup/bfloat16'] / v1:16.3f}")
     for line in results["notes"]:
         print(f"  - {line}")
 

@@ -32,6 +32,12 @@ def test_bench_wire_quick_writes_json_and_png(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "wire.json").read_text())
     assert result["regimes"]["1"]["ratio_lookup_bf16"] > 0
+    # UltraMemV2: the shared projector's answer is one [d_v] sum per shard, not E (smaller pooled
+    # lookups than v1), while rows mode also fetches the pre-value rows (larger than v1's)
+    v1, v2 = result["regimes"]["1"]["bytes_per_token"], result["v2"]["regimes"]["1"]["bytes_per_token"]
+    assert v2["pooled_lookup/bfloat16"] < 0.8 * v1["pooled_lookup/bfloat16"]
+    assert v2["rows_lookup/bfloat16"] > 1.2 * v1["rows_lookup/bfloat16"]
+    assert result["v2"]["regimes"]["1"]["ratio_lookup_bf16"] < result["regimes"]["1"]["ratio_lookup_bf16"]
     assert (tmp_path / "wire.png").read_bytes()[:8] == PNG_MAGIC
     assert "plotted" in res.stdout
 
