@@ -24,6 +24,10 @@ narrows the dense FFN (`model.ffn_mult`) until its analytic forward FLOPs per to
                    is what whitening does
     ultramem_signed  UltraMem with the signed TDQKR filter (top-m and bottom-m per side, 2m x 2m
                    rescoring; not in the paper): its larger grid is counted, so its FFN narrows a little
+    ultramem_v2    UltraMemV2 (DESIGN §3.3, the kind's defaults): a memory layer beside every block's
+                   FFN, one shared projector, pre-values (d_p = d_v / 3), constant 1x value LR; each
+                   layer's rows (K'² with K' = K·√(L·d_v / (n_layers·(d_v + d_p)))) give it UltraMem's
+                   sparse parameters (values + pre-values); query norm and value init as the backbone's
 
 Each (variant, seed) run trains with `LocalTrainer` in this process into `<out>/<variant>/seed-<s>/`
 and leaves `result.json` last, so a rerun skips finished runs (resume). Seeds set both the init
@@ -57,7 +61,7 @@ from orchestration.config import PRESET_DIR, RunConfig, merge, read_config_file,
 from orchestration.errors import ConfigError
 
 VARIANTS = ("dense", "pkm", "pkm_2x", "moe", "ultramem", "no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split",
-            "no_qnorm", "ultramem_signed")
+            "no_qnorm", "ultramem_signed", "ultramem_v2")
 LEAVE_ONE_OUT = ("no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split")
 RESULT = "result.json"
 
@@ -208,6 +212,15 @@ def variant_config(name: str, model: ModelConfig) -> ModelConfig:
                                recall_sample_tokens=mem.recall_sample_tokens, value_init=mem.value_init,
                                value_std=mem.value_std)
         return dataclasses.replace(model, ffn_kind="pkm", memory=pkm)
+    if name == "ultramem_v2":  # equal sparse parameters: n_layers · K'² · (d_v + d_p) = layers · K² · d_v
+        d_p = max(1, mem.d_v // 3)
+        keys = round(mem.num_keys * math.sqrt(layers * mem.d_v / (model.n_layers * (mem.d_v + d_p))))
+        v2 = MemoryConfig.ultramem_v2(num_keys=keys, d_k=mem.d_k, d_v=mem.d_v, d_p=d_p, heads=mem.heads,
+                                      topk=min(mem.topk, keys), tucker_rank=mem.tucker_rank, cores=mem.cores,
+                                      expansion=mem.expansion, num_partitions=mem.num_partitions,
+                                      recall_sample_tokens=mem.recall_sample_tokens, query_norm=mem.query_norm,
+                                      value_init=mem.value_init, value_std=mem.value_std)
+        return dataclasses.replace(model, ffn_kind="ultramem_v2", memory=v2)
     changes: dict[str, Any] = {
         "no_ive": {"expansion": 1},
         "no_tdqkr": {"tucker_rank": 0, "cores": 1},

@@ -27,8 +27,9 @@ def planned() -> list[ex.Variant]:
 
 def test_every_default_variant_is_within_5_percent_of_ultramems_flops(planned: list[ex.Variant]) -> None:
     names = [v.name for v in planned]
-    # the default preset runs the paper's rows; the signed TDQKR filter has its own (quality_signed.toml)
-    assert names == [v for v in ex.VARIANTS if v != "ultramem_signed"]
+    # the default preset runs the paper's rows; the signed TDQKR filter (quality_signed.toml) and
+    # UltraMemV2 (quality_v2.toml) have their own presets
+    assert names == [v for v in ex.VARIANTS if v not in ("ultramem_signed", "ultramem_v2")]
     target = next(v.flops for v in planned if v.name == "ultramem")
     for v in planned:
         assert abs(v.flops / target - 1) <= 0.05, v.name
@@ -83,6 +84,23 @@ def test_signed_variant_counts_its_2m_by_2m_grid_and_is_compute_matched_to_ultra
         assert ex.flops_per_token(unmatched, 64) - ex.flops_per_token(um, 64) == pytest.approx(extra)
         assert signed.ffn_mult < um.ffn_mult  # paid for with FFN width
         assert abs(by["ultramem_signed"].flops / by["ultramem"].flops - 1) <= 0.05
+
+
+def test_ultramem_v2_variant_is_v2_with_ultramems_sparse_parameters_and_flops() -> None:
+    by = {v.name: v for v in ex.plan_variants(ex.load_experiment(ex.PRESET_DIR / "quality_v2.toml"))}
+    assert list(by) == ["dense", "pkm", "moe", "ultramem", "ultramem_v2"]
+    um, v2 = by["ultramem"], by["ultramem_v2"]
+    mem = v2.model.memory
+    assert v2.model.ffn_kind == mem.kind == "ultramem_v2"
+    assert len(v2.model.placements) == v2.model.n_layers  # a memory layer beside every block's FFN
+    assert mem.shared_projector and mem.d_p == mem.d_v // 3 and mem.value_lr_schedule == "constant"
+    assert mem.query_norm == um.model.memory.query_norm and mem.value_init == um.model.memory.value_init
+    # values + pre-values of every layer against UltraMem's values; FLOPs and dense parameters matched
+    sparse = v2.model.n_layers * mem.physical_rows * (mem.d_v + mem.d_p)
+    assert v2.params["sparse"] == sparse
+    assert abs(v2.params["sparse"] / um.params["sparse"] - 1) < 0.05
+    assert abs(v2.flops / um.flops - 1) <= 0.05
+    assert abs(v2.params["total"] / um.params["total"] - 1) < 0.05
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
