@@ -321,8 +321,14 @@ class Shard:
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
-            v = t.parts.read(rows)  # [n, d_v]
-        grad_scores, unique, summed = pooled_backward(v, rows, projector, t_pos, scores, g_out)
+            source = t.parts.source(rows)
+            if source is not None:  # all resident: read V in the table itself, under the lock
+                result = pooled_backward(source[0], rows, projector, t_pos, scores, g_out, flat=source[1])
+            else:
+                v = t.parts.read(rows)  # [n, d_v]
+        if source is None:
+            result = pooled_backward(v, rows, projector, t_pos, scores, g_out)
+        grad_scores, unique, summed = result
         accepted = self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
         return grad_scores, accepted
 
