@@ -145,3 +145,23 @@ def adagrad_rows(p: np.ndarray, sum_sq: np.ndarray, rows: np.ndarray, grads: np.
 def sgd_rows(p: np.ndarray, rows: np.ndarray, grads: np.ndarray, lr: float, decay: float) -> None:
     """SGD on p[rows], in place (see adamw_rows for the arguments)."""
     _sgd(p, rows, grads, np.float32(lr), np.float32(decay))
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Load (or compile) every kernel now, once per process, on tiny inputs: a shard calls this at
+    start so its first request does not pay the JIT cost and its idle RSS holds the compiled code
+    (~30 MB of LLVM runtime, measured). ~0.3 s of CPU with the on-disk cache, ~1-2 s without."""
+    global _warm
+    if _warm:
+        return
+    f32, i64 = np.float32, np.int64
+    table, rows, one = np.zeros((1, 2), f32), np.zeros(1, i64), np.zeros(1, f32)
+    pooled_backward_into(table, rows, table, rows, np.zeros((1, 1), f32), rows, np.array([0, 1], i64),
+                         np.zeros((1, 1), f32), np.zeros((1, 2), f32))
+    adamw_rows(table, table.copy(), table.copy(), np.zeros(1, np.int32), rows, table, 0.0, 0.9, 0.95, 1e-8, 1.0)
+    adagrad_rows(table, one, rows, table, 0.0, 1e-8, 1.0)
+    sgd_rows(table, rows, table, 0.0, 1.0)
+    _warm = True

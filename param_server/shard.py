@@ -54,6 +54,7 @@ from param_server.errors import (
     WaitTimeoutError,
     WrongShardError,
 )
+from param_server.kernels import warm_up
 from param_server.metrics import ShardCounters
 from param_server.optimizers import (
     SparseOptimizer,
@@ -125,6 +126,7 @@ class Shard:
     def __init__(self, config: ShardConfig | None = None, shard_id: int = 0) -> None:
         self.config = config or ShardConfig()
         self.shard_id = shard_id
+        warm_up()  # the compiled kernels loaded now, not by the first request (param_server/kernels.py)
         self._tables: dict[str, _Table] = {}
         self._cond = threading.Condition()  # guards tables, clocks, frozen set, counters
         self._clocks = StepClocks()  # applied and queued steps per (worker, table) (param_server/clocks.py)
