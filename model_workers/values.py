@@ -268,7 +268,7 @@ class LocalBackend(ValueBackend):
             raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
         n = r.shape[0]
         # V before this step's update; the same formula as the shard's PooledBackward
-        grad_scores, unique, summed = pooled_backward_rows(t.values[r], r, p, tok, s, g_out)
+        grad_scores, unique, summed = pooled_backward_rows(t.values, r, p, tok, s, g_out, flat=r)  # read in place
         if n:
             t.optimizer.step(t.values, t.state, unique, summed, lr)
         return torch.from_numpy(grad_scores)

@@ -321,14 +321,14 @@ def format_plan(plan: CapacityPlan, title: str = "") -> str:
 # --- throughput: shard cores a training rate needs (`ultramem plan --tokens-per-s`) ----------------
 
 # Shipped defaults: `ultramem bench memory-path` (one shard process, 2048 tokens a step, AdamW) on a
-# 2-core machine shared with other jobs (2026-12-06); pass --rates bench/results/memory_path.json to use your own.
+# 2-core machine shared with other jobs (2026-12-07); pass --rates bench/results/memory_path.json to use your own.
 DEFAULT_RATES: dict[str, Any] = {
     "source": "defaults shipped with ultramem, measured on a 2-core machine (docs/benchmarks.md)",
     "layers": {
-        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.32, "pooled_backward": 2.72,
-                                                           "optimizer_step": 0.69, "gather": 1.69}},
-        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.37, "pooled_backward": 0.59,
-                                                           "optimizer_step": 0.12, "gather": 0.66}},
+        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.46, "pooled_backward": 0.66,
+                                                           "optimizer_step": 0.15, "gather": 2.61}},
+        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.39, "pooled_backward": 0.44,
+                                                           "optimizer_step": 0.031, "gather": 0.72}},
     },
 }
 STEP_CALLS = ("pooled_gather", "pooled_backward", "optimizer_step")  # one training step of a memory layer

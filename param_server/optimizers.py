@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from param_server.errors import ConfigError
+from param_server.kernels import adagrad_rows, adamw_rows, sgd_rows
 
 if TYPE_CHECKING:
     from storage.layout import TableSpec
@@ -113,14 +114,22 @@ class SparseOptimizer(ABC):
             lr: learning rate of this step (value-LR multiplier included).
         """
 
-    def _decay(self, p: np.ndarray, lr: float) -> None:
-        """Decoupled weight decay on touched rows: p <- p * (1 - lr * wd)."""
-        if self.config.weight_decay:
-            p *= np.float32(1.0 - lr * self.config.weight_decay)
+    def _decay(self, lr: float) -> float:
+        """Decoupled weight decay factor on touched rows: p <- p * (1 - lr * wd)."""
+        return 1.0 - lr * self.config.weight_decay
+
+
+def _rows_f32(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 table to update in place, its row index): the table itself when float32 and
+    C-contiguous, else a float32 copy of the touched rows (bfloat16 / float16) indexed 0..U-1."""
+    if values.dtype == np.float32 and values.flags.c_contiguous:
+        return values, rows
+    return np.ascontiguousarray(values[rows], dtype=np.float32), np.arange(rows.shape[0], dtype=np.int64)
 
 
 def _write_back(values: np.ndarray, rows: np.ndarray, p: np.ndarray) -> None:
-    values[rows] = p if values.dtype == np.float32 else p.astype(values.dtype)
+    if p is not values:
+        values[rows] = p if values.dtype == np.float32 else p.astype(values.dtype)
 
 
 class SGD(SparseOptimizer):
@@ -129,9 +138,9 @@ class SGD(SparseOptimizer):
     def step(self, values, state, rows, grads, lr):
         if rows.shape[0] == 0:
             return
-        p = values[rows].astype(np.float32, copy=False)  # [U, d_v], a fresh copy either way
-        self._decay(p, lr)
-        p -= np.float32(lr) * np.asarray(grads, np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        p, index = _rows_f32(values, rows)
+        sgd_rows(p, index, np.ascontiguousarray(grads, np.float32), lr, self._decay(lr))
         _write_back(values, rows, p)
 
 
@@ -143,18 +152,26 @@ class RowwiseAdagrad(SparseOptimizer):
     def step(self, values, state, rows, grads, lr):
         if rows.shape[0] == 0:
             return
-        g = np.asarray(grads, np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        p, index = _rows_f32(values, rows)
         sum_sq = state["sum_sq"]
-        acc = sum_sq[rows] + np.mean(g * g, axis=1, dtype=np.float32)  # [U]
-        sum_sq[rows] = acc
-        p = values[rows].astype(np.float32, copy=False)  # [U, d_v], a fresh copy either way
-        self._decay(p, lr)
-        p -= np.float32(lr) * g / (np.sqrt(acc) + np.float32(self.config.eps))[:, None]
+        if p is values:
+            adagrad_rows(p, sum_sq, rows, np.ascontiguousarray(grads, np.float32), lr, self.config.eps,
+                         self._decay(lr))
+        else:  # a copy of the rows: their accumulators too, written back after
+            acc = np.ascontiguousarray(sum_sq[rows], dtype=np.float32)
+            adagrad_rows(p, acc, index, np.ascontiguousarray(grads, np.float32), lr, self.config.eps,
+                         self._decay(lr))
+            sum_sq[rows] = acc
         _write_back(values, rows, p)
 
 
 class LazyAdamW(SparseOptimizer):
-    """AdamW on touched rows only, with each row's own step count for bias correction."""
+    """AdamW on touched rows only, with each row's own step count for bias correction.
+
+    One fused pass per row (param_server.kernels.adamw_rows): m, v, the step count and the value
+    are read and written in place, with no gathered copies (measured: bench/kernels_ab.py).
+    """
 
     state_names = ("exp_avg", "exp_avg_sq", "step")
 
@@ -162,33 +179,16 @@ class LazyAdamW(SparseOptimizer):
         if rows.shape[0] == 0:
             return
         cfg = self.config
-        b1, b2 = np.float32(cfg.beta1), np.float32(cfg.beta2)
-        g = np.asarray(grads, np.float32)  # [U, d_v]
-        t = state["step"][rows].astype(np.int64) + 1  # [U], this row's step number
-        m = state["exp_avg"][rows]  # [U, d_v] copies, updated with few temporaries
-        v = state["exp_avg_sq"][rows]
-        tmp = np.multiply(g, np.float32(1.0) - b1)
-        m *= b1
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        tmp *= np.float32(1.0) - b2
-        v *= b2
-        v += tmp
-        # bias corrections in float64 (as torch does with Python floats), then float32 per row
-        bc1 = 1.0 - np.power(cfg.beta1, t, dtype=np.float64)
-        bc2_sqrt = np.sqrt(1.0 - np.power(cfg.beta2, t, dtype=np.float64))
-        step_size = (lr / bc1).astype(np.float32)[:, None]  # [U, 1]
-        np.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(bc2) + eps
-        tmp /= bc2_sqrt.astype(np.float32)[:, None]
-        tmp += np.float32(cfg.eps)
-        np.divide(m, tmp, out=tmp)
-        tmp *= step_size
-        p = values[rows].astype(np.float32, copy=False)  # [U, d_v], a fresh copy either way
-        self._decay(p, lr)
-        p -= tmp
-        state["exp_avg"][rows] = m
-        state["exp_avg_sq"][rows] = v
-        state["step"][rows] = t.astype(state["step"].dtype)
+        rows = np.asarray(rows, dtype=np.int64)
+        p, index = _rows_f32(values, rows)
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        g = np.ascontiguousarray(grads, np.float32)
+        if p is values:
+            adamw_rows(p, m, v, t, rows, g, lr, cfg.beta1, cfg.beta2, cfg.eps, self._decay(lr))
+        else:  # a copy of the rows: their state too, written back after
+            mc, vc, tc = m[rows], v[rows], t[rows]
+            adamw_rows(p, mc, vc, tc, index, g, lr, cfg.beta1, cfg.beta2, cfg.eps, self._decay(lr))
+            m[rows], v[rows], t[rows] = mc, vc, tc
         _write_back(values, rows, p)
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from param_server.kernels import pooled_backward_into
+
 
 def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray | None, np.ndarray]:
     """Sort order of the n entries by (token, projector) (None: already in order) and the group
@@ -30,46 +32,52 @@ def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndar
     return order, starts
 
 
+def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries grouped by row: (order int64 [n], a stable sort by row; starts int64 [U + 1], the run
+    of each unique row in that order; unique sorted rows int64 [U])."""
+    if rows.shape[0] <= 1 or bool((rows[1:] >= rows[:-1]).all()):
+        order, sorted_rows = np.arange(rows.shape[0], dtype=np.int64), rows
+    else:
+        sorted_t, order_t = torch.sort(torch.from_numpy(rows), stable=True)  # one thread: ~2x np.argsort
+        sorted_rows, order = sorted_t.numpy(), order_t.numpy()
+    starts = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1], [True])))
+    return order, starts.astype(np.int64, copy=False), sorted_rows[starts[:-1]]
+
+
 def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray, token_pos: np.ndarray,
-                    scores: np.ndarray, grad_out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    scores: np.ndarray, grad_out: np.ndarray, *, flat: np.ndarray | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of pooling for n entries, with the row gradients already summed per row.
 
-    values [n, d_v]: V of each entry's row, before the update; rows int64 [n] (may repeat);
-    projector/token_pos int64 [n] (entry j's dL/do is grad_out[token_pos_j, projector_j]);
-    scores float32 [n, h]; grad_out float32 [T, E, d_v] ->
+    values [R, d_v]: V before the update, either each entry's row (flat None, R = n) or a whole
+    table whose row flat[j] is entry j's (flat int64 [n]: a float32 table is read in place, no
+    gathered copy); rows int64 [n] (may repeat); projector/token_pos int64 [n] (entry j's dL/do is
+    grad_out[token_pos_j, projector_j]); scores float32 [n, h]; grad_out float32 [T, E, d_v] ->
     (dL/ds float32 [n, h], unique sorted rows int64 [U], dL/dV float32 [U, d_v]) with
     dL/ds[j, c] = <dL/do[t_j, p_j, slice c], V[row_j, slice c]> and
     dL/dV[u, slice c] = sum_{j: row_j = u} s_c[j] * dL/do[t_j, p_j, slice c] (d_v splits into h slices).
 
-    The per-row sums are one `embedding_bag` per slice over dL/do (bags = the unique rows): no
-    [n, d_v] gradient is materialised, and repeated rows are summed, never overwritten (DESIGN §8).
+    One compiled pass over the entries grouped by row (param_server.kernels.pooled_backward_into):
+    each row's V is read once and its entries' terms summed in its own slot, never overwritten
+    (DESIGN §8); chosen by measurement
+    (docs/benchmarks.md "Memory path", bench/kernels_ab.py).
     """
     n, h = scores.shape
     t, e, d_v = grad_out.shape
-    k = d_v // h
     if n == 0:
         return np.zeros((0, h), np.float32), np.zeros(0, np.int64), np.zeros((0, d_v), np.float32)
-    g_flat = token_pos * e + projector  # [n], entry j's row of grad_out viewed [T * E, d_v]
+    if flat is None:
+        flat = np.arange(n, dtype=np.int64)
+    if values.dtype != np.float32 or not values.flags.c_contiguous:  # bfloat16 / float16: the entries' rows
+        values, flat = np.ascontiguousarray(values[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
     g = np.ascontiguousarray(grad_out, dtype=np.float32).reshape(t * e, d_v)
-    if not g.flags.writeable:
-        g = g.copy()
-    v = values.astype(np.float32, copy=False).reshape(n, h, k)
-    grad_scores = np.einsum("nhk,nhk->nh", g[g_flat].reshape(n, h, k), v)  # [n, h]
-    order = None
-    if n > 1 and not bool((rows[1:] >= rows[:-1]).all()):
-        order = np.argsort(rows, kind="stable")
-    sorted_rows = rows if order is None else rows[order]
-    starts = np.concatenate(([0], np.flatnonzero(sorted_rows[1:] != sorted_rows[:-1]) + 1)).astype(np.int64)
-    idx = g_flat if order is None else g_flat[order]
-    s = scores if order is None else scores[order]
-    table = torch.from_numpy(g).view(t * e * h, k)  # row r slice c = r * h + c
-    offsets = torch.from_numpy(starts)
-    summed = np.empty((starts.shape[0], h, k), dtype=np.float32)
-    summed_t = torch.from_numpy(summed)
-    for c in range(h):
-        summed_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
-                                         per_sample_weights=torch.from_numpy(s[:, c].astype(np.float32)))
-    return grad_scores.astype(np.float32, copy=False), sorted_rows[starts], summed.reshape(-1, d_v)
+    g_flat = (token_pos * e + projector).astype(np.int64, copy=False)  # [n], entry j's row of g
+    order, starts, unique = row_runs(np.asarray(rows, dtype=np.int64))
+    grad_scores = np.empty((n, h), dtype=np.float32)
+    grad_rows = np.empty((unique.shape[0], d_v), dtype=np.float32)
+    pooled_backward_into(values, np.asarray(flat, dtype=np.int64), g, g_flat,
+                         np.ascontiguousarray(scores, dtype=np.float32), order, starts, grad_scores, grad_rows)
+    return grad_scores, unique, grad_rows
 
 
 def pooled_sum(

@@ -54,6 +54,7 @@ from param_server.errors import (
     WaitTimeoutError,
     WrongShardError,
 )
+from param_server.kernels import warm_up
 from param_server.metrics import ShardCounters
 from param_server.optimizers import (
     SparseOptimizer,
@@ -139,6 +140,7 @@ class Shard:
     def __init__(self, config: ShardConfig | None = None, shard_id: int = 0) -> None:
         self.config = config or ShardConfig()
         self.shard_id = shard_id
+        warm_up()  # the compiled kernels loaded now, not by the first request (param_server/kernels.py)
         self._tables: dict[str, _Table] = {}
         self._cond = threading.Condition()  # guards tables, clocks, frozen set, counters
         self._clocks = StepClocks()  # applied and queued steps per (worker, table) (param_server/clocks.py)
@@ -379,18 +381,26 @@ class Shard:
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
-            v = t.parts.read(rows)  # [n, d_v]
             if pre is not None:
                 self._check_owned(pre[0], rows)
             p_rows = pre[0].parts.read(rows) if pre is not None else None  # [n, d_p]
-        if pre is None or p_rows is None:
-            grad_scores, unique, summed = pooled_backward(v, rows, projector, t_pos, scores, g_out)
-            return grad_scores, None, self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
+            a = weighted = None
+            if pre is not None and p_rows is not None:  # s' = a * s: V's backward sees the weighted scores
+                a, weighted = pre_value_scores(p_rows, pre[1], pre[2], scores)  # (n,), (n, h)
+            pooled_scores = scores if weighted is None else weighted
+            source = t.parts.source(rows)
+            if source is not None:  # all resident: read V in the table itself, under the lock
+                result = pooled_backward(source[0], rows, projector, t_pos, pooled_scores, g_out, flat=source[1])
+            else:
+                v = t.parts.read(rows)  # [n, d_v]
+        if source is None:
+            result = pooled_backward(v, rows, projector, t_pos, pooled_scores, g_out)
+        grad_pooled, unique, summed = result
+        if pre is None or weighted is None:
+            return grad_pooled, None, self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
         t_pre, q, q_pos = pre
-        a, weighted = pre_value_scores(p_rows, q, q_pos, scores)  # (n,), (n, h)
-        grad_weighted, unique, summed = pooled_backward(v, rows, projector, t_pos, weighted, g_out)
         grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(p_rows, q, q_pos, rows, scores, a,
-                                                                         grad_weighted)
+                                                                         grad_pooled)
         update = PendingUpdate(table, worker_id, seq, step, lr, unique, summed,
                                also=((t_pre.spec.name, pre_unique, pre_summed),))
         return grad_scores, grad_q, self._admit(t, update)
