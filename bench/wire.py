@@ -235,17 +235,13 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
                     runs_v2.append(measure_v2(client, counter, spec.name, pre_spec.name, rows, scores, q_p, step))
                     step += 1
                 results["v2"]["regimes"][str(t)] = _regime(runs_v2, t)
-                per_token = {op: statistics.median(_total(m[op]) / t for m in runs) for op in runs[0]}
-                calls = {op: statistics.median(m[op]["calls"] for m in runs) for op in runs[0]}
+                regime = _regime(runs, t)
+                per_token = regime["bytes_per_token"]
                 pooled_req = statistics.median(m["pooled_lookup/bfloat16"]["request"] / t for m in runs)
                 count = {k: statistics.median(c[k] / t if k not in ("shards_per_token",) else c[k] for c in counted)
                          for k in counted[0]}
-                regime = {
-                    "bytes_per_token": per_token, "calls": calls, "by_counting_per_token": count,
-                    "ratio_lookup_bf16": per_token["pooled_lookup/bfloat16"] / per_token["rows_lookup/bfloat16"],
-                    "ratio_lookup_fp32": per_token["pooled_lookup/float32"] / per_token["rows_lookup/float32"],
-                    "ratio_training_round": (per_token["pooled_lookup/float32"] + per_token["pooled_backward"])
-                    / (per_token["rows_lookup/float32"] + per_token["rows_push"]),
+                regime |= {
+                    "by_counting_per_token": count,
                     "pooled_bf16_request_share": pooled_req / per_token["pooled_lookup/bfloat16"],
                     "measured_over_counted": {
                         "rows_lookup/bfloat16": per_token["rows_lookup/bfloat16"] / count["rows_lookup"],

@@ -258,12 +258,7 @@ class LocalBackend(ValueBackend):
     def pooled_backward(self, table: str, rows: torch.Tensor, projector: torch.Tensor, token: torch.Tensor,
                         scores: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """dL/ds [n, h] and an immediate row update (param_server.pooling.pooled_backward)."""
-        step, lr = self.step_lr()
-        t = self._table(table)
-        g_out = _float32(grad_out)
-        if g_out.ndim != 3 or g_out.shape[2] != t.spec.dim:
-            raise InvalidRowsError(f"{table}: grad_out must be [T, E, {t.spec.dim}], got {list(g_out.shape)}")
-        r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, g_out.shape[0], g_out.shape[1])
+        step, lr, t, g_out, (r, p, tok, s) = self._backward_args(table, rows, projector, token, scores, grad_out)
         if not np.isfinite(g_out).all():
             raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
         n = r.shape[0]
@@ -277,23 +272,29 @@ class LocalBackend(ValueBackend):
                             token: torch.Tensor, scores: torch.Tensor, q_p: torch.Tensor, grad_out: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """dL/ds [n, h], dL/dq_p [T, d_p] and an immediate update of both tables (the shard's formula)."""
-        step, lr = self.step_lr()
-        t = self._table(table)
-        g_out = _float32(grad_out)
-        if g_out.ndim != 3 or g_out.shape[2] != t.spec.dim:
-            raise InvalidRowsError(f"{table}: grad_out must be [T, E, {t.spec.dim}], got {list(g_out.shape)}")
-        r, p, tok, s = self._pooled_args(t, rows, projector, token, scores, g_out.shape[0], g_out.shape[1])
+        step, lr, t, g_out, (r, p, tok, s) = self._backward_args(table, rows, projector, token, scores, grad_out)
         t_pre, q = self._pre_args(t, pre_table, q_p, g_out.shape[0])
         if not np.isfinite(g_out).all():
             raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
         pre = t_pre.values[r]  # (n, d_p), P_tab before this step's update
         a, weighted = pre_value_scores(pre, q, tok, s)
-        grad_weighted, unique, summed = pooled_backward_rows(t.values[r], r, p, tok, weighted, g_out)
+        grad_weighted, unique, summed = pooled_backward_rows(t.values, r, p, tok, weighted, g_out, flat=r)
         grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(pre, q, tok, r, s, a, grad_weighted)
         if r.size:
             t.optimizer.step(t.values, t.state, unique, summed, lr)
             t_pre.optimizer.step(t_pre.values, t_pre.state, pre_unique, pre_summed, lr)
         return torch.from_numpy(grad_scores), torch.from_numpy(grad_q)
+
+    def _backward_args(self, table: str, rows: Any, projector: Any, token: Any, scores: Any, grad_out: Any
+                       ) -> tuple[int, float, _Table, np.ndarray, tuple[np.ndarray, ...]]:
+        """(step, lr, table, dL/do float32 [T, E, d_v], (rows, projector, token, scores)) of a pooled
+        backward, checked (the finiteness of dL/do aside)."""
+        step, lr = self.step_lr()
+        t = self._table(table)
+        g_out = _float32(grad_out)
+        if g_out.ndim != 3 or g_out.shape[2] != t.spec.dim:
+            raise InvalidRowsError(f"{table}: grad_out must be [T, E, {t.spec.dim}], got {list(g_out.shape)}")
+        return step, lr, t, g_out, self._pooled_args(t, rows, projector, token, scores, g_out.shape[0], g_out.shape[1])
 
     def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, num_tokens: int) -> tuple[_Table, np.ndarray]:
         """The pre-value table of `t` and q_p float32 [T, d_p], validated."""

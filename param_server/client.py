@@ -197,11 +197,8 @@ class Client:
                         min_step: int | None = None) -> np.ndarray:
         """dL/do grad_out [T, E, d_v] -> dL/ds [n, h]; each shard also queues its rows' update.
         `min_step`: dL/ds uses the values after this worker's pushes up to min_step (as a lookup)."""
-        meta = self.table(table)
-        grad_out = np.asarray(grad_out, dtype=np.float32)
-        if grad_out.ndim != 3 or grad_out.shape[2] != meta.dim:
-            raise InvalidRequestError(f"grad_out must be [T, E, {meta.dim}], got {list(grad_out.shape)}")
-        rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, grad_out.shape[0])
+        meta, grad_out, (rows, projector, token, scores) = self._backward_inputs(table, rows, projector, token,
+                                                                                  scores, grad_out)
         self.flush()  # its seqs must follow any earlier push
         return self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step, min_step)[0]
 
@@ -211,11 +208,8 @@ class Client:
         """`pooled_backward` with pre-values (DESIGN §3.3): q_p float32 [T, d_p] ->
         (dL/ds [n, h], dL/dq_p [T, d_p] summed over the shards); each shard queues the update of its
         rows of both `table` and `pre_table` under one seq."""
-        meta = self.table(table)
-        grad_out = np.asarray(grad_out, dtype=np.float32)
-        if grad_out.ndim != 3 or grad_out.shape[2] != meta.dim:
-            raise InvalidRequestError(f"grad_out must be [T, E, {meta.dim}], got {list(grad_out.shape)}")
-        rows, projector, token, scores = self._pooled_inputs(meta, rows, projector, token, scores, grad_out.shape[0])
+        meta, grad_out, (rows, projector, token, scores) = self._backward_inputs(table, rows, projector, token,
+                                                                                  scores, grad_out)
         pre = self._pre_inputs(pre_table, q_p, grad_out.shape[0])
         self.flush()
         grad_scores, grad_q = self._pooled_backward(table, meta, rows, projector, token, scores, grad_out, lr, step,
@@ -491,6 +485,16 @@ class Client:
         if rows.size and (rows.min() < 0 or rows.max() >= meta.rows):
             raise InvalidRequestError(f"rows must be in [0, {meta.rows}), got {rows.min()}..{rows.max()}")
         return rows
+
+    def _backward_inputs(self, table: str, rows: Any, projector: Any, token: Any, scores: Any, grad_out: Any
+                         ) -> tuple[TableMeta, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(the table's meta, dL/do float32 [T, E, d_v], (rows, projector, token, scores)) of a pooled
+        backward, checked."""
+        meta = self.table(table)
+        grad_out = np.asarray(grad_out, dtype=np.float32)
+        if grad_out.ndim != 3 or grad_out.shape[2] != meta.dim:
+            raise InvalidRequestError(f"grad_out must be [T, E, {meta.dim}], got {list(grad_out.shape)}")
+        return meta, grad_out, self._pooled_inputs(meta, rows, projector, token, scores, grad_out.shape[0])
 
     def _pre_inputs(self, pre_table: str | None, q_p: Any, num_tokens: int) -> tuple[str, np.ndarray] | None:
         """(pre_table, q_p float32 [T, d_p]) checked here (None: no pre-values); the shards check the rest."""
