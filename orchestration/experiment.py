@@ -19,9 +19,10 @@ narrows the dense FFN (`model.ffn_mult`) until its analytic forward FLOPs per to
     no_ive         E = 1;  no_tdqkr: additive product keys (then one core: MCS needs TDQKR)
     no_mcs         one core;  no_vlr_decay: value LR = dense LR (no 4x -> 1x)
     no_split       one big memory (same rows in total) read and added at one block, no skip-layer
-    no_qnorm       no query statistics (DESIGN §3.1 step 1, the library default since issue 15); the
-                   quality presets pin query_norm = "whiten" on the backbone, so ultramem − no_qnorm
-                   is what whitening does
+    no_qnorm       no query statistics (DESIGN §3.1 step 1, the library default): the same as
+                   `ultramem` unless the backbone pins another query_norm (older presets pin "whiten")
+    whiten         UltraMem with query whitening over the batch's tokens (ours, not in the paper), so
+                   whiten − ultramem is what whitening does from the default
     ultramem_signed  UltraMem with the signed TDQKR filter (top-m and bottom-m per side, 2m x 2m
                    rescoring; not in the paper): its larger grid is counted, so its FFN narrows a little
     ultramem_v2    UltraMemV2 (DESIGN §3.3, the kind's defaults): a memory layer beside every block's
@@ -61,7 +62,7 @@ from orchestration.config import PRESET_DIR, RunConfig, merge, read_config_file,
 from orchestration.errors import ConfigError
 
 VARIANTS = ("dense", "pkm", "pkm_2x", "moe", "ultramem", "no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split",
-            "no_qnorm", "ultramem_signed", "ultramem_v2")
+            "no_qnorm", "whiten", "ultramem_signed", "ultramem_v2")
 LEAVE_ONE_OUT = ("no_ive", "no_tdqkr", "no_mcs", "no_vlr_decay", "no_split")
 RESULT = "result.json"
 
@@ -228,6 +229,7 @@ def variant_config(name: str, model: ModelConfig) -> ModelConfig:
         "no_vlr_decay": {"value_lr_mult": 1.0, "value_lr_mult_final": 1.0},
         "no_split": one_layer,
         "no_qnorm": {"query_norm": "none"},
+        "whiten": {"query_norm": "whiten"},
         "ultramem_signed": {"tdqkr_filter": "signed"},
     }[name]
     return dataclasses.replace(model, ffn_kind="ultramem", memory=dataclasses.replace(mem, **changes))
