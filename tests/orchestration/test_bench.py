@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -201,3 +202,44 @@ def test_v2_floor_does_the_shards_pooled_work() -> None:
     np.testing.assert_allclose(got_v, tv.grad[unique], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got_pre, tp.grad[unique], rtol=1e-4, atol=1e-6)
 
+
+def test_serve_ratios_put_the_v2_leg_beside_v1s_and_check_its_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/serve.py's ratios and checks with stand-in round timings: V2's remote/local tokens/s and
+    hop come out per batch beside v1's, as medians of per-round ratios."""
+    # bench/serve.py sets OMP_WAIT_POLICY at its first import; monkeypatch restores it afterwards
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    from bench import serve
+
+
+    step_s = {serve.SMALL: 0.010, serve.MID: 0.010, serve.MID_ONE: 0.009, "local-2^20": 0.008, "moe-local": 0.020,
+              serve.V2_REMOTE: 0.012, serve.V2_LOCAL: 0.009}  # seconds per decode step, every round and batch
+    per_round = {(name, b): [[s] * 4, [s] * 4] for name, s in step_s.items() for b in serve.BATCHES}
+    ratios = serve._ratios({name: {} for name in step_s}, per_round)
+    for b in map(str, serve.BATCHES):
+        assert ratios[f"tokens/s {serve.V2_REMOTE} / {serve.V2_LOCAL}"][b] == pytest.approx(0.75)
+        assert ratios[f"tokens/s {serve.MID} / local-2^20"][b] == pytest.approx(0.8)
+        assert ratios[f"tokens/s {serve.V2_REMOTE} / {serve.MID}"][b] == pytest.approx(0.833, abs=1e-3)
+        assert ratios[f"hop ms per token per memory layer (p50 {serve.V2_REMOTE} - {serve.V2_LOCAL})"][b] == \
+            pytest.approx(3.0)
+    checks = serve._checks(ratios)
+    v2_hop = checks["UltraMemV2 remote hop per token per memory layer at batch 1, ms (target < 2)"]["2 shards"]
+    assert v2_hop == {"ms": pytest.approx(3.0), "met": False}
+    reported = checks["tokens/s remote / local at batch 1 / 16 / 64 (reported)"]
+    assert reported["v2"]["1"] == pytest.approx(0.75) and reported["v1"]["1"] == pytest.approx(0.8)
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_serves_a_v2_model_remotely_beside_v1(tmp_path: Path) -> None:
+    res = _run("bench", "serve", "--quick", "--out", str(tmp_path), timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "serve.json").read_text())
+    assert r["model"]["v2"]["d_p"] == r["model"]["d_v"] // 3
+    for leg in ("remote-v2-2^20", "local-v2-2^20", "remote-2^20", "local-2^20"):
+        tps = [r["configs"][leg]["batches"][b]["tokens_per_s"] for b in ("1", "16", "64")]
+        assert all(math.isfinite(v) and v > 0 for v in tps), (leg, tps)
+    assert r["configs"]["remote-v2-2^20"]["shards"] == 2
+    for name in ("tokens/s remote-v2-2^20 / local-v2-2^20", "tokens/s remote-2^20 / local-2^20"):
+        assert all(math.isfinite(v) and v > 0 for v in r["ratios"][name].values()), name
+    hop = r["checks"]["UltraMemV2 remote hop per token per memory layer at batch 1, ms (target < 2)"]["2 shards"]
+    assert math.isfinite(hop["ms"]) and isinstance(hop["met"], bool)
+    assert (tmp_path / "serve.png").read_bytes()[:8] == PNG_MAGIC
