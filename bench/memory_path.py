@@ -6,13 +6,24 @@ memory layer is a PooledGather, a PooledBackward and the optimizer update it que
 the next step's lookup waits for it to be applied). Two layers:
   * paper - H=2 heads x m=80 selections (160 per token), E=4, h=2 cores, d_v=384, P=65,536 rows;
   * small - the `small` preset's layer: H=2 x m=8 (16 per token), E=4, h=2, d_v=128, P=4,096.
-Tokens per step 1 / 64 / 2048 (--quick: 1 / 64), 1, 2 and 4 shard processes (--quick: 1, 2).
+and the same two shapes as UltraMemV2 layers (DESIGN §3.3; `MemoryConfig.ultramem_v2`, as in
+bench/wire.py's V2 leg): one shared projector (a token's pooled answer is one [d_v] sum) and a
+pre-value table P_tab [P, d_p], d_p = d_v // 3, beside the value table (same rows and partitions).
+The worker sends q_p [T, d_p] with the entries; the shard weighs entry j by <q_p[t_j], P_tab[row_j]>
+* s_j, and the backward returns dL/ds and dL/dq_p and updates V and P_tab (lazy AdamW on both):
+  * paper_v2 - the paper layer with d_p=128;  * small_v2 - the small layer with d_p=42.
+Their Gather leg fetches the step's unique rows of both tables (rows mode's lookup).
+Tokens per step 1 / 64 / 2048 (--quick: 1 / 64), 1, 2 and 4 shard processes (--quick: 1, 2); the
+shard processes serve all six tables at once.
 
 Measured in one run, legs interleaved repeat by repeat (the machine may be loaded by others, so
 ratios between legs of one run are the figures to read, medians of the repeats):
   * the floor: the same pooled lookup (same rows, same weights) in this process on one thread by
     the fastest plain library call: the better of numpy fancy indexing (gather + weighted sum)
-    and torch `embedding_bag` (sum mode, per_sample_weights);
+    and torch `embedding_bag` (sum mode, per_sample_weights). For V2 the floor does V2's work:
+    gather the V and P_tab rows, the dot products with q_p, the h-slice weighted sum (MCS), and
+    a backward floor: dL/ds, dL/dq_p and the duplicate-summed row gradients of V and P_tab (each
+    V2 floor timed on its second call, warm like the shard's repeated calls);
   * the shards' CPU-s per million selections for each call type: Gather (of a step's unique
     rows), PooledGather, PooledBackward (without the update it queues) and the optimizer step
     (the apply thread: duplicate sums + lazy AdamW; the shard's `apply_cpu_s` counter), read from
@@ -20,7 +31,8 @@ ratios between legs of one run are the figures to read, medians of the repeats):
   * the worker's CPU per token (this process: the client's encoding, routing and decoding);
   * memory-path tokens/s per shard count and tokens per step;
   * Gather's wire bytes/s against a raw loopback socket moving the same bytes.
-Writes <out>/memory_path.json and prints the verdicts (target <= 3x the floor, aim 1.5x).
+Writes <out>/memory_path.json (V2 under "v2", its keys as v1's plus the backward floor) and prints
+the verdicts (target <= 3x the floor, aim 1.5x), v1's and V2's.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from storage.layout import TableSpec, init_partition_values  # noqa: E402
 from storage.table_store import create_table  # noqa: E402
 
 CALLS = ("gather", "pooled_gather", "pooled_backward", "optimizer_step")
+FLOORS = ("floor", "floor_numpy", "floor_embedding_bag", "floor_backward")  # floor_backward: V2 only
 TARGET, AIM = 3.0, 1.5  # shard CPU per selection over the floor's
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -61,15 +74,31 @@ class Layer(NamedTuple):  # not a dataclass: `ultramem bench` loads this file wi
     topk: int  # m
     expansion: int  # E
     cores: int  # h
+    d_p: int = 0  # UltraMemV2 pre-value width (DESIGN §3.3 item 3); 0 = v1, no pre-values
+    shared_projector: bool = False  # UltraMemV2: one pooled [d_v] sum per token (DESIGN §3.3 item 2)
 
     @property
     def per_token(self) -> int:
         return self.heads * self.topk
 
+    @property
+    def pooled_e(self) -> int:
+        """E of the pooled calls: 1 with the shared projector."""
+        return 1 if self.shared_projector else self.expansion
+
+    @property
+    def pre_table(self) -> str | None:
+        return f"{self.name}.pre_values" if self.d_p else None
+
 
 def layers(quick: bool) -> list[Layer]:
     return [Layer("paper", 16_384 if quick else 65_536, 384, 2, 80, 4, 2),
             Layer("small", 4_096, 128, 2, 8, 4, 2)]
+
+
+def layers_v2(quick: bool) -> list[Layer]:
+    """v1's shapes as UltraMemV2 layers (MemoryConfig.ultramem_v2: shared projector, d_p = d_v // 3)."""
+    return [lay._replace(name=f"{lay.name}_v2", d_p=lay.d_v // 3, shared_projector=True) for lay in layers(quick)]
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -87,14 +116,18 @@ def proc_rss_mb(pid: int) -> float:
 
 def step_inputs(layer: Layer, tokens: int, seed: int) -> dict[str, np.ndarray]:
     """One step's selections, token-major as a worker sends them: rows [n], projector [n], token [n],
-    scores float32 [n, h], grad_out float32 [T, E, d_v]."""
+    scores float32 [n, h], grad_out float32 [T, E, d_v] (E = 1 with the shared projector) and, with
+    pre-values, q_p float32 [T, d_p]."""
     rng = np.random.default_rng(seed)
     n = tokens * layer.per_token
-    return {"rows": rng.integers(0, layer.rows, n, dtype=np.int64),
-            "projector": rng.integers(0, layer.expansion, n, dtype=np.int64),
-            "token": np.repeat(np.arange(tokens, dtype=np.int64), layer.per_token),
-            "scores": rng.standard_normal((n, layer.cores), dtype=np.float32),
-            "grad_out": rng.standard_normal((tokens, layer.expansion, layer.d_v), dtype=np.float32) * 1e-3}
+    x = {"rows": rng.integers(0, layer.rows, n, dtype=np.int64),
+         "projector": rng.integers(0, layer.pooled_e, n, dtype=np.int64),
+         "token": np.repeat(np.arange(tokens, dtype=np.int64), layer.per_token),
+         "scores": rng.standard_normal((n, layer.cores), dtype=np.float32),
+         "grad_out": rng.standard_normal((tokens, layer.pooled_e, layer.d_v), dtype=np.float32) * 1e-3}
+    if layer.d_p:
+        x["q_p"] = rng.standard_normal((tokens, layer.d_p), dtype=np.float32)
+    return x
 
 
 def floor_cpu_s(table: np.ndarray, x: dict[str, np.ndarray], layer: Layer) -> dict[str, float]:
@@ -118,6 +151,77 @@ def floor_cpu_s(table: np.ndarray, x: dict[str, np.ndarray], layer: Layer) -> di
     return {"embedding_bag": c1 - c0, "numpy": c2 - c1}
 
 
+def v2_forward(table: np.ndarray, pre: np.ndarray, x: dict[str, np.ndarray], layer: Layer, how: str) -> np.ndarray:
+    """The V2 pooled lookup by plain library calls: float32 [T, d_v] = sum_j a_j * s_j,c * V[row_j, slice c],
+    a_j = <q_p[t_j], P_tab[row_j]>. how: "numpy" (fancy indexing + einsum) or "embedding_bag" (torch:
+    P_tab rows by index_select, the sum by embedding_bag over V viewed as [P * h, d_v / h])."""
+    t, k, h, d_p = x["q_p"].shape[0], layer.per_token, layer.cores, layer.d_p
+    c = layer.d_v // h
+    if how == "numpy":
+        p = pre[x["rows"]].reshape(t, k, d_p)
+        a = np.einsum("tkd,td->tk", p, x["q_p"])  # (T, k)
+        w = x["scores"].reshape(t, k, h) * a[..., None]  # (T, k, h)
+        return np.einsum("tkhc,tkh->thc", table[x["rows"]].reshape(t, k, h, c), w).reshape(t, layer.d_v)
+    rows = torch.from_numpy(x["rows"])
+    p = torch.from_numpy(pre).index_select(0, rows).view(t, k, d_p)
+    a = torch.bmm(p, torch.from_numpy(x["q_p"]).view(t, d_p, 1))  # (T, k, 1)
+    w = (torch.from_numpy(x["scores"]).view(t, k, h) * a).transpose(1, 2).reshape(-1)  # bag (t, c): its k weights
+    out = torch.nn.functional.embedding_bag(torch.from_numpy(x["bag_index"]), torch.from_numpy(table).view(-1, c),
+                                            torch.from_numpy(x["bag_offsets"]), mode="sum", per_sample_weights=w)
+    return out.view(t, layer.d_v).numpy()
+
+
+def v2_backward(table: np.ndarray, pre: np.ndarray, x: dict[str, np.ndarray], layer: Layer
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The V2 pooled backward by plain library calls (torch, what PooledBackward computes before
+    the update it queues): dL/do [T, 1, d_v] -> (dL/ds [n, h], dL/dq_p [T, d_p], unique rows [U],
+    dL/dV [U, d_v], dL/dP_tab [U, d_p]), duplicate rows summed with index_add_."""
+    t, k, h, d_p = x["q_p"].shape[0], layer.per_token, layer.cores, layer.d_p
+    c = layer.d_v // h
+    rows, q_p = torch.from_numpy(x["rows"]), torch.from_numpy(x["q_p"])
+    s, go = torch.from_numpy(x["scores"]).view(t, k, h), torch.from_numpy(x["grad_out"]).view(t, 1, h, c)
+    v = torch.from_numpy(table).index_select(0, rows).view(t, k, h, c)
+    p = torch.from_numpy(pre).index_select(0, rows).view(t, k, d_p)
+    a = torch.bmm(p, q_p.view(t, d_p, 1)).squeeze(-1)  # (T, k)
+    g_w = (v * go).sum(-1)  # dL/ds' (T, k, h)
+    g_a = (g_w * s).sum(-1)  # dL/da (T, k)
+    grad_q = torch.bmm(g_a.unsqueeze(1), p).squeeze(1)  # (T, d_p)
+    g_v = ((s * a.unsqueeze(-1)).unsqueeze(-1) * go).view(-1, layer.d_v)  # (n, d_v)
+    g_p = (g_a.unsqueeze(-1) * q_p.unsqueeze(1)).view(-1, d_p)  # (n, d_p)
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    grad_v = torch.zeros(unique.shape[0], layer.d_v).index_add_(0, inverse, g_v)
+    grad_pre = torch.zeros(unique.shape[0], d_p).index_add_(0, inverse, g_p)
+    return ((g_w * a.unsqueeze(-1)).view(-1, h).numpy(), grad_q.numpy(), unique.numpy(), grad_v.numpy(),
+            grad_pre.numpy())
+
+
+def v2_floor_cpu_s(table: np.ndarray, pre: np.ndarray, x: dict[str, np.ndarray], layer: Layer) -> dict[str, float]:
+    """CPU seconds of the V2 floors on one thread: the lookup (numpy and embedding_bag) and the backward,
+    each timed on its second call (the first faults in its fresh buffers; the shard's legs run warm too)."""
+    calls = {"embedding_bag": lambda: v2_forward(table, pre, x, layer, "embedding_bag"),
+             "numpy": lambda: v2_forward(table, pre, x, layer, "numpy"),
+             "backward": lambda: v2_backward(table, pre, x, layer)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for name, call in calls.items():
+            call()
+            c0 = time.thread_time()
+            call()
+            out[name] = time.thread_time() - c0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def bag_layout(x: dict[str, np.ndarray], layer: Layer) -> None:
+    """Add embedding_bag's index and offsets for v2_forward: bag (t, c) holds row_j * h + c of token t's k entries."""
+    t, k, h = x["q_p"].shape[0], layer.per_token, layer.cores
+    x["bag_index"] = (x["rows"].reshape(t, 1, k) * h + np.arange(h).reshape(1, h, 1)).reshape(-1)
+    x["bag_offsets"] = np.arange(0, t * h * k, k, dtype=np.int64)
+
+
 class ShardCpu:
     """CPU seconds the shard processes spent between two reads, and their apply threads."""
 
@@ -130,19 +234,40 @@ class ShardCpu:
         return sum(proc_cpu_s(pid) for pid in self.pids), apply
 
 
+def _whole(spec: TableSpec) -> np.ndarray:
+    """The floor's float32 copy [P, dim] of a table as create_table initialises it (row r: partition r % NP)."""
+    full = np.empty((spec.rows, spec.dim), np.float32)
+    r = np.arange(spec.rows)
+    for p in range(spec.num_partitions):
+        mine = r % spec.num_partitions == p
+        full[mine] = init_partition_values(spec, p)[: mine.sum()]
+    return full
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def run_layer(layer: Layer, tokens: int, procs, client: Client, table: np.ndarray, repeats: int,
+def table_specs(layer: Layer) -> list[TableSpec]:
+    """The layer's value table and, with pre-values, P_tab beside it (same rows and partitions)."""
+    specs = [TableSpec(name=layer.name, rows=layer.rows, dim=layer.d_v, num_partitions=16, optimizer="adamw")]
+    if layer.pre_table is not None:
+        specs.append(TableSpec(name=layer.pre_table, rows=layer.rows, dim=layer.d_p, num_partitions=16,
+                               optimizer="adamw", init_std=layer.d_p**-0.5, seed=1))
+    return specs
+
+
+def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.ndarray], repeats: int,
               step0: int) -> dict[str, Any]:
-    """Interleaved legs for one layer and tokens per step; per-repeat figures, then medians."""
-    spec_name = layer.name
-    spec = TableSpec(name=spec_name, rows=layer.rows, dim=layer.d_v, num_partitions=16, optimizer="adamw")
-    backend = RemoteBackend(client, [spec], consistency="sync")
+    """Interleaved legs for one layer and tokens per step; per-repeat figures, then medians.
+    tables: the floor's copies of the layer's tables (V, and P_tab with pre-values)."""
+    spec_name, pre_name = layer.name, layer.pre_table
+    backend = RemoteBackend(client, table_specs(layer), consistency="sync")
     cpu = ShardCpu(procs, client)
-    per: dict[str, list[float]] = {k: [] for k in (*CALLS, "floor", "floor_numpy", "floor_embedding_bag",
-                                                   "worker_cpu_per_token", "tokens_per_s", "gather_bytes_per_s")}
+    per: dict[str, list[float]] = {k: [] for k in (*CALLS, *FLOORS[:3], "worker_cpu_per_token", "tokens_per_s",
+                                                   "gather_bytes_per_s")}
+    if pre_name is not None:
+        per["floor_backward"] = []
     # legs are repeated within a repeat until ~`min_leg_s` of wall time, so /proc's 10 ms ticks count
     min_leg_s = 0.3
     step = step0
@@ -151,12 +276,18 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, table: np.ndarra
         n = x["rows"].shape[0]
         args = [torch.from_numpy(x[k]) for k in ("rows", "projector", "token", "scores")]
         unique = np.unique(x["rows"])
+        pre = {} if pre_name is None else {"pre_table": pre_name, "q_p": torch.from_numpy(x["q_p"])}
         # leg 1: the floor, in this process
-        fl = floor_cpu_s(table, x, layer)
+        if pre_name is None:
+            fl = floor_cpu_s(tables[0], x, layer)
+        else:
+            bag_layout(x, layer)
+            fl = v2_floor_cpu_s(tables[0], tables[1], x, layer)
+            fl_backward = fl.pop("backward")
         # leg 2: PooledGather alone
         (c0, a0), k, t0 = cpu.read(), 0, time.perf_counter()
         while k == 0 or time.perf_counter() - t0 < min_leg_s:
-            backend.pooled(spec_name, *args, tokens, layer.expansion)
+            backend.pooled(spec_name, *args, tokens, layer.pooled_e, **pre)
             k += 1
         (c1, a1) = cpu.read()
         pooled_cpu = (c1 - c0 - (a1 - a0)) / (k * n)
@@ -164,8 +295,11 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, table: np.ndarra
         (c0, a0), k, w0, t0 = cpu.read(), 0, time.process_time(), time.perf_counter()
         while k == 0 or time.perf_counter() - t0 < min_leg_s:
             backend.begin_step(step, 1e-3)
-            backend.pooled(spec_name, *args, tokens, layer.expansion)
-            backend.pooled_backward(spec_name, *args, torch.from_numpy(x["grad_out"]))
+            backend.pooled(spec_name, *args, tokens, layer.pooled_e, **pre)
+            if pre_name is None:
+                backend.pooled_backward(spec_name, *args, torch.from_numpy(x["grad_out"]))
+            else:
+                backend.pooled_backward_pre(spec_name, pre_name, *args, pre["q_p"], torch.from_numpy(x["grad_out"]))
             step += 1
             k += 1
         backend.flush()
@@ -173,10 +307,12 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, table: np.ndarra
         wall, worker = time.perf_counter() - t0, time.process_time() - w0
         (c1, a1) = cpu.read()
         step_cpu, apply_cpu = (c1 - c0 - (a1 - a0)) / (k * n), (a1 - a0) / (k * n)
-        # leg 4: Gather of the step's unique rows
+        # leg 4: Gather of the step's unique rows (rows mode: of both tables with pre-values)
         (c0, a0), j, t0 = cpu.read(), 0, time.perf_counter()
         while j == 0 or time.perf_counter() - t0 < min_leg_s:
             client.gather(spec_name, unique)
+            if pre_name is not None:
+                client.gather(pre_name, unique)
             j += 1
         g_wall = time.perf_counter() - t0
         (c1, a1) = cpu.read()
@@ -185,14 +321,16 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, table: np.ndarra
         per["floor_embedding_bag"].append(fl["embedding_bag"] / n)
         per["floor_numpy"].append(fl["numpy"] / n)
         per["floor"].append(min(fl.values()) / n)
+        if pre_name is not None:
+            per["floor_backward"].append(fl_backward / n)
         per["pooled_gather"].append(pooled_cpu)
         per["pooled_backward"].append(max(0.0, step_cpu - pooled_cpu))
         per["optimizer_step"].append(apply_cpu)
         per["gather"].append((c1 - c0 - (a1 - a0)) / (j * unique.size))
         per["worker_cpu_per_token"].append(worker / (k * tokens))
         per["tokens_per_s"].append(k * tokens / wall)
-        per["gather_bytes_per_s"].append(j * unique.size * layer.d_v * 4 / g_wall)
-    out = {k: _median(v) * (1e6 if k in (*CALLS, "floor", "floor_numpy", "floor_embedding_bag") else 1)
+        per["gather_bytes_per_s"].append(j * unique.size * (layer.d_v + layer.d_p) * 4 / g_wall)
+    out = {k: _median(v) * (1e6 if k in (*CALLS, *FLOORS) else 1)
            for k, v in per.items()}  # CPU-s per selection -> per million selections
     out["selections_per_step"] = tokens * layer.per_token
     out["unique_rows_per_step"] = int(np.unique(step_inputs(layer, tokens, 1000 + tokens)["rows"]).size)
@@ -206,39 +344,38 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     token_counts = (1, 64) if quick else (1, 64, 2048)
     shard_counts = (1, 2) if quick else (1, 2, 4)
     repeats = 3 if quick else 5
-    lays = layers(quick)
+    lays, lays_v2 = layers(quick), layers_v2(quick)
     results: dict[str, Any] = {"quick": quick, "repeats": repeats, "cpus": os.cpu_count(),
                                "load_avg": os.getloadavg(),
                                "layers": {lay.name: lay._asdict() for lay in lays}, "runs": {}}
+    results["v2"] = {"layers": {lay.name: lay._asdict() for lay in lays_v2}, "runs": {}}
     config = ClientConfig(chunk_bytes=1 << 20, max_in_flight=8, channels_per_shard=4,
                           max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-") as tmp:
         paths, tables = [], {}
-        for lay in lays:
-            spec = TableSpec(name=lay.name, rows=lay.rows, dim=lay.d_v, num_partitions=16, optimizer="adamw")
-            create_table(Path(tmp) / lay.name, spec)
-            paths.append(Path(tmp) / lay.name)
-            full = np.empty((lay.rows, lay.d_v), np.float32)  # the floor's copy of the same values
-            r = np.arange(lay.rows)
-            for p in range(16):
-                full[r[r % 16 == p]] = init_partition_values(spec, p)[: (r % 16 == p).sum()]
-            tables[lay.name] = full
+        for lay in lays + lays_v2:
+            tables[lay.name] = []
+            for spec in table_specs(lay):
+                create_table(Path(tmp) / spec.name, spec)
+                paths.append(Path(tmp) / spec.name)
+                tables[lay.name].append(_whole(spec))
         for num_shards in shard_counts:
             procs, addresses = start_shards(paths, num_shards)
             try:
                 rss = [proc_rss_mb(p.pid) for p in procs]
                 with Client(addresses, config=config) as client:
                     step0 = 0
-                    for lay in lays:
+                    for lay in lays + lays_v2:
+                        runs = results["v2"]["runs"] if lay.d_p else results["runs"]
                         for tokens in token_counts:
                             key = f"{lay.name}/{tokens}/{num_shards}"
-                            results["runs"][key] = run_layer(lay, tokens, procs, client, tables[lay.name],
-                                                             repeats, step0)
-                            step0 += results["runs"][key]["steps"] + 1
+                            runs[key] = run_layer(lay, tokens, procs, client, tables[lay.name], repeats, step0)
+                            step0 += runs[key]["steps"] + 1
                 results.setdefault("shard_rss_mb_after_load", {})[str(num_shards)] = rss
             finally:
                 stop_shards(procs)
     _summarise(results, lays, token_counts, shard_counts)
+    _summarise(results["v2"], lays_v2, token_counts, shard_counts)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     (out_path / "memory_path.json").write_text(json.dumps(results, indent=2, sort_keys=True))
@@ -247,46 +384,60 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
 
 
 def _summarise(results: dict[str, Any], lays: list[Layer], token_counts, shard_counts) -> None:
-    """The headline keys (one shard, the most tokens per step of each layer), a table and verdicts."""
+    """The headline keys (one shard, the most tokens per step of each layer), a table and verdicts.
+    results: the whole result (v1) or its "v2" section (the same keys, plus the backward floor)."""
     runs = results["runs"]
     big = token_counts[-1]
-    results["shard_cpu_s_per_m_selections"] = {
-        lay.name: {c: runs[f"{lay.name}/{big}/1"][c] for c in CALLS} for lay in lays}
-    results["floor_cpu_s_per_m_selections"] = {lay.name: runs[f"{lay.name}/{big}/1"]["floor"] for lay in lays}
+    head = {lay.name: runs[f"{lay.name}/{big}/1"] for lay in lays}
+    results["shard_cpu_s_per_m_selections"] = {name: {c: r[c] for c in CALLS} for name, r in head.items()}
+    results["floor_cpu_s_per_m_selections"] = {name: r["floor"] for name, r in head.items()}
     results["ratio_to_floor"] = {
-        lay.name: {c: results["shard_cpu_s_per_m_selections"][lay.name][c]
-                   / results["floor_cpu_s_per_m_selections"][lay.name] for c in CALLS} for lay in lays}
+        name: {c: results["shard_cpu_s_per_m_selections"][name][c] / results["floor_cpu_s_per_m_selections"][name]
+               for c in CALLS} for name in head}
+    v2 = lays[0].d_p > 0
+    if v2:  # PooledBackward against the floor that does a backward's work (v1's ratios use the lookup floor)
+        results["floor_backward_cpu_s_per_m_selections"] = {name: r["floor_backward"] for name, r in head.items()}
+        results["pooled_backward_ratio_to_backward_floor"] = {
+            name: r["pooled_backward"] / r["floor_backward"] for name, r in head.items()}
     results["tokens_per_s"] = {lay.name: {f"{s} shards/{t} tokens": runs[f"{lay.name}/{t}/{s}"]["tokens_per_s"]
                                           for s in shard_counts for t in token_counts} for lay in lays}
-    results["worker_cpu_s_per_token"] = {lay.name: runs[f"{lay.name}/{big}/1"]["worker_cpu_per_token"]
-                                         for lay in lays}
-    paper = runs[f"{lays[0].name}/{big}/1"]
-    nbytes = int(np.unique(step_inputs(lays[0], big, 1000 + big)["rows"]).size) * lays[0].d_v * 4
+    results["worker_cpu_s_per_token"] = {name: r["worker_cpu_per_token"] for name, r in head.items()}
+    paper = head[lays[0].name]
+    nbytes = paper["unique_rows_per_step"] * (lays[0].d_v + lays[0].d_p) * 4
     sock = socket_rate(nbytes, 5)
     results["socket_bytes_per_s"] = sock
     results["gather_vs_socket"] = paper["gather_bytes_per_s"] / sock
-    print(f"memory-path bench: medians of {results['repeats']} interleaved repeats, "
-          f"{results['cpus']} CPUs, load average {results['load_avg'][0]:.1f} at the start")
+    if v2:
+        print("  UltraMemV2 layers (shared projector, pre-values scored on the shards):")
+    else:
+        print(f"memory-path bench: medians of {results['repeats']} interleaved repeats, "
+              f"{results['cpus']} CPUs, load average {results['load_avg'][0]:.1f} at the start")
     print("  shard CPU-s per million selections (1 shard), ratio to the floor (target <= 3x, aim 1.5x):")
     for lay in lays:
-        fl = results["floor_cpu_s_per_m_selections"][lay.name]
-        r = runs[f"{lay.name}/{big}/1"]
-        print(f"  {lay.name:6s} {big} tokens/step  floor {fl:.3f} (numpy {r['floor_numpy']:.3f}, "
-              f"embedding_bag {r['floor_embedding_bag']:.3f})")
+        fl, r = results["floor_cpu_s_per_m_selections"][lay.name], head[lay.name]
+        d_p = f", d_p {lay.d_p}" if v2 else ""
+        print(f"  {lay.name:8s} {big} tokens/step{d_p}  floor {fl:.3f} (numpy {r['floor_numpy']:.3f}, "
+              f"embedding_bag {r['floor_embedding_bag']:.3f})"
+              + (f", backward floor {r['floor_backward']:.3f}" if v2 else ""))
         for c in CALLS:
             ratio = results["ratio_to_floor"][lay.name][c]
             verdict = "aim met" if ratio <= AIM else "target met" if ratio <= TARGET else "MISSED"
+            extra = ""
+            if v2 and c == "pooled_backward":
+                b = results["pooled_backward_ratio_to_backward_floor"][lay.name]
+                extra = f"; {b:.2f}x the backward floor, " + (
+                    "aim met" if b <= AIM else "target met" if b <= TARGET else "MISSED")
             print(f"    {c:16s} {results['shard_cpu_s_per_m_selections'][lay.name][c]:8.3f}  "
-                  f"{ratio:6.2f}x floor  {verdict}")
+                  f"{ratio:6.2f}x floor  {verdict}{extra}")
         print(f"    worker CPU per token {results['worker_cpu_s_per_token'][lay.name] * 1e6:.0f} us")
     print("  memory-path tokens/s (lookup + backward + update per step):")
     for lay in lays:
         cells = "  ".join(f"{s}sh/{t}tok {runs[f'{lay.name}/{t}/{s}']['tokens_per_s']:9.0f}"
                           for s in shard_counts for t in token_counts)
-        print(f"    {lay.name:6s} {cells}")
-    print(f"  Gather ({nbytes / 1e6:.1f} MB answers, 1 shard): {paper['gather_bytes_per_s'] / 1e9:.2f} GB/s = "
-          f"{results['gather_vs_socket']:.2f}x the raw socket ({sock / 1e9:.2f} GB/s)")
-
+        print(f"    {lay.name:8s} {cells}")
+    print(f"  Gather ({nbytes / 1e6:.1f} MB answers, 1 shard, {lays[0].name}): "
+          f"{paper['gather_bytes_per_s'] / 1e9:.2f} GB/s = {results['gather_vs_socket']:.2f}x the raw socket "
+          f"({sock / 1e9:.2f} GB/s)")
 
 if __name__ == "__main__":
     run(quick="--quick" in sys.argv)

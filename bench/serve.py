@@ -10,16 +10,22 @@ bf16 values, top-16 of 2 heads, shared query) decoded by the inference engine at
                                cores, one process fewer competing with the decoder);
   * local-2^20                 the same table in-process (LocalBackend): what the remote hop costs;
   * moe-local                  the same dense model with MoE FFNs (top-2) whose expert parameters
-                               equal the 2^20 table's (P · d_v), in-process.
+                               equal the 2^20 table's (P · d_v), in-process;
+  * remote-v2-2^20             the same model with an UltraMemV2 memory layer (DESIGN §3.3;
+                               MemoryConfig.ultramem_v2: beside block 1's FFN, placement 1:1, one
+                               shared projector, pre-values P_tab [P, d_p = d_v // 3] scored on the
+                               shards), both 2^20-row tables (bf16) on 2 read-only shard processes;
+  * local-v2-2^20              that V2 model with both tables in-process (LocalBackend).
 
 All legs are up at once and take turns: each round decodes every leg at every batch, the leg order
 rotating, so a change in machine load hits every leg alike. Per leg and batch a round gives the p50
 of its decode steps (engine step time, prefill steps excluded); the figures are medians over rounds,
 and each ratio is the median of the per-round ratios. Targets: p50 at 2^24 within 1.2x of 2^16;
-remote - local < 2 ms per token per memory layer at batch 1; UltraMem remote faster than MoE at
-batch >= 16. Tables are created partition by partition (storage.create_table) in a temp dir and
-deleted afterwards; 2^24 (4 GiB of bf16) runs only when RAM allows and not with --quick. Writes
-<out>/serve.json and <out>/serve.png (bench/plots.py).
+remote - local < 2 ms per token per memory layer at batch 1 (v1 and V2); UltraMem remote faster
+than MoE at batch >= 16; V2's remote / local tokens/s is reported beside v1's. Tables are created
+partition by partition (storage.create_table) in a temp dir and deleted afterwards; 2^24 (4 GiB of
+bf16) runs only when RAM allows and not with --quick. Writes <out>/serve.json and <out>/serve.png
+(bench/plots.py).
 """
 
 from __future__ import annotations
@@ -66,15 +72,21 @@ BATCHES = (1, 16, 64)
 D_MODEL, N_LAYERS, D_V = 256, 4, 128
 SMALL, BIG, MID = "remote-2^16", "remote-2^24", "remote-2^20"
 MID_ONE = "remote-2^20-1shard"  # the same table behind one shard process (the hop without a 2-shard fan-out)
+V2_REMOTE, V2_LOCAL = "remote-v2-2^20", "local-v2-2^20"  # UltraMemV2's layer, remote and in-process
 
 
 def model_config(log2_rows: int, kind: str = "ultramem") -> ModelConfig:
-    """The benchmark model with a 2^log2_rows-row table (K = 2^(log2_rows/2) sub-keys per side), pooled."""
-    mem = MemoryConfig(num_keys=1 << (log2_rows // 2), d_k=64, d_v=D_V, heads=2, topk=16, expansion=1,
-                       placement="1:2", value_dtype="bfloat16", value_optimizer="sgd", num_partitions=256,
-                       value_init="fixed")  # a spec without a model (table_spec); timing does not see σ
+    """The benchmark model with a 2^log2_rows-row table (K = 2^(log2_rows/2) sub-keys per side), pooled.
+    kind "ultramem_v2": the same model with one UltraMemV2 layer (shared projector, pre-values d_p = d_v // 3)."""
+    fields = {"num_keys": 1 << (log2_rows // 2), "d_k": 64, "d_v": D_V, "heads": 2, "topk": 16, "expansion": 1,
+              "value_dtype": "bfloat16", "value_optimizer": "sgd", "num_partitions": 256,
+              "value_init": "fixed"}  # a spec without a model (table_spec); timing does not see σ
+    mem = MemoryConfig(placement="1:2", **fields)
     base = ModelConfig(vocab_size=8192, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, max_seq_len=256,
                        ffn_kind="ultramem", memory=mem)
+    if kind == "ultramem_v2":  # one layer (as v1's), beside block 1's FFN, so the hop compares per layer
+        return serving_config(replace(base, ffn_kind="ultramem_v2",
+                                      memory=MemoryConfig.ultramem_v2(placement="1:1", **fields)))
     if kind == "moe":  # expert parameters of all blocks = the 2^20 table's P * d_v
         experts = 16
         hidden = (1 << 20) * D_V // (3 * D_MODEL * experts * N_LAYERS)
@@ -108,26 +120,29 @@ def measure(model: LanguageModel, batch: int, steps: int) -> list[float]:
     return [s.seconds for s in stats if s.prefills == 0 and s.batch == batch]
 
 
-def remote_leg(log2_rows: int, workdir: Path, stack: contextlib.ExitStack, shards: int = 2
-               ) -> tuple[LanguageModel, dict[str, Any]]:
-    """Create the table (unless there), start `shards` read-only shard processes over it -> (model, leg facts)."""
-    cfg = model_config(log2_rows)
-    spec = table_spec(cfg)
-    path = workdir / f"t{log2_rows}" / spec.name
+def remote_leg(log2_rows: int, workdir: Path, stack: contextlib.ExitStack, shards: int = 2,
+               kind: str = "ultramem", specs: list[TableSpec] | None = None) -> tuple[LanguageModel, dict[str, Any]]:
+    """Create the tables (unless there), start `shards` read-only shard processes over them -> (model,
+    leg facts). specs: the model's tables (default: v1's one table, `table_spec`)."""
+    cfg = model_config(log2_rows, kind)
+    specs = specs or [table_spec(cfg)]
+    paths = {spec.name: workdir / f"{kind}-t{log2_rows}" / spec.name for spec in specs}
     started = time.perf_counter()
-    if not path.exists():
-        create_table(path, spec, initialize=True)  # one partition at a time (storage/table_store.py)
+    for spec in specs:
+        if not paths[spec.name].exists():
+            create_table(paths[spec.name], spec, initialize=True)  # one partition at a time (storage/table_store.py)
     created = time.perf_counter() - started
-    shards = start_local_shards({spec.name: path}, shards)
+    shards = start_local_shards(paths, shards)
     stack.callback(shards.stop)
     loaded = time.perf_counter() - started - created
     client = Client(shards.addresses)
     stack.callback(client.close)
-    model = LanguageModel(cfg, backend=RemoteBackend(client, [spec], wire_dtype="bfloat16")).eval()
-    print(f"  remote-2^{log2_rows} ({len(shards.addresses)} shards): table created in {created:.1f} s, "
+    model = LanguageModel(cfg, backend=RemoteBackend(client, specs, wire_dtype="bfloat16")).eval()
+    label = V2_REMOTE if kind == "ultramem_v2" else f"remote-2^{log2_rows}"
+    print(f"  {label} ({len(shards.addresses)} shards): tables created in {created:.1f} s, "
           f"shards loaded in {loaded:.1f} s", flush=True)
-    return model, {"rows": 1 << log2_rows, "table_gib": spec.rows * D_V * 2 / 2**30, "create_s": created,
-                   "shard_load_s": loaded, "shards": len(shards.addresses)}
+    return model, {"rows": 1 << log2_rows, "table_gib": sum(s.rows * s.dim * 2 for s in specs) / 2**30,
+                   "create_s": created, "shard_load_s": loaded, "shards": len(shards.addresses)}
 
 
 def _summary(rounds: list[list[float]], batch: int) -> dict[str, Any]:
@@ -162,6 +177,14 @@ def _ratios(legs: dict[str, dict[str, Any]], per_round: dict[tuple[str, int], li
             str(b): med(lambda i, b=b, leg=leg: 1e3 * (p50(leg, b, i) - p50("local-2^20", b, i))) for b in BATCHES}
     out["tokens/s remote-2^20 / moe-local"] = {str(b): med(lambda i, b=b: tps(MID, b, i) / tps("moe-local", b, i))
                                                for b in BATCHES}
+    if V2_REMOTE in legs:  # UltraMemV2 beside v1: what the remote hop costs each, side by side
+        for remote, local in ((MID, "local-2^20"), (V2_REMOTE, V2_LOCAL)):
+            out[f"tokens/s {remote} / {local}"] = {
+                str(b): med(lambda i, b=b, r=remote, lo=local: tps(r, b, i) / tps(lo, b, i)) for b in BATCHES}
+        out[f"hop ms per token per memory layer (p50 {V2_REMOTE} - {V2_LOCAL})"] = {
+            str(b): med(lambda i, b=b: 1e3 * (p50(V2_REMOTE, b, i) - p50(V2_LOCAL, b, i))) for b in BATCHES}
+        out[f"tokens/s {V2_REMOTE} / {MID}"] = {str(b): med(lambda i, b=b: tps(V2_REMOTE, b, i) / tps(MID, b, i))
+                                               for b in BATCHES}
     return out
 
 
@@ -169,12 +192,19 @@ def _checks(ratios: dict[str, Any]) -> dict[str, Any]:
     big = f"p50 {BIG} / {SMALL}" if f"p50 {BIG} / {SMALL}" in ratios else f"p50 {MID} / {SMALL}"
     hops = {leg: ratios[f"hop ms per token per memory layer (p50 {leg} - local-2^20)"]["1"] for leg in (MID, MID_ONE)}
     moe = ratios["tokens/s remote-2^20 / moe-local"]
-    return {f"{big} (target <= 1.2)": {b: {"ratio": v, "met": v <= 1.2} for b, v in ratios[big].items()},
-            "remote hop per token per memory layer at batch 1, ms (target < 2)": {
-                "2 shards": {"ms": hops[MID], "met": hops[MID] < 2},
-                "1 shard": {"ms": hops[MID_ONE], "met": hops[MID_ONE] < 2}},
-            "tokens/s remote-2^20 / moe-local (target > 1 at batch >= 16)": {
-                b: {"ratio": v, "met": v > 1} for b, v in moe.items() if int(b) >= 16}}
+    out = {f"{big} (target <= 1.2)": {b: {"ratio": v, "met": v <= 1.2} for b, v in ratios[big].items()},
+           "remote hop per token per memory layer at batch 1, ms (target < 2)": {
+               "2 shards": {"ms": hops[MID], "met": hops[MID] < 2},
+               "1 shard": {"ms": hops[MID_ONE], "met": hops[MID_ONE] < 2}},
+           "tokens/s remote-2^20 / moe-local (target > 1 at batch >= 16)": {
+               b: {"ratio": v, "met": v > 1} for b, v in moe.items() if int(b) >= 16}}
+    v2_hop = ratios.get(f"hop ms per token per memory layer (p50 {V2_REMOTE} - {V2_LOCAL})")
+    if v2_hop is not None:
+        out["UltraMemV2 remote hop per token per memory layer at batch 1, ms (target < 2)"] = {
+            "2 shards": {"ms": v2_hop["1"], "met": v2_hop["1"] < 2}}
+        out["tokens/s remote / local at batch 1 / 16 / 64 (reported)"] = {
+            "v1": ratios[f"tokens/s {MID} / local-2^20"], "v2": ratios[f"tokens/s {V2_REMOTE} / {V2_LOCAL}"]}
+    return out
 
 
 def run(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
@@ -189,7 +219,9 @@ def run(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
         sizes.remove(24)
     results: dict[str, Any] = {
         "model": {"d_model": D_MODEL, "n_layers": N_LAYERS, "d_v": D_V, "memory_layers": 1, "topk": 16, "heads": 2,
-                  "lookup": "pooled", "wire_dtype": "bfloat16", "shards": 2, "shards_one_shard_leg": 1},
+                  "lookup": "pooled", "wire_dtype": "bfloat16", "shards": 2, "shards_one_shard_leg": 1,
+                  "v2": {"kind": "ultramem_v2", "placement": "1:1", "shared_projector": True, "d_p": D_V // 3,
+                         "tables": ["mem0.values", "mem0.pre_values"], "shards": 2}},
         "steps_per_round": steps, "rounds": rounds, "quick": quick, "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "omp_wait_policy": OMP_WAIT_POLICY,
         "load_avg_at_start": os.getloadavg(), "configs": {}}
@@ -205,6 +237,10 @@ def run(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
         results["configs"]["moe-local"] = {
             "expert_params": sum(p.numel() for block in moe.blocks for p in block.ffn.parameters()),
             "table_params": (1 << 20) * D_V}
+        models[V2_LOCAL] = local_v2 = LanguageModel(model_config(20, "ultramem_v2")).eval()  # LocalBackend
+        results["configs"][V2_LOCAL] = {"rows": 1 << 20}
+        models[V2_REMOTE], results["configs"][V2_REMOTE] = remote_leg(20, Path(tmp), stack, kind="ultramem_v2",
+                                                                      specs=local_v2.memory_tables())
         names = list(models)
         for name in names:  # warm-up: channels open, eval caches built, allocator settled
             measure(models[name], 1, 2)
@@ -219,7 +255,7 @@ def run(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
     for name in names:
         results["configs"][name]["batches"] = bs = {str(b): _summary(per_round[(name, b)], b) for b in BATCHES}
         for b, s in bs.items():
-            print(f"  {name:14s} batch {int(b):3d}: p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  "
+            print(f"  {name:18s} batch {int(b):3d}: p50 {s['p50_ms']:7.2f} ms  p99 {s['p99_ms']:7.2f} ms  "
                   f"{s['tokens_per_s']:8.1f} tokens/s", flush=True)
     results["ratios"] = _ratios(results["configs"], per_round)
     results["checks"] = _checks(results["ratios"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
@@ -138,3 +140,106 @@ def test_bench_memory_path_quick_writes_the_issue_keys(tmp_path: Path) -> None:
         assert all(v > 0 for v in r["tokens_per_s"][layer].values())
     assert r["gather_vs_socket"] > 0
     assert "target met" in res.stdout or "MISSED" in res.stdout
+    # UltraMemV2 legs (shared projector, pre-values scored on the shards), the same keys under "v2"
+    v2 = r["v2"]
+    for layer, d_v in (("paper_v2", 384), ("small_v2", 128)):
+        assert v2["layers"][layer]["d_p"] == d_v // 3 and v2["layers"][layer]["shared_projector"] is True
+        shard = v2["shard_cpu_s_per_m_selections"][layer]
+        assert set(shard) == calls and all(math.isfinite(v) and v >= 0 for v in shard.values())
+        assert shard["pooled_gather"] > 0 and shard["pooled_backward"] > 0  # measured, not clipped to 0
+        floor = v2["floor_cpu_s_per_m_selections"][layer]
+        backward_floor = v2["floor_backward_cpu_s_per_m_selections"][layer]
+        assert math.isfinite(floor) and floor > 0 and math.isfinite(backward_floor) and backward_floor > 0
+        for call in calls:
+            assert v2["ratio_to_floor"][layer][call] == pytest.approx(shard[call] / floor)
+        assert v2["pooled_backward_ratio_to_backward_floor"][layer] == pytest.approx(
+            shard["pooled_backward"] / backward_floor)
+        assert set(v2["tokens_per_s"][layer]) == {f"{s} shards/{t} tokens" for s in (1, 2) for t in (1, 64)}
+        assert all(math.isfinite(v) and v > 0 for v in v2["tokens_per_s"][layer].values())
+        assert v2["worker_cpu_s_per_token"][layer] > 0
+    assert v2["gather_vs_socket"] > 0
+    assert "UltraMemV2" in res.stdout and "backward floor" in res.stdout
+
+
+def test_v2_floor_does_the_shards_pooled_work() -> None:
+    """memory-path's V2 floor computes what a shard computes (forward sums, dL/ds, dL/dq_p) and the
+    row gradients of V and P_tab that the shard's update applies (float64 autograd oracle)."""
+    import numpy as np
+    import torch
+
+    from bench.memory_path import Layer, _whole, bag_layout, step_inputs, table_specs, v2_backward, v2_forward
+    from param_server.shard import Shard, ShardConfig
+    from storage.layout import init_partition_values
+
+    lay = Layer("t_v2", 64, 12, 2, 3, 4, 2, d_p=4, shared_projector=True)
+    x = step_inputs(lay, 5, 0)
+    x["rows"][:4] = 7  # duplicate rows, summed by the backward
+    bag_layout(x, lay)
+    specs = table_specs(lay)
+    v, pre = (_whole(s) for s in specs)
+    with Shard(ShardConfig()) as shard:
+        for spec in specs:
+            shard.add_table(spec, {p: {"values": init_partition_values(spec, p)} for p in range(spec.num_partitions)})
+        touched = np.arange(5)
+        _, sums = shard.pooled_gather(lay.name, x["rows"], x["projector"], x["token"], x["scores"], 1,
+                                      pre_table=lay.pre_table, q_p=x["q_p"], tokens_touched=touched)
+        grad_s, grad_q, _ = shard.pooled_backward_pre(lay.name, lay.pre_table, 0, 1, 0, 0.0, x["rows"],
+                                                      x["projector"], x["token"], x["scores"], x["q_p"],
+                                                      x["grad_out"], touched, 1)
+    for how in ("numpy", "embedding_bag"):
+        np.testing.assert_allclose(v2_forward(v, pre, x, lay, how), sums[:, 0], rtol=1e-4, atol=1e-6)
+    got_s, got_q, unique, got_v, got_pre = v2_backward(v, pre, x, lay)
+    np.testing.assert_allclose(got_s, grad_s, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_q, grad_q, rtol=1e-4, atol=1e-6)
+    tv, tp = torch.tensor(v, dtype=torch.float64, requires_grad=True), torch.tensor(pre, dtype=torch.float64,
+                                                                                  requires_grad=True)
+    rows, h = torch.from_numpy(x["rows"]), lay.cores
+    a = (tp[rows] * torch.tensor(x["q_p"], dtype=torch.float64)[torch.from_numpy(x["token"])]).sum(1)
+    w = (a[:, None] * torch.tensor(x["scores"], dtype=torch.float64)).repeat_interleave(lay.d_v // h, dim=1)
+    o = torch.zeros(5, lay.d_v, dtype=torch.float64).index_add(0, torch.from_numpy(x["token"]), w * tv[rows])
+    (o * torch.tensor(x["grad_out"][:, 0], dtype=torch.float64)).sum().backward()
+    np.testing.assert_array_equal(unique, np.unique(x["rows"]))
+    np.testing.assert_allclose(got_v, tv.grad[unique], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_pre, tp.grad[unique], rtol=1e-4, atol=1e-6)
+
+
+def test_serve_ratios_put_the_v2_leg_beside_v1s_and_check_its_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/serve.py's ratios and checks with stand-in round timings: V2's remote/local tokens/s and
+    hop come out per batch beside v1's, as medians of per-round ratios."""
+    # bench/serve.py sets OMP_WAIT_POLICY at its first import; monkeypatch restores it afterwards
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    from bench import serve
+
+
+    step_s = {serve.SMALL: 0.010, serve.MID: 0.010, serve.MID_ONE: 0.009, "local-2^20": 0.008, "moe-local": 0.020,
+              serve.V2_REMOTE: 0.012, serve.V2_LOCAL: 0.009}  # seconds per decode step, every round and batch
+    per_round = {(name, b): [[s] * 4, [s] * 4] for name, s in step_s.items() for b in serve.BATCHES}
+    ratios = serve._ratios({name: {} for name in step_s}, per_round)
+    for b in map(str, serve.BATCHES):
+        assert ratios[f"tokens/s {serve.V2_REMOTE} / {serve.V2_LOCAL}"][b] == pytest.approx(0.75)
+        assert ratios[f"tokens/s {serve.MID} / local-2^20"][b] == pytest.approx(0.8)
+        assert ratios[f"tokens/s {serve.V2_REMOTE} / {serve.MID}"][b] == pytest.approx(0.833, abs=1e-3)
+        assert ratios[f"hop ms per token per memory layer (p50 {serve.V2_REMOTE} - {serve.V2_LOCAL})"][b] == \
+            pytest.approx(3.0)
+    checks = serve._checks(ratios)
+    v2_hop = checks["UltraMemV2 remote hop per token per memory layer at batch 1, ms (target < 2)"]["2 shards"]
+    assert v2_hop == {"ms": pytest.approx(3.0), "met": False}
+    reported = checks["tokens/s remote / local at batch 1 / 16 / 64 (reported)"]
+    assert reported["v2"]["1"] == pytest.approx(0.75) and reported["v1"]["1"] == pytest.approx(0.8)
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_serves_a_v2_model_remotely_beside_v1(tmp_path: Path) -> None:
+    res = _run("bench", "serve", "--quick", "--out", str(tmp_path), timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "serve.json").read_text())
+    assert r["model"]["v2"]["d_p"] == r["model"]["d_v"] // 3
+    for leg in ("remote-v2-2^20", "local-v2-2^20", "remote-2^20", "local-2^20"):
+        tps = [r["configs"][leg]["batches"][b]["tokens_per_s"] for b in ("1", "16", "64")]
+        assert all(math.isfinite(v) and v > 0 for v in tps), (leg, tps)
+    assert r["configs"]["remote-v2-2^20"]["shards"] == 2
+    for name in ("tokens/s remote-v2-2^20 / local-v2-2^20", "tokens/s remote-2^20 / local-2^20"):
+        assert all(math.isfinite(v) and v > 0 for v in r["ratios"][name].values()), name
+    hop = r["checks"]["UltraMemV2 remote hop per token per memory layer at batch 1, ms (target < 2)"]["2 shards"]
+    assert math.isfinite(hop["ms"]) and isinstance(hop["met"], bool)
+    assert (tmp_path / "serve.png").read_bytes()[:8] == PNG_MAGIC
