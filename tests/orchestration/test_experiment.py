@@ -27,9 +27,10 @@ def planned() -> list[ex.Variant]:
 
 def test_every_default_variant_is_within_5_percent_of_ultramems_flops(planned: list[ex.Variant]) -> None:
     names = [v.name for v in planned]
-    # the default preset runs the paper's rows; the signed TDQKR filter (quality_signed.toml) and
-    # UltraMemV2 (quality_v2.toml) have their own presets
-    assert names == [v for v in ex.VARIANTS if v not in ("ultramem_signed", "ultramem_v2")]
+    # the default preset runs the paper's rows and whitening from the library default; the signed
+    # TDQKR filter (quality_signed.toml) and UltraMemV2 (quality_v2.toml) have their own presets, and
+    # no_qnorm equals ultramem on a backbone that pins no query norm
+    assert names == [v for v in ex.VARIANTS if v not in ("no_qnorm", "ultramem_signed", "ultramem_v2")]
     target = next(v.flops for v in planned if v.name == "ultramem")
     for v in planned:
         assert abs(v.flops / target - 1) <= 0.05, v.name
@@ -51,6 +52,8 @@ def test_leave_one_out_variants_switch_off_exactly_their_component(planned: list
     assert by["no_mcs"].cores == 1 and by["no_mcs"].tucker_rank == full.tucker_rank
     assert by["no_vlr_decay"].value_lr_mult == by["no_vlr_decay"].value_lr_mult_final == 1.0
     assert len(by["no_split"].placements) == 1 and len(full.placements) > 1
+    assert full.query_norm == "none" and by["whiten"].query_norm == "whiten"  # the default, and whitening on
+    assert dataclasses.replace(by["whiten"], query_norm="none") == full
     # one big memory keeps (about) the rows of all layers together
     rows_full = full.physical_rows * len(full.placements)
     assert abs(by["no_split"].physical_rows / rows_full - 1) < 0.02
