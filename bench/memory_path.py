@@ -57,7 +57,7 @@ from bench.lookup import socket_rate, tune_malloc  # noqa: E402
 from model_workers.remote import RemoteBackend  # noqa: E402
 from param_server.client import Client, ClientConfig  # noqa: E402
 from param_server.server import DEFAULT_MAX_MESSAGE_BYTES  # noqa: E402
-from storage.layout import TableSpec, init_partition_values  # noqa: E402
+from storage.layout import TableSpec, init_table_values  # noqa: E402
 from storage.table_store import create_table  # noqa: E402
 
 CALLS = ("gather", "pooled_gather", "pooled_backward", "optimizer_step")
@@ -234,16 +234,6 @@ class ShardCpu:
         return sum(proc_cpu_s(pid) for pid in self.pids), apply
 
 
-def _whole(spec: TableSpec) -> np.ndarray:
-    """The floor's float32 copy [P, dim] of a table as create_table initialises it (row r: partition r % NP)."""
-    full = np.empty((spec.rows, spec.dim), np.float32)
-    r = np.arange(spec.rows)
-    for p in range(spec.num_partitions):
-        mine = r % spec.num_partitions == p
-        full[mine] = init_partition_values(spec, p)[: mine.sum()]
-    return full
-
-
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -358,7 +348,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
             for spec in table_specs(lay):
                 create_table(Path(tmp) / spec.name, spec)
                 paths.append(Path(tmp) / spec.name)
-                tables[lay.name].append(_whole(spec))
+                tables[lay.name].append(init_table_values(spec).astype(np.float32, copy=False))  # the floor's copy
         for num_shards in shard_counts:
             procs, addresses = start_shards(paths, num_shards)
             try:

@@ -28,7 +28,7 @@ import torch
 from param_server.optimizers import SparseOptimizer, SparseOptimizerConfig, make_optimizer, sum_duplicates
 from param_server.pooling import pooled_backward as pooled_backward_rows
 from param_server.pooling import pooled_sum, pre_value_backward, pre_value_scores
-from storage.layout import TableSpec, init_partition_values, numpy_dtype, state_layout
+from storage.layout import TableSpec, init_table_values, numpy_dtype, state_layout
 
 
 class BackendError(Exception):
@@ -188,11 +188,7 @@ class LocalBackend(ValueBackend):
 
     # ------------------------------------------------------------------ tables
     def add_table(self, spec: TableSpec, *, init: bool = True) -> None:
-        values = np.zeros((spec.rows, spec.dim), dtype=numpy_dtype(spec.dtype))
-        if init:
-            for p in range(spec.num_partitions):
-                n = spec.valid_rows(p)
-                values[p :: spec.num_partitions] = init_partition_values(spec, p)[:n]
+        values = init_table_values(spec) if init else np.zeros((spec.rows, spec.dim), dtype=numpy_dtype(spec.dtype))
         state = {k: np.zeros((spec.rows, *shape), dtype=dt) for k, (shape, dt) in state_layout(spec).items()}
         optimizer = make_optimizer(SparseOptimizerConfig.from_spec(spec))
         self._tables[spec.name] = _Table(spec, values, state, optimizer)

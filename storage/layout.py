@@ -366,6 +366,15 @@ def global_row_of(partition: int | np.ndarray, local_rows: np.ndarray, num_parti
     return _rows(local_rows) * num_partitions + _rows(partition)
 
 
+def init_table_values(spec: TableSpec) -> np.ndarray:
+    """The whole table's initial values [rows, d_v] in the spec dtype: partition p's
+    `init_partition_values` at global rows p, p + NP, ... (what `create_table` writes)."""
+    values = np.zeros((spec.rows, spec.dim), dtype=numpy_dtype(spec.dtype))
+    for p in range(spec.num_partitions):
+        values[p :: spec.num_partitions] = init_partition_values(spec, p)[: spec.valid_rows(p)]
+    return values
+
+
 def init_partition_values(spec: TableSpec, p: int) -> np.ndarray:
     """Initial values of partition p: [R, d_v] in the spec dtype, N(0, init_std^2), padding rows 0.
 

@@ -167,16 +167,16 @@ def test_v2_floor_does_the_shards_pooled_work() -> None:
     import numpy as np
     import torch
 
-    from bench.memory_path import Layer, _whole, bag_layout, step_inputs, table_specs, v2_backward, v2_forward
+    from bench.memory_path import Layer, bag_layout, step_inputs, table_specs, v2_backward, v2_forward
     from param_server.shard import Shard, ShardConfig
-    from storage.layout import init_partition_values
+    from storage.layout import init_partition_values, init_table_values
 
     lay = Layer("t_v2", 64, 12, 2, 3, 4, 2, d_p=4, shared_projector=True)
     x = step_inputs(lay, 5, 0)
     x["rows"][:4] = 7  # duplicate rows, summed by the backward
     bag_layout(x, lay)
     specs = table_specs(lay)
-    v, pre = (_whole(s) for s in specs)
+    v, pre = (init_table_values(s) for s in specs)
     with Shard(ShardConfig()) as shard:
         for spec in specs:
             shard.add_table(spec, {p: {"values": init_partition_values(spec, p)} for p in range(spec.num_partitions)})
