@@ -108,15 +108,19 @@ def test_hung_shard_fails_lookups_and_pushes_in_bounded_time_naming_only_that_sh
     rows = np.arange(8)  # partitions 0..3: both shards
     err, elapsed = _timed_failure(lambda: client.gather("mem", rows))
     assert bad in str(err) and good not in str(err) and "DEADLINE_EXCEEDED" in str(err)
+    assert f"after {FAST.max_attempts} attempts" in str(err)  # retried, then gave up
     assert elapsed <= BOUND_S + SLACK_S
     err, elapsed = _timed_failure(
         lambda: client.push("mem", rows, np.ones((8, 8), np.float32), lr=0.1, step=0))
     assert bad in str(err) and "PushGradients" in str(err)
+    assert f"after {FAST.max_attempts} attempts" in str(err)
     assert elapsed <= BOUND_S + SLACK_S
     start = time.monotonic()
     client.close()  # nothing outstanding is waited for forever
     assert time.monotonic() - start <= BOUND_S + SLACK_S
-    assert hang.hung >= 2 * FAST.max_attempts  # every attempt reached the hung handler
+    # The hang is what timed the calls out. Not every attempt need reach the handler: on a busy
+    # machine an attempt's 0.4 s deadline can pass before the server starts it.
+    assert hang.hung >= 1
 
 
 def test_lookups_of_rows_on_the_healthy_shard_still_answer_while_another_hangs(hung_pair) -> None:
