@@ -99,3 +99,32 @@ def check_partition_arrays(spec: TableSpec, partitions: dict[int, dict[str, np.n
         for name, (trailing, _) in layout.items():
             if name in arrays and np.shape(arrays[name]) != (r, *trailing):
                 raise InvalidRequestError(f"table {spec.name} partition {p}: {name} must be {[r, *trailing]}")
+
+
+def positions_in(sorted_unique: np.ndarray, values: np.ndarray, message: str) -> np.ndarray:
+    """Index of each of `values` int64 [n] in `sorted_unique` int64 [U] (ascending, no repeats) ->
+    int64 [n]; every value must be there, else InvalidRequestError(message).
+
+    When the ids span a range not much wider than the input (token positions of one step always do)
+    a lookup table replaces the binary search per value: one gather instead of log2(U) random
+    probes (20 ms -> ~1 ms for a paper-sized backward's 327,680 entries).
+    """
+    n, u = values.shape[0], sorted_unique.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    if u == 0:
+        raise InvalidRequestError(message)
+    lo, hi = int(sorted_unique[0]), int(sorted_unique[-1])
+    if hi - lo <= 4 * (n + u):
+        if int(values.min()) < lo or int(values.max()) > hi:
+            raise InvalidRequestError(message)
+        table = np.full(hi - lo + 1, -1, dtype=np.int64)
+        table[sorted_unique - lo] = np.arange(u, dtype=np.int64)
+        pos = table[values - lo]
+        if int(pos.min()) < 0:
+            raise InvalidRequestError(message)
+        return pos
+    pos = np.searchsorted(sorted_unique, values)
+    if int(pos.max()) >= u or np.any(sorted_unique[pos] != values):
+        raise InvalidRequestError(message)
+    return pos

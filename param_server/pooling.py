@@ -13,6 +13,8 @@ the backward turns dL/ds' into dL/ds, dL/dq_p per token and dL/dP_tab per row
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray, token_pos: np.ndarray,
                     scores: np.ndarray, grad_out: np.ndarray, *, flat: np.ndarray | None = None,
+                    rows_out: Callable[[tuple[int, int]], np.ndarray] | None = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of pooling for n entries, with the row gradients already summed per row.
 
@@ -60,7 +63,8 @@ def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray,
     One compiled pass over the entries grouped by row (param_server.kernels.pooled_backward_into):
     each row's V is read once and its entries' terms summed in its own slot, never overwritten
     (DESIGN §8); chosen by measurement
-    (docs/benchmarks.md "Memory path", bench/kernels_ab.py).
+    (docs/benchmarks.md "Memory path", bench/kernels_ab.py). `rows_out(shape)` gives the float32
+    buffer dL/dV is written into (default: a fresh array; the shard passes a ScratchPool's).
     """
     n, h = scores.shape
     t, e, d_v = grad_out.shape
@@ -74,7 +78,8 @@ def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray,
     g_flat = (token_pos * e + projector).astype(np.int64, copy=False)  # [n], entry j's row of g
     order, starts, unique = row_runs(np.asarray(rows, dtype=np.int64))
     grad_scores = np.empty((n, h), dtype=np.float32)
-    grad_rows = np.empty((unique.shape[0], d_v), dtype=np.float32)
+    shape = (unique.shape[0], d_v)
+    grad_rows = np.empty(shape, dtype=np.float32) if rows_out is None else rows_out(shape)
     pooled_backward_into(values, np.asarray(flat, dtype=np.int64), g, g_flat,
                          np.ascontiguousarray(scores, dtype=np.float32), order, starts, grad_scores, grad_rows)
     return grad_scores, unique, grad_rows

@@ -41,6 +41,7 @@ from param_server.checks import (
     floats,
     ids,
     pooled_entries,
+    positions_in,
     push_header,
 )
 from param_server.clocks import StepClocks
@@ -76,6 +77,7 @@ from param_server.partitions import (
     zero_state,
 )
 from param_server.pooling import pooled_backward, pooled_sum, pre_value_backward, pre_value_scores
+from param_server.scratch import ScratchPool
 from param_server.update_log import LogRecord, UpdateLog
 from storage.layout import TableSpec
 from storage.table_store import TableStore, open_table
@@ -109,6 +111,9 @@ class ShardConfig:
     max_rows_per_request: int = 1 << 22  # rows (or pooled entries) in one request
     ram_budget_bytes: int | None = None  # partition data held in RAM; None = everything resident (§5)
     cache_share: float = DEFAULT_CACHE_SHARE  # share of the budget kept for the caches when not everything fits
+    # kept buffers for the row gradients a pooled backward queues (param_server/scratch.py), outside
+    # ram_budget_bytes; 0 = a fresh array per call
+    scratch_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.ram_budget_bytes is not None and self.ram_budget_bytes <= 0:
@@ -119,6 +124,8 @@ class ShardConfig:
             raise ConfigError(f"shard.max_pending must be > 0, got {self.max_pending}")
         if not self.wait_timeout_s > 0:
             raise ConfigError(f"shard.wait_timeout_s must be > 0, got {self.wait_timeout_s}")
+        if self.scratch_bytes < 0:
+            raise ConfigError(f"shard.scratch_bytes must be >= 0, got {self.scratch_bytes}")
         if self.max_rows_per_request <= 0:
             raise ConfigError(f"shard.max_rows_per_request must be > 0, got {self.max_rows_per_request}")
 
@@ -142,6 +149,7 @@ class Shard:
         self.shard_id = shard_id
         warm_up()  # the compiled kernels loaded now, not by the first request (param_server/kernels.py)
         self._tables: dict[str, _Table] = {}
+        self._scratch = ScratchPool(self.config.scratch_bytes)  # reused row-gradient buffers
         self._cond = threading.Condition()  # guards tables, clocks, frozen set, counters
         self._clocks = StepClocks()  # applied and queued steps per (worker, table) (param_server/clocks.py)
         self._frozen = np.zeros(0, dtype=bool)  # [NP] partitions being handed off: pushes wait
@@ -368,16 +376,14 @@ class Shard:
         worker_id, seq, step, lr = push_header(worker_id, seq, step, lr)
         rows, projector, token, scores = self._pooled_args(t, rows, projector, token, scores, num_projectors,
                                                            allow_empty=True)
-        e, d_v, n = int(num_projectors), t.spec.dim, rows.shape[0]
+        e, d_v = int(num_projectors), t.spec.dim
         touched = ids("tokens_touched", tokens_touched)
         if touched.shape[0] > 1 and not np.all(touched[1:] > touched[:-1]):
             raise InvalidRequestError("tokens_touched must be sorted and unique")
         g_out = floats("grad_out", grad_out, (touched.shape[0], e, d_v))
         pre = self._pre_args(t, pre_table, q_p, touched, token) if pre_table is not None or q_p is not None else None
         check_wait_args(worker_id, min_step)
-        t_pos = np.searchsorted(touched, token)  # [n]
-        if n and (t_pos.max() >= touched.shape[0] or np.any(touched[t_pos] != token)):
-            raise InvalidRequestError("every token must appear in tokens_touched")
+        t_pos = positions_in(touched, token, "every token must appear in tokens_touched")  # [n]
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
@@ -390,11 +396,12 @@ class Shard:
             pooled_scores = scores if weighted is None else weighted
             source = t.parts.source(rows)
             if source is not None:  # all resident: read V in the table itself, under the lock
-                result = pooled_backward(source[0], rows, projector, t_pos, pooled_scores, g_out, flat=source[1])
+                result = pooled_backward(source[0], rows, projector, t_pos, pooled_scores, g_out, flat=source[1],
+                                         rows_out=self._scratch.empty)
             else:
                 v = t.parts.read(rows)  # [n, d_v]
         if source is None:
-            result = pooled_backward(v, rows, projector, t_pos, pooled_scores, g_out)
+            result = pooled_backward(v, rows, projector, t_pos, pooled_scores, g_out, rows_out=self._scratch.empty)
         grad_pooled, unique, summed = result
         if pre is None or weighted is None:
             return grad_pooled, None, self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
@@ -785,9 +792,7 @@ class Shard:
         if q.dtype != np.float32:
             raise InvalidRequestError(f"q_p must be float32, got {q.dtype}")
         q = floats("q_p", q, (touched.shape[0], sp.dim))  # wrong d_p or a NaN: refused here
-        q_pos = np.searchsorted(touched, token)  # [n]
-        if token.shape[0] and (q_pos.max() >= touched.shape[0] or np.any(touched[q_pos] != token)):
-            raise InvalidRequestError("every token must appear in tokens_touched (q_p has one row per token)")
+        q_pos = positions_in(touched, token, "every token must appear in tokens_touched (q_p has one row per token)")
         return t_pre, q, q_pos
 
     def _wait_for_step(self, worker_id: int, table: str, min_step: int | None) -> None:
