@@ -4,10 +4,12 @@ Side by side, in one run, on this machine:
   * numpy   - an in-process gather of the same rows from a numpy table (np.take into a reused buffer);
   * socket  - the same bytes over a plain TCP socket on loopback (recv_into a reused buffer): the
               transport limit;
+  * echo    - a bare gRPC server process answering the same bytes in ~1 MB answers to the client's
+              channel settings (bench/_echo.py): what gRPC itself reaches, with no shard work;
   * grpc    - `Client.gather` over loopback gRPC to 1 and 2 shard processes (`ultramem shard serve`),
               fp32 and bf16 wire, d_v = 256, 65,536 unique rows per request.
-Each figure is the median of several runs; ratios to the socket limit (bytes/s) and to numpy
-(rows/s) are printed, and everything is written to <out>/lookup.json. The shard processes get
+Each figure is the median of several runs; ratios to the socket limit and the echo (bytes/s) and to
+numpy (rows/s) are printed, and everything is written to <out>/lookup.json. The shard processes get
 the glibc malloc settings of DESIGN §8 through their environment; this process sets the same
 with mallopt. A breakdown says where a gRPC lookup's time goes.
 """
@@ -19,6 +21,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,14 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:  # bench/_shards.py, when loaded by path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._shards import MALLOC_ENV, start_shards, stop_shards  # noqa: E402 (after the sys.path line)
+from bench._echo import METHOD as ECHO_METHOD  # noqa: E402 (after the sys.path line)
+from bench._shards import MALLOC_ENV, start_shards, stop_shards  # noqa: E402
 from param_server.client import Client, ClientConfig
-from param_server.server import DEFAULT_MAX_MESSAGE_BYTES
+from param_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from storage.layout import TableSpec
 from storage.table_store import create_table
 
@@ -96,6 +101,39 @@ def socket_rate(nbytes: int, repeats: int) -> float:
     return rate
 
 
+def echo_rate(nbytes: int, config: ClientConfig, repeats: int) -> float:
+    """Bytes/s of gRPC alone: `nbytes` a lookup in ~1 MB answers from a bare server process
+    (bench/_echo.py), with the client's channels and calls in flight, as Client.gather sends them."""
+    chunk = config.chunk_bytes
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "_echo.py"), str(chunk)], stdout=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip().removeprefix("listening on ")
+        options = grpc_options(config.max_message_bytes) + [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(address, options=options) for _ in range(config.channels_per_shard)]
+        calls = [ch.unary_unary(ECHO_METHOD) for ch in channels]
+        calls[0](b"", timeout=60)
+        rpcs = -(-nbytes // chunk)
+
+        def once() -> None:
+            pending: list[grpc.Future] = []
+            for i in range(rpcs):
+                pending.append(calls[i % len(calls)].future(b"", timeout=60))
+                if len(pending) >= config.max_in_flight:
+                    pending.pop(0).result()
+            for f in pending:
+                f.result()
+
+        rate, _ = _median_rate(once, rpcs * chunk, repeats)
+        for ch in channels:
+            ch.close()
+        return rate
+    finally:
+        stop_shards([proc])
+
+
 def _breakdown(client: Client, rows: np.ndarray, out: np.ndarray, d_v: int) -> dict[str, float]:
     """Seconds per lookup spent in dedupe/route (client CPU), in one ~1 MB RPC, and in total."""
     t0 = time.perf_counter()
@@ -153,11 +191,12 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     fp32_bytes = n_rows * d_v * 4
     results["socket_bytes_per_s"] = socket_rate(fp32_bytes, repeats)
 
+    config = ClientConfig(chunk_bytes=1 << 20, max_in_flight=8, channels_per_shard=4,
+                          max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+    results["grpc_echo_bytes_per_s"] = echo_rate(fp32_bytes, config, repeats)
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-") as tmp:
         spec = TableSpec(name="bench", rows=table_rows, dim=d_v, num_partitions=16, optimizer="sgd")
         create_table(Path(tmp) / "bench", spec)
-        config = ClientConfig(chunk_bytes=1 << 20, max_in_flight=8, channels_per_shard=4,
-                              max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
         for num_shards in (1, 2):
             procs, addresses = start_shards([Path(tmp) / "bench"], num_shards)
             try:
@@ -178,15 +217,19 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     print(f"lookup bench: {n_rows} unique rows x d_v={d_v} per request, median of {repeats}")
     print(f"  numpy in-process gather    {results['numpy_rows_per_s'] / 1e6:8.2f} M rows/s")
     print(f"  raw TCP socket (loopback)  {sock / 1e9:8.2f} GB/s  = {sock / (d_v * 4) / 1e6:.2f} M fp32 rows/s")
+    echo = results["grpc_echo_bytes_per_s"]
+    results["grpc_echo_ratio_to_socket_bytes"] = echo / sock
+    print(f"  gRPC alone (bare echo)     {echo / 1e9:8.2f} GB/s  = {echo / sock:.2f}x socket: gRPC's own ceiling")
     for key, r in results["grpc"].items():
         if key.startswith("breakdown"):
             continue
         r["ratio_to_socket_bytes"] = r["wire_bytes_per_s"] / sock
+        r["ratio_to_echo_bytes"] = r["wire_bytes_per_s"] / echo
         r["ratio_to_numpy_rows"] = r["rows_per_s"] / results["numpy_rows_per_s"]
         wire_dtype, shards = key.split("/")
         print(f"  gRPC {wire_dtype:15s} {shards} shard(s)  {r['rows_per_s'] / 1e6:8.2f} M rows/s  "
               f"{r['wire_bytes_per_s'] / 1e9:6.2f} GB/s wire  = {r['ratio_to_socket_bytes']:.2f}x socket, "
-              f"{r['ratio_to_numpy_rows']:.3f}x numpy")
+              f"{r['ratio_to_numpy_rows']:.3f}x numpy, {r['ratio_to_echo_bytes']:.2f}x echo")
     for shards in (1, 2):
         b = results["grpc"][f"breakdown/{shards}"]
         print(f"  where the time goes ({shards} shard(s), fp32): total {b['total_s'] * 1e3:.1f} ms = "
