@@ -33,7 +33,9 @@ steps measured); elsewhere cached step time within 2x of the disk floor (`target
 says which applied). Writes <out>/beyond_ram.json. `--quick` runs fewer steps and only the `small`
 training config; `--quick --train-large` adds both 16x-rows ones (the warm one after WARM_STEPS_QUICK).
 `python bench/beyond_ram.py --train-only --configs small-x16-warm --out DIR` runs only the named
-training configs (with their recordings and the disk floor), not the memory path or gRPC legs.
+training configs (with their recordings and the disk floor), not the memory path or gRPC legs;
+`--memory-path-only` runs only the in-process memory-path legs and the disk floor (the model-warm
+stream only when `--configs small-x16-warm` is given: its recording trains WARM_STEPS steps).
 Cached tables are created as the planner creates work tables beyond RAM
 (`param_server.partitions.work_table_options`: chunks from the cache share, every array raw, so
 the chunk cache reads and writes in place; `cache_io_*_arrays` in the JSON says which engine served).
@@ -243,7 +245,7 @@ class _Leg:
         if timed:
             d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in (
                 "cache_hits", "cache_misses", "cache_row_hits", "cache_row_misses", "cache_io_read_s",
-                "cache_io_write_s", "cache_bytes_loaded", "cache_bytes_written_back")}
+                "cache_io_write_s", "cache_io_read_bytes", "cache_io_write_bytes")}
             self.passes.setdefault(label, []).append(
                 {"seconds": wall, "cpu_s": cpu, "rows": float(sum(u.size for u in steps)), **d})
 
@@ -260,8 +262,8 @@ class _Leg:
             "rows_per_s": p[0]["rows"] / sec, "cache_hit_rate": rate("cache_hits", "cache_misses"),
             "row_hit_rate": rate("cache_row_hits", "cache_row_misses"),
             "cpu_s_per_million_rows": statistics.median(x["cpu_s"] / x["rows"] * 1e6 for x in p)}
-        for k, name in (("cache_io_read_s", "io_read_s"), ("cache_io_write_s", "io_write_s"),
-                        ("cache_bytes_loaded", "io_read_bytes"), ("cache_bytes_written_back", "io_write_bytes")):
+        for k, name in (("cache_io_read_s", "io_read_s"), ("cache_io_write_s", "io_write_s"),  # chunks and rows
+                        ("cache_io_read_bytes", "io_read_bytes"), ("cache_io_write_bytes", "io_write_bytes")):
             out[f"{name}_per_step"] = statistics.median(x[k] for x in p) / n_steps
         return out
 
@@ -355,17 +357,22 @@ def _train_plan(names: list[str], quick: bool, warmup: int) -> dict[str, tuple[l
 
 
 def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large: bool = False,
-        train_configs: list[str] | None = None, train_only: bool = False) -> dict[str, Any]:
+        train_configs: list[str] | None = None, train_only: bool = False,
+        memory_path_only: bool = False) -> dict[str, Any]:
     """Measure everything, print the ratios, write <out_dir>/beyond_ram.json; returns the results dict.
 
     quick: fewer steps and rounds, and only the `small` training config unless `train_large`
     (then both 16x-rows training configs run too, the warm one after WARM_STEPS_QUICK).
     train_configs: the training configs to run (default as above); train_only: only those, their
-    recordings and the disk floor (no memory path, no gRPC legs)."""
+    recordings and the disk floor (no memory path, no gRPC legs); memory_path_only: only the in-process
+    memory-path legs and the disk floor (no training leg, so no model-warm stream unless train_configs
+    names the warm config, no gRPC legs)."""
     steps, rounds, grpc_rounds, large_steps = (4, 2, 1, 2) if quick else (16, 4, 2, 8)
     # training leg: warm-up steps, rounds, steps per round (timed steps: [warm-up, warm-up + rounds x steps))
     t_warmup, t_rounds, t_per_round = (1, 2, 1) if quick else (4, 3, 4)
     names = train_configs or (["small"] if quick and not train_large else list(TRAIN_CONFIGS))
+    if memory_path_only:
+        names = [n for n in (train_configs or []) if n == WARM_CONFIG]  # its recording only: never trained here
     plan = _train_plan(names, quick, t_warmup)
     load_at_start, t_start = os.getloadavg(), time.perf_counter()
 
@@ -387,7 +394,8 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large:
     tokens_per_step = next(iter(recordings.values()))[2]
     results: dict[str, Any] = {
         "preset": "small", "oversubscription": OVERSUBSCRIPTION, "tokens_per_step": tokens_per_step,
-        "quick": quick, "train_only": train_only, "cpus": os.cpu_count(), "load_avg_at_start": load_at_start,
+        "quick": quick, "train_only": train_only, "memory_path_only": memory_path_only, "cpus": os.cpu_count(),
+        "load_avg_at_start": load_at_start,
         "recording_s": recording_s,  # steps recorded in-process, per (overrides, trained or forward passes)
         "recordings": {f"{' '.join(k[0]) or 'small'} ({'trained' if k[1] else 'forward'})": n
                        for k, n in needs.items()}}
@@ -399,7 +407,8 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large:
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-beyond-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
-        results["train"] = train_leg.run_configs(plan, OVERSUBSCRIPTION, t_rounds, t_per_round, tmp / "train")
+        results["train"] = ({} if memory_path_only else
+                            train_leg.run_configs(plan, OVERSUBSCRIPTION, t_rounds, t_per_round, tmp / "train"))
         results["train_s"] = time.perf_counter() - t0
         results["load_avg_after_train"] = os.getloadavg()
         sizes = {4096, *(r["table"]["chunk_bytes"] for r in results["train"].values())}
@@ -424,14 +433,14 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False, train_large:
             train_leg.verdict(res, t_skew, floor, TARGET_SKEWED, TARGET_FLOOR)
             if recorded_losses[key]:  # the recorded model against the trainers: same loss, same regime
                 res["recorded_loss_last_round"] = float(np.mean(recorded_losses[key][b - t_per_round: b]))
-        if not train_only:
+        if not train_only and not memory_path_only:
             scale_path = create_table(tmp / "grpc" / spec.name, spec, **work_table_options(spec, budget, 1)).path
             unique_model = [np.unique(e) for e in recordings[((), not quick)][1][:steps]]
             for s in (1, 2, 4):
                 results["shards"][f"cached/{s}"] = shard_scaling(spec, scale_path, unique_model, s, budget,
                                                                  grpc_rounds)
             results["shards"]["resident/1"] = shard_scaling(spec, scale_path, unique_model, 1, None, grpc_rounds)
-    if not train_only:
+    if not train_only and not memory_path_only:
         one = results["shards"]["cached/1"]["rows_per_s"]
         for r in results["shards"].values():
             r["rows_per_s_over_1_cached_shard"] = r["rows_per_s"] / one
@@ -501,8 +510,9 @@ def _print_stream(label: str, r: dict[str, Any]) -> None:
         print(f"    {leg:8s} {x['tokens_per_s']:10,.0f} tokens/s (memory path)  {x['steps_per_s']:6.2f} steps/s  "
               f"{x['cpu_s_per_million_rows']:.2f} CPU-s/M rows{hit}; chunk I/O {x['io_read_s_per_step'] * 1e3:.1f} ms "
               f"read + {x['io_write_s_per_step'] * 1e3:.1f} ms write per step")
+    over = r["cached_over_floor_time"]  # None when the cache moved no bytes at all
     print(f"    cached / resident = {r['cached_over_resident']:.3f}x; disk floor for the bytes moved "
-          f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {r['cached_over_floor_time']:.1f}x floor; "
+          f"{r['floor_s_per_step'] * 1e3:.2f} ms/step, cached = {'-' if over is None else f'{over:.1f}'}x floor; "
           f"target {r['target']}: {'met' if r['target_met'] else 'MISSED'}")
 
 
@@ -553,9 +563,12 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--train-large", action="store_true", help="with --quick: the 16x-rows training configs too")
     ap.add_argument("--configs", nargs="+", choices=list(TRAIN_CONFIGS), help="training configs to run")
     ap.add_argument("--train-only", action="store_true", help="only the training configs and the disk floor")
+    ap.add_argument("--memory-path-only", action="store_true",
+                    help="only the in-process memory-path legs and the disk floor (with --configs small-x16-warm: "
+                         "its recorded stream too)")
     args = ap.parse_args(argv)
     run(args.out, quick=args.quick, train_large=args.train_large, train_configs=args.configs,
-        train_only=args.train_only)
+        train_only=args.train_only, memory_path_only=args.memory_path_only)
 
 
 if __name__ == "__main__":

@@ -332,8 +332,9 @@ def work_table_options(spec: TableSpec, shard_budget_bytes: int | None, num_shar
 
 
 # counters carried over when add/remove rebuild the caches (the chunk I/O, and its io_* counters, is kept)
-_SUMMED = ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back", "row_hits",
-           "row_misses", "row_admissions", "row_evictions", "row_writebacks", "row_agings")
+_SUMMED = ("hits", "misses", "evictions", "writebacks", "bytes_loaded", "bytes_written_back", "rows_read_in_place",
+           "rows_written_in_place", "row_hits", "row_misses", "row_admissions", "row_evictions", "row_writebacks",
+           "row_agings")
 
 
 class CachedTablePartitions(TablePartitions):

@@ -3,10 +3,13 @@
 A shard whose partitions do not fit its RAM budget serves them through `CachedPartitions`: rows
 are read and written in RAM, but only the Zarr chunks recently touched are held, at most
 `budget_bytes` of chunk data in all, least recently used first out. A chunk that was written is
-*dirty*: it goes back to the store when it is evicted or on `flush()`, always as one whole chunk
+*dirty*: it goes back to the store when it is evicted or on `flush()`, as one whole chunk
 written by this cache, the single owner of its partitions (DESIGN §5: one writer per chunk; the
-only partial write is the last chunk of a partition that ends in a padding row, which is never
-served and stays 0, and that write still has this one writer).
+last chunk of a partition that ends in a padding row is written without it: that row is never
+served and stays 0). Rows written with `write_rows(load=False)` (the row cache's evicted rows)
+whose chunk is not held go straight into the chunk file instead, in place, by the same single
+writer (raw arrays, `storage/chunk_io.py`): a chunk that is not held has its latest bytes on disk,
+so loading it to change a few rows and writing it back whole later is not needed.
 
 Values and optimizer state go through the same cache; each array has its own chunk grid
 (`TableStore.chunk_shape`), so a cache entry is one (array, partition, chunk) and the budget
@@ -48,7 +51,12 @@ from storage.table_store import TableStore
 logger = logging.getLogger(__name__)
 
 
+# read_rows(load=False) reads the rows of a chunk that is not held from its file one run at a time
+# when they are at most this share of the chunk's rows, and loads the chunk when there are more
+IN_PLACE_READ_SHARE = 1 / 16
+
 RowUpdate = Callable[[dict[str, np.ndarray], np.ndarray], None]  # (block {name: [k, ...]}, positions [k])
+RowUpdateAt = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]  # (arrays, index [k], positions [k])
 
 
 @dataclass
@@ -120,13 +128,21 @@ class CachedPartitions:
         # chunks per partition of each array: chunk c of partition p has key (name, p * n + c)
         R = self.spec.rows_per_partition
         self._chunks_per_partition = {n: -(-R // self._chunk_rows[n]) for n in self._names}
+        # update_rows(update_at=) steps rows inside the held chunks, a stretch of the finest chunk's
+        # rows at a time: every array's chunk rows must be a multiple of it (or the whole partition)
+        # and one chunk of every array must fit the budget
+        finest = min(self._chunk_rows.values())
+        aligned = all(r % finest == 0 or r == R for r in self._chunk_rows.values())
+        chunk_set = sum(self._chunk_rows[n] * self._row_bytes[n] for n in self._names)
+        self._stretch_rows: int | None = finest if aligned and chunk_set <= self.budget_bytes else None
         self._valid_rows = [self.spec.valid_rows(p) for p in range(self.spec.num_partitions)]
+        self.in_place_read_share = IN_PLACE_READ_SHARE
         self._chunks: OrderedDict[tuple[str, int], _Chunk] = OrderedDict()  # LRU first
         self._lock = threading.RLock()
         self._bytes = 0
         self._counters = dict.fromkeys(
-            ("hits", "misses", "evictions", "writebacks", "rows_read", "rows_written",
-             "bytes_loaded", "bytes_written_back"), 0,
+            ("hits", "misses", "evictions", "writebacks", "rows_read", "rows_written", "rows_read_in_place",
+             "rows_written_in_place", "bytes_loaded", "bytes_written_back"), 0,
         )
 
     @property
@@ -146,11 +162,15 @@ class CachedPartitions:
 
     # --- public API --------------------------------------------------------------------------
 
-    def read_rows(self, rows: np.ndarray, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def read_rows(self, rows: np.ndarray, names: Sequence[str] | None = None, *,
+                  load: bool = True) -> dict[str, np.ndarray]:
         """Rows of the table: rows int [N] global (may repeat, any order) -> {name: [N, ...]}.
 
         names limits which arrays are read (default: all, "values" first). Returns fresh arrays in
-        the logical dtypes (bfloat16 values as ml_dtypes.bfloat16).
+        the logical dtypes (bfloat16 values as ml_dtypes.bfloat16). load=False (rows the row cache
+        admits): rows whose chunk is not held are read from their chunk files where the chunk I/O
+        reads that array in place (raw arrays), without loading the chunk, unless they are more
+        than `in_place_read_share` of its rows (`IN_PLACE_READ_SHARE`; then the chunk is loaded).
         Raises: LayoutError (nothing read) for a row out of [0, P) or in a partition not cached here.
         """
         names = self.check_names(names)
@@ -161,16 +181,24 @@ class CachedPartitions:
             for name in names:
                 template = self._templates[name]
                 buf = np.empty((len(part), *template.shape[1:]), dtype=template.dtype)
-                self._visit(name, groups[name], buf, write=False)
+                if load or not self.io.writes_in_place(name):
+                    self._visit(name, groups[name], buf, write=False)
+                else:
+                    self._in_place(name, groups[name], buf, part, local, write=False)
                 out[name] = buf
             self._counters["rows_read"] += len(part)
             return out
 
-    def write_rows(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
+    def write_rows(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray], *, load: bool = True) -> None:
         """Overwrite rows: rows int [N] global and unique, arrays {name: [N, ...]} in exact dtypes.
 
         Any subset of the table's arrays may be given. The chunks touched become dirty; they reach
-        the store on eviction or `flush()`.
+        the store on eviction or `flush()`. load=False (rows evicted from the row cache above):
+        rows whose chunk is not held are written straight into their chunk files in place, where
+        the chunk I/O writes that array in place (`ChunkIO.writes_in_place`: raw arrays), instead
+        of loading the whole chunk to change a few rows of it and writing it back later; a chunk
+        that is not held already has its latest bytes on disk (dirty chunks are written back
+        before they are dropped), so the file then holds exactly the rows written.
         Raises (nothing written): LayoutError for duplicate, out-of-range or foreign rows, an unknown
         name, a wrong dtype or shape; ReadOnlyTableError when the store is open read-only.
         """
@@ -183,10 +211,64 @@ class CachedPartitions:
         with self._lock:
             groups = self._groups([name for name, _ in checked], part, local)
             for name, data in checked:
-                self._visit(name, groups[name], data, write=True)
+                if load or not self.io.writes_in_place(name):
+                    self._visit(name, groups[name], data, write=True)
+                else:
+                    self._in_place(name, groups[name], data, part, local, write=True)
             self._counters["rows_written"] += len(part)
 
-    def update_rows(self, rows: np.ndarray, update: RowUpdate) -> None:
+    def _in_place(self, name: str, group: _Group, data: np.ndarray, part: np.ndarray,
+                  local: np.ndarray, *, write: bool) -> None:
+        """Gather or scatter (`write`) rows: from or into the held chunks (those become dirty on a
+        write), and from or into the chunk files, in place, for the chunks that are not held."""
+        if not group.codes:
+            return
+        bounds, order, offset = group.bounds, group.order, group.offset
+        chunks = self._chunks
+        out = np.ones(len(group.codes), dtype=bool)  # chunk i is not held
+        for i, code in enumerate(group.codes):
+            chunk = chunks.get((name, code))
+            if chunk is None:
+                continue
+            out[i] = False
+            chunks.move_to_end((name, code))
+            lo, hi = bounds[i], bounds[i + 1]
+            sel = slice(lo, hi) if order is None else order[lo:hi]
+            if write:
+                chunk.data[offset[lo:hi]] = data[sel]
+                chunk.dirty = True
+            else:
+                data[sel] = chunk.data[offset[lo:hi]]
+        self._counters["hits"] += len(group.codes) - int(out.sum())
+        if not out.any():
+            return
+        sizes = np.diff(np.asarray(bounds))
+        if not write:  # a read of many rows of a chunk loads it: one read beats a read per row
+            dense = np.flatnonzero(out & (sizes > self._chunk_rows[name] * self.in_place_read_share))
+            if dense.size:
+                out[dense] = False
+                self._counters["misses"] += dense.size
+                chunk_bytes = self._chunk_rows[name] * self._row_bytes[name]
+                per_batch = max(1, self.budget_bytes // chunk_bytes)
+                for b in range(0, dense.size, per_batch):
+                    batch = dense[b:b + per_batch].tolist()
+                    for i, chunk in zip(batch, self._load(name, [group.codes[i] for i in batch]), strict=True):
+                        lo, hi = bounds[i], bounds[i + 1]
+                        data[slice(lo, hi) if order is None else order[lo:hi]] = chunk.data[offset[lo:hi]]
+                if not out.any():
+                    return
+        sorted_pos = np.flatnonzero(np.repeat(out, sizes))  # sorted positions of the rows of chunks not held
+        pos = sorted_pos if order is None else order[sorted_pos]
+        if write:
+            self.io.write_rows(name, part[pos], local[pos], data[pos])
+            self._counters["rows_written_in_place"] += len(pos)
+        else:
+            R = self.spec.rows_per_partition
+            u, inv = np.unique(part[pos] * R + local[pos], return_inverse=True)  # a read may repeat rows
+            data[pos] = self.io.read_rows(name, u // R, u % R)[inv.reshape(-1)]
+            self._counters["rows_read_in_place"] += len(u)
+
+    def update_rows(self, rows: np.ndarray, update: RowUpdate, *, update_at: RowUpdateAt | None = None) -> None:
         """Read-modify-write unique rows in one pass over their chunks (the cached optimizer step).
 
         rows int [N] global and unique. The rows are taken in (partition, local row) order, in
@@ -197,6 +279,16 @@ class CachedPartitions:
         written back once per call, where a read followed by a write would load it twice when the
         budget is smaller than the rows' chunks. A budget below one chunk of every array together
         falls back to that read-then-write.
+
+        update_at, when given, changes the rows where they are held instead of in a copied block
+        (as `HotRowCache.update_rows` does for its slots): `update_at(arrays, index, positions)`
+        gets, per stretch of rows that one chunk of every array covers, {name: view of those rows
+        inside the held chunks}, index int64 [k] (rows in the views) and positions int64 [k] into
+        `rows`, and changes arrays[name][index] in place; rows of sparse stretches whose chunks are
+        not all held come as one block read from the chunk files (then written back in place). It is
+        used when every array's chunks are a whole multiple of the smallest chunks' rows (the
+        planner's work tables: the `step` array's chunk spans whole value chunks) and one chunk of
+        every array fits the budget; otherwise `update` runs on blocks as above.
         Raises (nothing changed): LayoutError for duplicate, out-of-range or foreign rows;
         ReadOnlyTableError when the store is open read-only.
         """
@@ -210,6 +302,12 @@ class CachedPartitions:
         if len(order) == 0:
             return
         part, local = part[order], local[order]
+        if update_at is not None and self._stretch_rows is not None:
+            with self._lock:
+                self._update_in_chunks(part, local, order, update_at)
+                self._counters["rows_read"] += len(order)
+                self._counters["rows_written"] += len(order)
+            return
         with self._lock:
             for lo, hi in self._batches(part, local):
                 sel = slice(lo, hi)
@@ -225,6 +323,84 @@ class CachedPartitions:
                     self._visit(name, groups[name], block[name], write=True)
             self._counters["rows_read"] += len(order)
             self._counters["rows_written"] += len(order)
+
+    def _update_in_chunks(self, part: np.ndarray, local: np.ndarray, order: np.ndarray,
+                          update_at: RowUpdateAt) -> None:
+        """update_rows(update_at=) on rows sorted by (partition, local): one `update_at` call per
+        stretch of `_stretch_rows` rows (one chunk of the finest array, a slice of the others').
+
+        Stretches go in batches: as many consecutive stretches as their chunks (of every array,
+        held or not) fit the budget together; a batch's held chunks become most recently used, and
+        only its missing chunks are read, one read call per array, after one round of evictions.
+        A stretch with at most `in_place_read_share` of its rows and not all of its chunks held
+        is not loaded: all such rows are read (from the held chunks, else from the chunk files),
+        stepped in one `update_at` call (arrays then are those rows, index arange) and written
+        back the same way (raw arrays only)."""
+        base = self._stretch_rows
+        assert base is not None
+        per_partition = -(-self.spec.rows_per_partition // base)
+        code = part * per_partition + local // base
+        starts = np.flatnonzero(code[1:] != code[:-1]) + 1
+        bounds = [0, *starts.tolist(), len(code)]
+        chunks, names = self._chunks, self._names
+        stretches = []  # (lo, hi, first local row, {name: chunk key})
+        sparse = []  # rows of stretches with few rows and no chunk held: stepped in place, row by row
+        in_place = all(self.io.writes_in_place(n) for n in names)
+        for i in range(len(bounds) - 1):
+            p, k = divmod(int(code[bounds[i]]), per_partition)
+            first = k * base  # the stretch is local rows [first, first + base) of partition p
+            keys = {n: (n, p * self._chunks_per_partition[n] + first // self._chunk_rows[n]) for n in names}
+            lo, hi = bounds[i], bounds[i + 1]
+            if in_place and hi - lo <= base * self.in_place_read_share and not all(k in chunks for k in keys.values()):
+                sparse.append(np.arange(lo, hi))
+            else:
+                stretches.append((lo, hi, first, keys))
+        if sparse:  # first: the chunks loaded below then read what these rows wrote
+            sel = np.concatenate(sparse)
+            p_sel, l_sel = part[sel], local[sel]
+            groups = self._groups(names, p_sel, l_sel)  # sorted rows: no sort
+            block = {}
+            for n in names:  # rows of held chunks from RAM, the others from the chunk files
+                t = self._templates[n]
+                block[n] = np.empty((len(sel), *t.shape[1:]), dtype=t.dtype)
+                self._in_place(n, groups[n], block[n], p_sel, l_sel, write=False)
+            update_at(block, np.arange(len(sel)), order[sel])
+            for n in names:
+                self._in_place(n, groups[n], block[n], p_sel, l_sel, write=True)
+        nbytes = {n: self._chunk_rows[n] * self._row_bytes[n] for n in names}
+        i = 0
+        while i < len(stretches):
+            batch: dict[tuple[str, int], int] = {}  # every chunk the batch needs -> its bytes
+            need, j = 0, i
+            while j < len(stretches):
+                new = {key: nbytes[n] for n, key in stretches[j][3].items() if key not in batch}
+                if j > i and need + sum(new.values()) > self.budget_bytes:
+                    break
+                batch.update(new)
+                need += sum(new.values())
+                j += 1
+            missing: dict[str, list[int]] = {}
+            for name, c in batch:
+                if (name, c) in chunks:
+                    chunks.move_to_end((name, c))  # held: most recently used, so making room never evicts it
+                else:
+                    missing.setdefault(name, []).append(c)
+            n_missing = sum(len(v) for v in missing.values())
+            self._counters["hits"] += len(batch) - n_missing
+            self._counters["misses"] += n_missing
+            if missing:
+                self._make_room(sum(nbytes[n] * len(c) for n, c in missing.items()))  # one write-back batch
+                for name, codes in missing.items():
+                    self._load(name, codes)  # one read call per array
+            for lo, hi, first, keys in stretches[i:j]:
+                arrays = {}
+                for name, key in keys.items():
+                    chunk = chunks[key]
+                    chunk.dirty = True
+                    off = first % self._chunk_rows[name]
+                    arrays[name] = chunk.data[off:off + base]
+                update_at(arrays, local[lo:hi] - first, order[lo:hi])
+            i = j
 
     def _missing_bytes(self, groups: Mapping[str, _Group]) -> int:
         """Bytes of the chunks (of every array) that the grouped rows need and are not held; the
@@ -314,9 +490,12 @@ class CachedPartitions:
     def metrics(self) -> dict[str, float]:
         """Counters: cache_bytes (chunk data held), budget_bytes, chunks, dirty_chunks, hits, misses
         (one per (array, chunk) a request touches), hit_rate, evictions, writebacks, rows_read,
-        rows_written, bytes_loaded, bytes_written_back, and the chunk I/O's io_read_s, io_write_s
-        (seconds spent in the store), io_read_ops, io_write_ops, io_open_files, the engines:
-        io_<engine>_arrays (arrays each engine serves) and io_engine.<array>.<engine> = 1."""
+        rows_written, rows_read_in_place / rows_written_in_place (`read_rows` / `write_rows` with
+        load=False, from or into chunk files: one per row and array), bytes_loaded,
+        bytes_written_back, and the chunk I/O's io_read_s, io_write_s (seconds spent in the store),
+        io_read_bytes, io_write_bytes (whole chunks and single rows), io_read_ops, io_write_ops,
+        io_open_files, the engines: io_<engine>_arrays (arrays each
+        engine serves) and io_engine.<array>.<engine> = 1."""
         with self._lock:
             c = dict(self._counters)
             accesses = c["hits"] + c["misses"]
@@ -324,6 +503,7 @@ class CachedPartitions:
             engines = self.io.engines
             return {
                 "io_read_s": io["read_s"], "io_write_s": io["write_s"],
+                "io_read_bytes": io["read_bytes"], "io_write_bytes": io["write_bytes"],
                 "io_read_ops": io["read_ops"], "io_write_ops": io["write_ops"],
                 "io_open_files": self.io.open_files(),
                 **{f"io_{e}_arrays": sum(1 for v in engines.values() if v == e) for e in ENGINES},

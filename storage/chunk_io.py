@@ -2,7 +2,10 @@
 
 The chunk cache (storage/chunk_cache.py) moves whole chunks between RAM and the table's Zarr v3
 group: it loads a chunk on a miss and writes a dirty one back on eviction or flush. This module is
-that I/O, batched: a list of chunk spans goes down in one call.
+that I/O, batched: a list of chunk spans goes down in one call. `ChunkIO.write_rows` writes
+scattered rows (the row cache's evicted rows, whose chunk is not held): the raw engine writes them
+into their chunk files in place, one `pwrite` per run of consecutive rows; the others rewrite the
+chunks they fall in.
 
 Three engines, chosen by `open_chunk_io(store, engine)`:
 
@@ -39,6 +42,8 @@ a problem only if someone read the work store back after the crash, and nobody d
    first checkpoint, re-initialised from their seed (`initialize_partitions`, `zero_state`); then
    the update log replays the pushes acknowledged since. orchestration/distributed.py resumes the
    same way (`--resume`: tables from the checkpoint, the work groups rewritten by the shards).
+   A row written alone (`write_rows`) is the same in-place write on a smaller span: a crash can
+   leave a chunk with some of a batch's rows new and others old, which the same reload replaces.
 3. One writer per chunk: chunks never straddle partitions (storage/layout.py), each partition has
    one owner, and all access to a table's chunks goes through one cache under its lock (the engine
    takes its own lock too). A partition handed to another shard is flushed, and its descriptors
@@ -102,6 +107,7 @@ class ChunkIO(ABC):
         self._layouts = table_arrays(store.spec)
         self.names: tuple[str, ...] = tuple(names) if names is not None else store.array_names
         self.engines: dict[str, str] = dict.fromkeys(self.names, self.engine)  # array -> engine serving it
+        self._chunk_rows_of: dict[str, int] = {}
         self.counters = {"read_s": 0.0, "write_s": 0.0, "read_bytes": 0, "write_bytes": 0,
                          "read_ops": 0, "write_ops": 0}
 
@@ -127,6 +133,84 @@ class ChunkIO(ABC):
         self.counters["write_s"] += time.perf_counter() - t0
         self.counters["write_bytes"] += sum(d.nbytes for *_, d in items)
         self.counters["write_ops"] += len(items)
+
+    def read_rows(self, name: str, part: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """Read scattered rows of array `name`: local rows local[i] of partitions part[i] (int [n]
+        each; unique pairs, any order, valid rows) -> one fresh array [n, ...] in the logical dtype.
+
+        The raw engine reads each run of consecutive rows with one `preadv` from its chunk file
+        (a missing file reads as 0); the others read the spans of the runs."""
+        layout = self._layouts[name]
+        if len(part) == 0:
+            return from_storage(np.empty((0, *layout.trailing), dtype=layout.storage_dtype), layout.dtype)
+        part, local, order, firsts, stops = self._runs(name, part, local)
+        t0 = time.perf_counter()
+        out = self._read_runs(name, part[firsts], local[firsts], firsts, stops)
+        if order is not None:  # back to request order
+            got, out = out, np.empty_like(out)
+            out[order] = got
+        self.counters["read_s"] += time.perf_counter() - t0
+        self.counters["read_bytes"] += out.nbytes
+        self.counters["read_ops"] += len(firsts)
+        return from_storage(out, layout.dtype)
+
+    def _runs(self, name: str, part: np.ndarray, local: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Rows sorted by (partition, local) and cut into runs of consecutive rows inside one chunk:
+        (part, local) sorted, the sort order (None: already sorted), first and stop of every run."""
+        part, local = np.asarray(part, dtype=np.int64), np.asarray(local, dtype=np.int64)
+        key = part * self.store.spec.rows_per_partition + local
+        order = None
+        if len(key) > 1 and (key[1:] <= key[:-1]).any():
+            order = np.argsort(key, kind="stable")
+            part, local, key = part[order], local[order], key[order]
+        chunk = local // self._chunk_rows(name)
+        breaks = np.flatnonzero((key[1:] != key[:-1] + 1) | (chunk[1:] != chunk[:-1]) | (part[1:] != part[:-1])) + 1
+        return part, local, order, np.concatenate(([0], breaks)), np.concatenate((breaks, [len(key)]))
+
+    def _chunk_rows(self, name: str) -> int:
+        rows = self._chunk_rows_of.get(name)
+        if rows is None:
+            rows = self._chunk_rows_of[name] = self.store.chunk_shape(name)[1]
+        return rows
+
+    def _read_runs(self, name: str, parts: np.ndarray, starts: np.ndarray, firsts: np.ndarray,
+                   stops: np.ndarray) -> np.ndarray:
+        """Rows [starts[j], starts[j] + stops[j] - firsts[j]) of partition parts[j], every run j in
+        order -> one array [stops[-1], ...] in the storage dtype."""
+        spans = [(p, s, s + b - a) for p, s, a, b in zip(parts.tolist(), starts.tolist(), firsts.tolist(),
+                                                         stops.tolist(), strict=True)]
+        return np.concatenate([to_storage(x) for x in self._read(name, spans)])
+
+    def write_rows(self, name: str, part: np.ndarray, local: np.ndarray, data: np.ndarray) -> None:
+        """Write scattered rows of array `name`: row i of `data` [n, ...] to local row local[i] of
+        partition part[i] (int [n] each; unique (partition, row) pairs, any order).
+
+        Only those rows change on disk; the raw engine writes each run of consecutive rows with one
+        `pwrite` into its chunk file, in place (`writes_in_place`), the others rewrite the chunks
+        the rows fall in. Raises: ReadOnlyTableError when the store is open read-only.
+        """
+        if len(part) == 0:
+            return
+        if self.store.read_only:
+            raise ReadOnlyTableError(f"table {self.store.spec.name} at {self.store.path} is open read-only")
+        part, local, order, firsts, stops = self._runs(name, part, local)
+        t0 = time.perf_counter()
+        self._write_runs(name, part[firsts], local[firsts], firsts, stops, data if order is None else data[order])
+        self.counters["write_s"] += time.perf_counter() - t0
+        self.counters["write_bytes"] += data.nbytes
+        self.counters["write_ops"] += len(firsts)
+
+    def writes_in_place(self, name: str) -> bool:
+        """Whether `write_rows` of array `name` writes only the rows (no chunk is rewritten)."""
+        return False
+
+    def _write_runs(self, name: str, parts: np.ndarray, starts: np.ndarray, firsts: np.ndarray,
+                    stops: np.ndarray, data: np.ndarray) -> None:
+        """Rows data[firsts[j]:stops[j]] to rows [starts[j], ...) of partition parts[j], for every run j."""
+        self._write([(name, int(p), int(s), data[a:b])
+                     for p, s, a, b in zip(parts.tolist(), starts.tolist(), firsts.tolist(), stops.tolist(),
+                                           strict=True)])
 
     def open_files(self) -> int:
         """File descriptors held open between calls (0 for engines that keep none)."""
@@ -312,6 +396,57 @@ class RawChunkIO(ChunkIO):
                         raise OSError(f"short write to {self._path(a, p, c)}: {written} of {len(part)} B")
         if other:
             self._fallback._write(other)  # type: ignore[union-attr]
+
+    def writes_in_place(self, name: str) -> bool:
+        return name in self._raw
+
+    def _write_runs(self, name: str, parts: np.ndarray, starts: np.ndarray, firsts: np.ndarray,
+                    stops: np.ndarray, data: np.ndarray) -> None:
+        a = self._raw.get(name)
+        if a is None:
+            self._fallback._write_runs(name, parts, starts, firsts, stops, data)  # type: ignore[union-attr]
+            return
+        rows, rb = a.chunk_rows, a.row_bytes  # runs never cross a chunk boundary (write_rows)
+        chunk = starts // rows
+        offset = (starts - chunk * rows) * rb
+        flat = memoryview(np.ascontiguousarray(to_storage(data))).cast("B")
+        pwrite = os.pwrite
+        with self._lock:
+            key, fd = None, -1
+            for p, c, off, lo, hi in zip(parts.tolist(), chunk.tolist(), offset.tolist(), (firsts * rb).tolist(),
+                                         (stops * rb).tolist(), strict=True):
+                if key != (p, c):  # runs arrive sorted: one descriptor look-up per chunk
+                    key = (p, c)
+                    fd = self._fd(a, name, p, c, create=True)  # type: ignore[assignment]
+                written = pwrite(fd, flat[lo:hi], off)
+                if written != hi - lo:  # a regular file short-writes only when the disk is full
+                    raise OSError(f"short write to {self._path(a, p, c)}: {written} of {hi - lo} B")
+
+    def _read_runs(self, name: str, parts: np.ndarray, starts: np.ndarray, firsts: np.ndarray,
+                   stops: np.ndarray) -> np.ndarray:
+        a = self._raw.get(name)
+        if a is None:
+            return self._fallback._read_runs(name, parts, starts, firsts, stops)  # type: ignore[union-attr]
+        rows, rb = a.chunk_rows, a.row_bytes
+        out = np.empty((int(stops[-1]), *a.layout.trailing), dtype=a.layout.storage_dtype)
+        flat = memoryview(out).cast("B")
+        chunk = starts // rows
+        offset = (starts - chunk * rows) * rb
+        preadv = os.preadv
+        with self._lock:
+            key, fd = None, None
+            for p, c, off, lo, hi in zip(parts.tolist(), chunk.tolist(), offset.tolist(), (firsts * rb).tolist(),
+                                         (stops * rb).tolist(), strict=True):
+                if key != (p, c):  # runs arrive sorted: one descriptor look-up per chunk
+                    key = (p, c)
+                    fd = self._fd(a, name, p, c, create=False)
+                if fd is None:  # never written: the fill value
+                    out[lo // rb:hi // rb] = 0
+                    continue
+                if preadv(fd, [flat[lo:hi]], off) != hi - lo:
+                    raise LayoutError(f"table {self.store.spec.name}: chunk file {self._path(a, p, c)} is "
+                                      f"shorter than {a.chunk_nbytes} B (truncated?)")
+        return out
 
     def _path(self, a: _RawArray, p: int, c: int) -> Path:
         coords = (p, c, *(0 for _ in a.layout.trailing))

@@ -205,7 +205,8 @@ def storage_dtype(name: str) -> np.dtype:
 
 def to_storage(array: np.ndarray) -> np.ndarray:
     """View an array in its on-disk dtype (bfloat16 -> uint16 bits, no copy)."""
-    return array.view(np.uint16) if array.dtype.name == "bfloat16" else array
+    dtype = array.dtype  # kind first: dtype.name costs ~10 us, and this runs once per chunk moved
+    return array.view(np.uint16) if dtype.kind == "V" and dtype.name == "bfloat16" else array
 
 
 def from_storage(array: np.ndarray, logical: np.dtype) -> np.ndarray:

@@ -15,10 +15,12 @@ state together, so an update of a hot row never leaves RAM), and sends the rest 
   least frequent cached row not used by the same request, and only when it is strictly more
   frequent. A batch is decided at once: candidates by falling count against victims by rising
   count, so the admitted rows are exactly the prefix where the candidate wins.
-- **Write-back.** Rows written while cached become dirty; a dirty row is written to the chunk cache
-  when it is evicted and on `flush()` (the chunk cache then writes whole chunks to the store, the
-  single writer of its partitions). Rows that are not admitted are read from and written to the
-  chunk cache directly.
+- **Write-back.** Rows written while cached become dirty; a dirty row is written into its chunk
+  when it is evicted and on `flush()`: into the chunk cache's copy when that chunk is held, else
+  straight into the chunk file in place (`CachedPartitions.write_rows(load=False)`, raw arrays), so
+  an eviction never loads a chunk to change one row of it. The chunk cache is the single writer of
+  its partitions either way. Rows that are not admitted are read from and written to the chunk
+  cache directly.
 - **Budget.** Slots, their bookkeeping (9 B each) and the index (6 B per row of the cached
   partitions) together stay within `budget_bytes`; the capacity is fixed at construction, so the
   cache can never hold more. A budget too small for the index gives capacity 0: a pass-through.
@@ -34,12 +36,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from storage.chunk_cache import CachedPartitions, RowUpdate
+from storage.chunk_cache import CachedPartitions, RowUpdate, RowUpdateAt
 from storage.errors import LayoutError, ReadOnlyTableError
 from storage.table_store import TableStore
 
@@ -49,7 +51,6 @@ INDEX_BYTES_PER_ROW = 4 + 2  # slot (int32) + access counter (uint16) per row of
 SLOT_OVERHEAD_BYTES = 8 + 1  # row of the slot (int64) + dirty flag per slot
 _MAX_COUNT = np.iinfo(np.uint16).max
 
-RowUpdateAt = Callable[[dict[str, np.ndarray], np.ndarray, np.ndarray], None]  # (arrays, index [k], positions [k])
 
 
 class HotRowCache:
@@ -147,8 +148,8 @@ class HotRowCache:
                 if admit.size:
                     put(miss[admit], self._install(u[miss[admit]], slots, None))
                 rest = np.delete(miss, admit)
-                if rest.size:
-                    put(rest, self.lower.read_rows(self._global(u[rest]), names))
+                if rest.size:  # chunks with few of these rows are not loaded: rows read from the files
+                    put(rest, self.lower.read_rows(self._global(u[rest]), names, load=False))
             return out if dest is not None else {n: a[inv] for n, a in out.items()}
 
     def write_rows(self, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
@@ -195,7 +196,9 @@ class HotRowCache:
         block: `update_at(arrays, index, positions)` gets the slot arrays {name: [capacity, ...]},
         index int64 [k] (the rows' slots) and positions int64 [k] into `rows`, and changes
         arrays[name][index] in place (as a sparse optimizer's step does; it saves a gather and a
-        scatter of every array).
+        scatter of every array). The rows that are not cached are then changed the same way inside
+        the chunk cache's held chunks where it can (`CachedPartitions.update_rows(update_at=)`):
+        arrays are views of those chunks and index the rows in them.
         Raises (nothing changed): LayoutError for duplicate, out-of-range or foreign rows;
         ReadOnlyTableError when the store is open read-only.
         """
@@ -219,7 +222,9 @@ class HotRowCache:
                 self._dirty[s] = True
             miss = np.flatnonzero(slot < 0)
             if miss.size:
-                self.lower.update_rows(self._global(idx[miss]), lambda block, pos: update(block, miss[pos]))
+                at = None if update_at is None else (lambda a, index, pos: update_at(a, index, miss[pos]))
+                self.lower.update_rows(self._global(idx[miss]), lambda block, pos: update(block, miss[pos]),
+                                       update_at=at)
 
     def slots(self, rows: np.ndarray) -> np.ndarray:
         """Slot of each global row int [N] -> int64 [N] (-1: not cached); counts nothing."""
@@ -238,7 +243,7 @@ class HotRowCache:
             dirty = np.flatnonzero(self._dirty)
             if dirty.size:
                 self.lower.write_rows(self._global(self._index_of_slot[dirty]),
-                                      {n: a[dirty] for n, a in self.arrays.items()})
+                                      {n: a[dirty] for n, a in self.arrays.items()}, load=False)
                 self._dirty[dirty] = False
                 self._counters["row_writebacks"] += dirty.size
             self.lower.flush()
@@ -321,8 +326,8 @@ class HotRowCache:
         """
         self._evict(slots)
         written = data is not None
-        if data is None:
-            data = self.lower.read_rows(self._global(idx), self.names)
+        if data is None:  # rows of chunks not held are read from their files, not loaded with their chunk
+            data = self.lower.read_rows(self._global(idx), self.names, load=False)
         for n, a in self.arrays.items():
             a[slots] = data[n]
         self._slot_of[idx] = slots
@@ -337,9 +342,9 @@ class HotRowCache:
         if held.size == 0:
             return
         dirty = held[self._dirty[held]]
-        if dirty.size:
+        if dirty.size:  # into their chunks: in place in the chunk files where a chunk is not held
             self.lower.write_rows(self._global(self._index_of_slot[dirty]),
-                                  {n: a[dirty] for n, a in self.arrays.items()})
+                                  {n: a[dirty] for n, a in self.arrays.items()}, load=False)
             self._counters["row_writebacks"] += dirty.size
         self._slot_of[self._index_of_slot[held]] = -1
         self._index_of_slot[held] = -1

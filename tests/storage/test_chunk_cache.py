@@ -92,14 +92,14 @@ _op = st.one_of(
 )
 
 
-def _write(cache, oracle, rows: np.ndarray, names, rng: np.random.Generator
+def _write(cache, oracle, rows: np.ndarray, names, rng: np.random.Generator, **kw
            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """write_rows of random data to `rows` (deduplicated, shuffled) of arrays `names` (None: all);
-    the oracle follows. Returns (the rows written [n], what was written {name: [n, ...]})."""
+    """write_rows(**kw) of random data to `rows` (deduplicated, shuffled) of arrays `names` (None:
+    all); the oracle follows. Returns (the rows written [n], what was written {name: [n, ...]})."""
     rows = np.unique(rows)[rng.permutation(len(np.unique(rows)))]
     data = _random_arrays(oracle, len(rows), rng)
     data = {n: data[n] for n in (names or oracle)}
-    cache.write_rows(rows, data)
+    cache.write_rows(rows, data, **kw)
     for name, a in data.items():
         oracle[name][rows] = a
     return rows, data
@@ -165,6 +165,115 @@ def test_cached_reads_and_writes_match_a_resident_oracle(ops, dtype, budget_chun
         reopened = _oracle(open_table(Path(tmp) / "t"))
         for name in store.array_names:
             assert np.array_equal(_bits(reopened[name]), _bits(oracle[name])), name
+
+
+_op_in_place = st.one_of(
+    _op,
+    st.tuples(st.just("write_in_place"), st.lists(st.integers(0, 10**6), min_size=1, max_size=30, unique=True),
+              st.sampled_from([None, ("values",), ("exp_avg", "step")])),
+    st.tuples(st.just("update_at"), st.lists(st.integers(0, 10**6), min_size=1, max_size=30, unique=True),
+              st.just(None)),
+    st.tuples(st.just("read_in_place"), st.lists(st.integers(0, 10**6), min_size=0, max_size=30),  # repeats
+              st.sampled_from([None, ("values",), ("exp_avg_sq", "step")])),
+)
+
+
+def _update_at(cache, oracle, rows: np.ndarray, rng: np.random.Generator) -> None:
+    """update_rows with `update_at` (rows changed inside the held chunks where the grids allow);
+    both callbacks check what they are handed against the oracle."""
+    new = _random_arrays(oracle, len(rows), rng)
+
+    def update(block, pos):
+        for name, a in block.items():
+            assert np.array_equal(_bits(a), _bits(oracle[name][rows[pos]])), name
+            a[...] = new[name][pos]
+
+    def update_at(arrays, index, pos):
+        assert len(index) == len(pos) and len({len(a) for a in arrays.values()}) == 1  # one stretch of rows
+        for name, a in arrays.items():
+            assert np.array_equal(_bits(a[index]), _bits(oracle[name][rows[pos]])), name
+            a[index] = new[name][pos]
+
+    cache.update_rows(rows, update, update_at=update_at)
+    for name, a in new.items():
+        oracle[name][rows] = a
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_op_in_place, min_size=1, max_size=15), dtype=st.sampled_from(["float32", "bfloat16"]),
+       budget_chunks=st.integers(1, 8), raw=st.booleans(), share=st.sampled_from([0.0, 0.3, np.inf]),
+       seed=st.integers(0, 2**16))
+def test_rows_read_and_written_without_loading_their_chunks_match_a_resident_oracle(ops, dtype, budget_chunks, raw,
+                                                                                     share, seed):
+    """write_rows(load=False), as the row cache writes its evicted rows: rows of held chunks go into
+    them, the others straight into their chunk files (raw arrays; compressed ones load the chunk),
+    and read_rows(load=False) (rows repeat), mixed with reads, ordinary writes, updates (in blocks,
+    and inside the held chunks with update_at, several stretches a batch where the budget holds
+    them) and flushes. Partial chunks and bfloat16 included."""
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = create_table(Path(tmp) / "t", _spec(dtype), target_chunk_bytes=SMALL_CHUNKS, compress_state=not raw)
+        oracle = _oracle(store)
+        owned = _owned_rows(store.spec)
+        largest = max(np.prod(store.chunk_shape(n)) * oracle[n].dtype.itemsize for n in store.array_names)
+        cache = CachedPartitions(store, OWNED, budget_bytes=int(budget_chunks * largest))
+        cache.in_place_read_share = share  # inf: every row in place; 0.0: every chunk loaded
+        for kind, picks, names in ops:
+            rows = owned[np.asarray(picks, dtype=np.int64) % len(owned)] if picks else np.empty(0, np.int64)
+            if kind == "read":
+                for name, a in cache.read_rows(rows, names).items():
+                    assert np.array_equal(_bits(a), _bits(oracle[name][rows])), name
+            elif kind == "write":
+                _write(cache, oracle, rows, names, rng)
+            elif kind == "write_in_place":
+                held = {key for key in cache._chunks}
+                before = cache.metrics()
+                rows, data = _write(cache, oracle, rows, names, rng, load=False)
+                m = cache.metrics()
+                in_place = [n for n in data if cache.io.writes_in_place(n)]
+                # raw tables write every array in place; default ones only values (state is zstd)
+                assert in_place == [n for n in data if raw or n == "values"]
+                if len(in_place) == len(data):  # nothing loaded, nothing evicted, held chunks stay held
+                    assert (m["misses"], m["bytes_loaded"]) == (before["misses"], before["bytes_loaded"])
+                    assert held <= set(cache._chunks)
+            elif kind == "read_in_place":
+                before = cache.metrics()
+                got = cache.read_rows(rows, names, load=False)
+                for name, a in got.items():
+                    assert a.dtype == oracle[name].dtype
+                    assert np.array_equal(_bits(a), _bits(oracle[name][rows])), name
+                if raw and share == np.inf:  # nothing loaded, nothing evicted
+                    m = cache.metrics()
+                    assert (m["misses"], m["evictions"]) == (before["misses"], before["evictions"])
+            elif kind == "update":
+                _update(cache, oracle, np.unique(rows), rng)
+            elif kind == "update_at":
+                _update_at(cache, oracle, np.unique(rows)[rng.permutation(len(np.unique(rows)))], rng)
+            else:
+                cache.flush()
+            _check_accounting(cache)
+        cache.close()
+        reopened = _oracle(open_table(Path(tmp) / "t"))
+        for name in store.array_names:
+            assert np.array_equal(_bits(reopened[name]), _bits(oracle[name])), name
+
+
+def test_a_row_written_without_loading_goes_into_its_chunk_file_and_a_held_chunk_takes_its_rows(tmp_path):
+    store = create_table(tmp_path / "t", _spec(optimizer="sgd"), target_chunk_bytes=SMALL_CHUNKS,
+                         compress_state=False)
+    chunk_bytes = int(np.prod(store.chunk_shape("values"))) * 4
+    cache = CachedPartitions(store, OWNED, budget_bytes=chunk_bytes)  # one chunk
+    cache.read_rows(np.array([0]))  # partition 0, chunk 0 (local rows 0-4) held
+    new = np.arange(16, dtype=np.float32).reshape(2, 8)
+    cache.write_rows(np.array([4, 40]), {"values": new}, load=False)  # local rows 1 (held) and 10 (not held)
+    m = cache.metrics()
+    assert (m["misses"], m["chunks"], m["dirty_chunks"], m["rows_written_in_place"]) == (1, 1, 1, 1)
+    on_disk = open_table(tmp_path / "t").read_rows(0, np.array([1, 10]))["values"]
+    assert np.array_equal(on_disk[1], new[1])  # local row 10: in its file already
+    assert not np.array_equal(on_disk[0], new[0])  # local row 1: in the held chunk, dirty, not yet on disk
+    cache.flush()
+    assert np.array_equal(open_table(tmp_path / "t").read_rows(0, np.array([1, 10]))["values"], new)
+    assert np.array_equal(cache.read_rows(np.array([4, 40]))["values"], new)
 
 
 def _table(tmp_path: Path, **kw) -> tuple:

@@ -99,6 +99,60 @@ def test_raw_cache_matches_an_oracle_and_zarr_and_tensorstore_read_what_it_wrote
             assert np.array_equal(by_ts[name], _bits(oracle[name])), name
 
 
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(picks=st.lists(st.integers(0, 10**6), min_size=1, max_size=40, unique=True),
+       dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2**16))
+def test_scattered_rows_are_written_in_place_and_read_back_like_the_other_engines(picks, dtype, seed):
+    """`write_rows` and `read_rows`: unique rows in any order, runs of consecutive rows that cross chunk boundaries,
+    partial last chunks (R = 12 rows in chunks of 5 or 10) and missing chunk files (partition 2 is
+    never initialised); only those rows change, the files stay the same files, and the TensorStore
+    engine, given the same rows, leaves the same bytes."""
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = _spec(dtype)
+        stores = {e: create_table(Path(tmp) / e, spec, target_chunk_bytes=SMALL_CHUNKS, compress_state=False)
+                  for e in ("raw", "tensorstore")}
+        for store in stores.values():  # partition 2 back to no chunk files at all
+            for name in store.array_names:
+                for c in range(-(-spec.rows_per_partition // store.chunk_shape(name)[1])):
+                    _chunk_file(store, name, 2, c).unlink(missing_ok=True)
+        oracle = _oracle(stores["raw"])
+        valid = [(p, r) for p in range(spec.num_partitions) for r in range(spec.valid_rows(p))]
+        pairs = np.array([valid[i] for i in dict.fromkeys(i % len(valid) for i in picks)])  # unique, drawn order
+        part, local = pairs[:, 0], pairs[:, 1]
+        if rng.random() < 0.5:  # sometimes a sorted request: every run of consecutive rows is one write
+            order = np.lexsort((local, part))
+            part, local = part[order], local[order]
+        data = _random_arrays(oracle, len(part), rng)
+        inodes = {f: f.stat().st_ino for f in stores["raw"].path.rglob("*") if f.is_file()}
+        ios = {e: RawChunkIO(s) if e == "raw" else open_chunk_io(s, e) for e, s in stores.items()}
+        assert ios["raw"].writes_in_place("values") and not ios["tensorstore"].writes_in_place("values")
+        for name in stores["raw"].array_names:
+            for io in ios.values():
+                io.write_rows(name, part, local, data[name])
+            oracle[name][local * spec.num_partitions + part] = data[name]
+        assert ios["raw"].counters["write_bytes"] == sum(a.nbytes for a in data.values())
+        for engine, io in ios.items():  # read_rows: the same rows back, in request order
+            for name, x in data.items():
+                got = io.read_rows(name, part, local)
+                assert got.dtype == x.dtype and np.array_equal(_bits(got), _bits(x)), (engine, name)
+        ios["raw"].close()
+        assert all(f.stat().st_ino == i for f, i in inodes.items())  # rewritten in place, none replaced
+        for engine, store in stores.items():
+            by_zarr, by_ts = _oracle(open_table(store.path)), _tensorstore_table(store.path, spec)
+            for name in store.array_names:
+                assert np.array_equal(_bits(by_zarr[name]), _bits(oracle[name])), (engine, name)
+                assert np.array_equal(by_ts[name], _bits(oracle[name])), (engine, name)
+
+
+def test_writing_scattered_rows_to_a_read_only_store_is_refused(tmp_path):
+    _raw_table(tmp_path / "t")
+    io = RawChunkIO(open_table(tmp_path / "t", "r"))
+    with pytest.raises(ReadOnlyTableError):
+        io.write_rows("values", np.array([0]), np.array([0]), np.zeros((1, 8), np.float32))
+    assert io.counters["write_ops"] == 0
+
+
 def test_missing_chunk_files_read_as_zero_and_a_write_creates_them_full_size(tmp_path):
     store = create_table(tmp_path / "t", _spec(), initialize=False, target_chunk_bytes=SMALL_CHUNKS,
                          compress_state=False)
