@@ -22,13 +22,22 @@ import torch.nn.functional as F
 from param_server.kernels import pooled_backward_into
 
 
+def stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """np.argsort(keys, kind="stable") of int64 keys [n], the fastest way measured on one thread:
+    keys in [0, 2**16) as uint16, which numpy sorts by radix (327,680 keys: 6 ms against timsort's
+    28 ms), else torch's stable sort (9 ms)."""
+    if keys.shape[0] and int(keys.min()) >= 0 and int(keys.max()) < 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return torch.sort(torch.from_numpy(np.ascontiguousarray(keys)), stable=True)[1].numpy()
+
+
 def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray | None, np.ndarray]:
     """Sort order of the n entries by (token, projector) (None: already in order) and the group
     starts [G] into the sorted entries."""
     key = token * e + projector  # [n], < 2**63 (checked)
     order = None
     if key.shape[0] > 1 and not bool((key[1:] >= key[:-1]).all()):
-        order = np.argsort(key, kind="stable")
+        order = stable_argsort(key)
         key = key[order]
     starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1)).astype(np.int64)
     return order, starts
@@ -40,8 +49,8 @@ def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if rows.shape[0] <= 1 or bool((rows[1:] >= rows[:-1]).all()):
         order, sorted_rows = np.arange(rows.shape[0], dtype=np.int64), rows
     else:
-        sorted_t, order_t = torch.sort(torch.from_numpy(rows), stable=True)  # one thread: ~2x np.argsort
-        sorted_rows, order = sorted_t.numpy(), order_t.numpy()
+        order = stable_argsort(rows)
+        sorted_rows = rows[order]
     starts = np.flatnonzero(np.concatenate(([True], sorted_rows[1:] != sorted_rows[:-1], [True])))
     return order, starts.astype(np.int64, copy=False), sorted_rows[starts[:-1]]
 
@@ -126,6 +135,8 @@ def pooled_sum(
     group_tok, group_proj = group_key // e, group_key % e
     new_token = np.concatenate(([True], group_tok[1:] != group_tok[:-1]))
     tokens = group_tok[new_token]  # [Tt]
+    if starts.shape[0] == tokens.shape[0] * e:  # every token uses every projector: sums is already [Tt, E, d_v]
+        return tokens, sums.reshape(tokens.shape[0], e, d_v)
     out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
     out[np.cumsum(new_token) - 1, group_proj] = sums.reshape(-1, d_v)  # each (token, projector) once
     return tokens, out

@@ -163,11 +163,12 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
         out_dtype = self._value_dtype(request.wire_dtype)
         values = self._shard.gather(header.table, rows, worker_id=header.worker_id, min_step=_min_step(header))
         applied = self._shard.applied_step(header.worker_id, header.table)
-        # == GatherResponse(values=..., applied_step=...) serialized
-        return wire.tensor_message_bytes(1, values, out_dtype) + wire.varint_field_bytes(2, applied)
+        # == GatherResponse(values=..., applied_step=...) serialized, in one copy
+        return b"".join([*wire.tensor_field_bytes(1, values, out_dtype), wire.varint_field_bytes(2, applied)])
 
     @_rpc
-    def PooledGather(self, request: pb.PooledGatherRequest, context: grpc.ServicerContext) -> pb.PooledGatherResponse:
+    def PooledGather(self, request: pb.PooledGatherRequest, context: grpc.ServicerContext) -> bytes:
+        """Answers a serialized PooledGatherResponse (as Gather: no message object, one copy of the sums)."""
         _require(request, "header", "rows", "projector", "token", "scores")
         header = request.header
         self._dim(header.table)
@@ -182,8 +183,9 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
             worker_id=header.worker_id, min_step=_min_step(header), pre_table=pre_table, q_p=q_p,
             tokens_touched=touched,
         )
-        return pb.PooledGatherResponse(tokens=wire.encode(tokens, "int64"), sums=wire.encode(sums, out_dtype),
-                                       applied_step=self._shard.applied_step(header.worker_id, header.table))
+        applied = self._shard.applied_step(header.worker_id, header.table)
+        return b"".join([*wire.tensor_field_bytes(1, tokens, "int64"), *wire.tensor_field_bytes(2, sums, out_dtype),
+                         wire.varint_field_bytes(3, applied)])
 
     # -- pushes --------------------------------------------------------------------------------
     @_rpc

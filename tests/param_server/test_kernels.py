@@ -1,6 +1,7 @@
 """The compiled pooled backward (param_server.pooling.pooled_backward) against a plain float64 numpy
 reference: repeated rows summed, the table read in place or as a gathered copy, bfloat16 / float16
-tables. The optimizer kernels are checked per row in test_optimizers.py."""
+tables; the pooled sum and the sort it uses likewise. The optimizer kernels are checked per row in
+test_optimizers.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from param_server.pooling import pooled_backward
+from param_server.pooling import pooled_backward, pooled_sum, stable_argsort
 
 
 def reference(table, rows, projector, token_pos, scores, grad_out):
@@ -76,3 +77,34 @@ def test_pooled_backward_sums_a_row_repeated_by_every_entry():
     assert unique.tolist() == [2]
     np.testing.assert_array_equal(grad_rows, [[4.0, 4.0, 8.0, 8.0]])  # summed, not last-write-wins
     np.testing.assert_array_equal(grad_scores, [[2.0, 2.0]] * 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), tokens=st.integers(1, 6), e=st.integers(1, 3), h=st.sampled_from([1, 2]),
+       dense=st.booleans(), seed=st.integers(0, 2**16))
+def test_pooled_sum_matches_a_float64_reference(n, tokens, e, h, dense, seed):
+    """Entries in any order; `dense`: every token uses every projector (the sums need no scatter)."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((10, 2 * h)).astype(np.float32)
+    token, projector = rng.integers(0, tokens, n) * 3, rng.integers(0, e, n)  # token ids with gaps
+    if dense:
+        token = np.concatenate([np.repeat(np.arange(tokens) * 3, e), token])
+        projector = np.concatenate([np.tile(np.arange(e), tokens), projector])
+    rows = rng.integers(0, 10, token.shape[0])
+    scores = rng.standard_normal((token.shape[0], h)).astype(np.float32)
+    got_tokens, got = pooled_sum(table, projector, token, scores, e, flat=rows)
+    want_tokens = np.unique(token)
+    want = np.zeros((want_tokens.shape[0], e, 2 * h))
+    for j in range(token.shape[0]):
+        t = np.searchsorted(want_tokens, token[j])
+        for c in range(h):
+            want[t, projector[j], 2 * c:2 * c + 2] += float(scores[j, c]) * table[rows[j], 2 * c:2 * c + 2]
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-3, 70_000), max_size=50), st.sampled_from([1, 16, 1 << 16]))
+def test_stable_argsort_is_numpys_stable_argsort(keys, scale):
+    keys = np.array(keys, dtype=np.int64) // scale  # small ranges (the uint16 radix path) and wide ones
+    np.testing.assert_array_equal(stable_argsort(keys), np.argsort(keys, kind="stable"))

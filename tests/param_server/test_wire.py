@@ -119,3 +119,17 @@ def test_an_int64_field_appended_to_a_fast_path_message_reads_back(value):
     assert wire.parse_int_field(msg, 2) == value
     assert pb.GatherResponse.FromString(msg).applied_step == value  # protobuf agrees
     assert wire.parse_int_field(wire.tensor_message_bytes(1, np.zeros(1, np.float32), "float32"), 2) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.lists(st.integers(0, 2**40), max_size=6, unique=True), e=st.integers(1, 3),
+       dtype=st.sampled_from(["float32", "bfloat16"]), applied=st.integers(-1, 2**40))
+def test_a_pooled_answer_built_from_parts_reads_as_the_protobuf_message(tokens, e, dtype, applied):
+    """The servicer's PooledGather fast path: the parts joined are a PooledGatherResponse."""
+    tok = np.array(sorted(tokens), np.int64)
+    sums = np.arange(tok.size * e * 4, dtype=np.float32).reshape(tok.size, e, 4) / 7
+    raw = b"".join([*wire.tensor_field_bytes(1, tok, "int64"), *wire.tensor_field_bytes(2, sums, dtype),
+                    wire.varint_field_bytes(3, applied)])
+    msg = pb.PooledGatherResponse.FromString(raw)
+    assert msg == pb.PooledGatherResponse(tokens=wire.encode(tok, "int64"), sums=wire.encode(sums, dtype),
+                                          applied_step=applied)
