@@ -255,10 +255,13 @@ class Client:
     def _gather_once(self, table: str, meta: TableMeta, rows: np.ndarray, min_step: int | None,
                      wire_dtype: str, out: np.ndarray | None) -> np.ndarray:
         pmap = self._routing.pmap
-        uniq, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        uniq, inverse = np.unique(rows, return_inverse=True)
         out = np.empty((rows.size, meta.dim), dtype=np.float32) if out is None else out
-        direct = uniq.size == rows.size  # all unique: answers go straight to their request positions
-        target, dest = (out, first) if direct else (np.empty((uniq.size, meta.dim), np.float32), None)
+        # all unique: the rows are asked for in the caller's order (within each shard), so each answer
+        # lands in `out` at ascending positions (one block with one shard) instead of scattered ones
+        direct = uniq.size == rows.size
+        keys = rows if direct else uniq
+        target = out if direct else np.empty((uniq.size, meta.dim), np.float32)
         per_chunk = max(1, self.config.chunk_bytes // (meta.dim * wire.numpy_dtype(wire_dtype).itemsize))
         header = self._lookup_header(table, pmap.epoch, min_step)
         enum = wire.dtype_enum(wire_dtype)
@@ -266,7 +269,10 @@ class Client:
         applied: list[int] = []
 
         def make(sel: np.ndarray) -> Callable[[Any], None]:
-            where = dest[sel] if dest is not None else sel
+            where: np.ndarray | slice = sel
+            if sel.size and int(sel[-1]) - int(sel[0]) == sel.size - 1:  # consecutive: a block copy
+                where = slice(int(sel[0]), int(sel[-1]) + 1)
+
             def done(resp: bytes) -> None:  # a serialized GatherResponse
                 target[where] = wire.parse_tensor_field(resp, 1, "values", allowed=(wire_dtype,), ndim=2,
                                                         trailing=(sel.size, meta.dim))
@@ -275,11 +281,11 @@ class Client:
             return done
 
         calls = []
-        for address, sel in fanout.by_shard(pmap, uniq):
+        for address, sel in fanout.by_shard(pmap, keys):
             for a, b in fanout.split(sel.size, per_chunk):
                 if b > a:
                     part = sel[a:b]
-                    req = pb.GatherRequest(header=header, rows=wire.encode(uniq[part], "int64"), wire_dtype=enum)
+                    req = pb.GatherRequest(header=header, rows=wire.encode(keys[part], "int64"), wire_dtype=enum)
                     calls.append(fanout.Call(address, "Gather", req, make(part)))
         self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
         self._record_applied(table, applied)

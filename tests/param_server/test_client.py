@@ -85,11 +85,25 @@ def two_shards():
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.lists(st.integers(0, SPEC.rows - 1), min_size=1, max_size=300),
-       chunk=st.sampled_from([64, 1000, 1 << 20]))
-def test_gather_returns_rows_in_request_order_duplicates_included(two_shards, rows, chunk) -> None:
+       chunk=st.sampled_from([64, 1000, 1 << 20]), distinct=st.booleans())
+def test_gather_returns_rows_in_request_order_duplicates_included(two_shards, rows, chunk, distinct) -> None:
+    if distinct:  # all unique: asked for in request order, answers written in place
+        rows = list(dict.fromkeys(rows))
     with Client(two_shards.addresses, config=ClientConfig(chunk_bytes=chunk, max_in_flight=2)) as client:
         got = client.gather("mem", np.array(rows))
     np.testing.assert_array_equal(got, _full_table(SPEC)[rows])
+
+
+def test_unique_rows_from_one_shard_come_back_in_request_order_in_blocks() -> None:
+    rows = np.random.default_rng(5).permutation(SPEC.rows)  # every row once, shuffled
+    cluster = Cluster(1)
+    try:
+        with Client(cluster.addresses, config=ClientConfig(chunk_bytes=64 * SPEC.dim * 4)) as client:
+            out = np.full((rows.size, SPEC.dim), np.nan, np.float32)
+            assert client.gather("mem", rows, out=out) is out
+    finally:
+        cluster.close()
+    np.testing.assert_array_equal(out, _full_table(SPEC)[rows])
 
 
 def test_bfloat16_wire_is_within_bf16_rounding(two_shards) -> None:
