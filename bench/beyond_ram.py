@@ -309,28 +309,32 @@ def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_sha
 # -- the run ----------------------------------------------------------------------------------------
 def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]], budget: int, rounds: int,
                  tokens_per_step: int, n_steps: int) -> tuple[dict[str, Any], dict[str, float]]:
-    """Resident vs cached (budget) in-process shards over fresh copies of one table, rounds interleaved."""
+    """Resident vs cached (budget) in-process shards, rounds interleaved, for each stream in turn.
+
+    Each stream gets its own pair of shards over fresh copies of the table, as a deployment runs one
+    workload: replayed on one cached shard, one stream's rows would evict another's between passes,
+    and every timed pass of a skewed stream would start cold."""
     # the planner's table for a shard that cannot hold it (chunk size from the cache share, all arrays raw)
     layout = work_table_options(spec, budget, 1, cache_share=CACHE_SHARE)
-    paths = {leg: create_table(tmp / f"{spec.name}-{leg}" / spec.name, spec, **layout).path
-             for leg in ("resident", "cached")}
-    unique = {k: [np.unique(e) for e in s] for k, s in streams.items()}
-    legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
-            "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
     out: dict[str, Any] = {}
-    try:
-        for r in range(rounds + 1):  # round 0 warms up; interleaved, so load changes hit every leg alike
-            for label, stream in unique.items():
+    tier: dict[str, float] = {}
+    for label, stream in streams.items():
+        paths = {leg: create_table(tmp / f"{spec.name}-{label}-{leg}" / spec.name, spec, **layout).path
+                 for leg in ("resident", "cached")}
+        unique = [np.unique(e) for e in stream]
+        legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
+                "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
+        try:
+            for r in range(rounds + 1):  # round 0 warms up; interleaved, so load changes hit both legs alike
                 for leg in legs.values():
-                    leg.replay(label, stream, timed=r > 0)
-        for label in streams:
+                    leg.replay(label, unique, timed=r > 0)
             res = {name: leg.summary(label, tokens_per_step, n_steps) for name, leg in legs.items()}
             res["cached_over_resident"] = res["cached"]["steps_per_s"] / res["resident"]["steps_per_s"]
             out[label] = res
-        tier = legs["cached"].tier_metrics()
-    finally:
-        for leg in legs.values():
-            leg.close()
+            tier = legs["cached"].tier_metrics()
+        finally:
+            for leg in legs.values():
+                leg.close()
     return out, tier
 
 
@@ -486,8 +490,9 @@ def _memory_path(results: dict[str, Any], model_rec: tuple[TableSpec, list[np.nd
     small_res, results["cached_metrics"] = _replay_legs(spec, tmp, streams, budget, rounds, tokens_per_step, steps)
     large_res, results["large_cached_metrics"] = _replay_legs(large, tmp, large_streams, large_budget, rounds,
                                                               tokens_per_step, large_steps)
-    chunk_rows = open_table(tmp / f"{spec.name}-cached" / spec.name).chunk_shape("values")[1]
-    large_chunk_rows = open_table(tmp / f"{large.name}-cached" / large.name).chunk_shape("values")[1]
+    chunk_rows = open_table(tmp / f"{spec.name}-{next(iter(streams))}-cached" / spec.name).chunk_shape("values")[1]
+    large_chunk_rows = open_table(tmp / f"{large.name}-{next(iter(large_streams))}-cached" / large.name
+                                  ).chunk_shape("values")[1]
     results["table"].update(chunk_rows=chunk_rows, chunk_bytes=chunk_rows * spec.dim * 4)
     results["large_table"].update(chunk_rows=large_chunk_rows, chunk_bytes=large_chunk_rows * spec.dim * 4)
     for label, stream in streams.items():
