@@ -77,6 +77,18 @@ class _Group:
     offset: np.ndarray  # int64 [N] row inside its chunk, in sorted order
 
 
+def _copy_rows(chunk: _Chunk, group: _Group, i: int, data: np.ndarray, *, write: bool) -> None:
+    """The rows of `group` in its chunk i, between `chunk` and `data` (request order): into the
+    chunk (write, which makes it dirty) or out of it."""
+    lo, hi = group.bounds[i], group.bounds[i + 1]
+    sel = slice(lo, hi) if group.order is None else group.order[lo:hi]
+    if write:
+        chunk.data[group.offset[lo:hi]] = data[sel]
+        chunk.dirty = True
+    else:
+        data[sel] = chunk.data[group.offset[lo:hi]]
+
+
 class CachedPartitions:
     """Owned partitions of one table, served through a bounded LRU chunk cache with write-back.
 
@@ -223,7 +235,7 @@ class CachedPartitions:
         write), and from or into the chunk files, in place, for the chunks that are not held."""
         if not group.codes:
             return
-        bounds, order, offset = group.bounds, group.order, group.offset
+        bounds, order = group.bounds, group.order
         chunks = self._chunks
         out = np.ones(len(group.codes), dtype=bool)  # chunk i is not held
         for i, code in enumerate(group.codes):
@@ -232,13 +244,7 @@ class CachedPartitions:
                 continue
             out[i] = False
             chunks.move_to_end((name, code))
-            lo, hi = bounds[i], bounds[i + 1]
-            sel = slice(lo, hi) if order is None else order[lo:hi]
-            if write:
-                chunk.data[offset[lo:hi]] = data[sel]
-                chunk.dirty = True
-            else:
-                data[sel] = chunk.data[offset[lo:hi]]
+            _copy_rows(chunk, group, i, data, write=write)
         self._counters["hits"] += len(group.codes) - int(out.sum())
         if not out.any():
             return
@@ -253,8 +259,7 @@ class CachedPartitions:
                 for b in range(0, dense.size, per_batch):
                     batch = dense[b:b + per_batch].tolist()
                     for i, chunk in zip(batch, self._load(name, [group.codes[i] for i in batch]), strict=True):
-                        lo, hi = bounds[i], bounds[i + 1]
-                        data[slice(lo, hi) if order is None else order[lo:hi]] = chunk.data[offset[lo:hi]]
+                        _copy_rows(chunk, group, i, data, write=False)
                 if not out.any():
                     return
         sorted_pos = np.flatnonzero(np.repeat(out, sizes))  # sorted positions of the rows of chunks not held
@@ -547,16 +552,8 @@ class CachedPartitions:
         """Gather (write=False: data[i] = row i) or scatter (write=True: row i = data[i]), chunk by chunk."""
         if not group.codes:
             return
-        bounds, order, offset = group.bounds, group.order, group.offset
-
         def serve(i: int, chunk: _Chunk) -> None:
-            lo, hi = bounds[i], bounds[i + 1]
-            sel = slice(lo, hi) if order is None else order[lo:hi]
-            if write:
-                chunk.data[offset[lo:hi]] = data[sel]
-                chunk.dirty = True
-            else:
-                data[sel] = chunk.data[offset[lo:hi]]
+            _copy_rows(chunk, group, i, data, write=write)
 
         # hits first: loading a miss may evict, and must never evict a chunk still to be served
         missing = []

@@ -178,9 +178,10 @@ _op_in_place = st.one_of(
 )
 
 
-def _update_at(cache, oracle, rows: np.ndarray, rng: np.random.Generator) -> None:
+def _update_at(cache, oracle, rows: np.ndarray, rng: np.random.Generator, check_at=None) -> None:
     """update_rows with `update_at` (rows changed inside the held chunks where the grids allow);
-    both callbacks check what they are handed against the oracle."""
+    both callbacks check what they are handed against the oracle (and `check_at(arrays, index, pos)`
+    what update_at is handed)."""
     new = _random_arrays(oracle, len(rows), rng)
 
     def update(block, pos):
@@ -190,6 +191,8 @@ def _update_at(cache, oracle, rows: np.ndarray, rng: np.random.Generator) -> Non
 
     def update_at(arrays, index, pos):
         assert len(index) == len(pos) and len({len(a) for a in arrays.values()}) == 1  # one stretch of rows
+        if check_at is not None:
+            check_at(arrays, index, pos)
         for name, a in arrays.items():
             assert np.array_equal(_bits(a[index]), _bits(oracle[name][rows[pos]])), name
             a[index] = new[name][pos]

@@ -33,6 +33,7 @@ from tests.storage.test_chunk_cache import (
     _update,
     _write,
 )
+from tests.storage.test_chunk_cache import _update_at as _chunk_update_at
 
 
 def _cache(store, rows: int, chunks: int = 1, **kw) -> HotRowCache:
@@ -50,26 +51,14 @@ def _cache(store, rows: int, chunks: int = 1, **kw) -> HotRowCache:
 def _update_at(cache: HotRowCache, oracle, rows: np.ndarray, rng: np.random.Generator) -> None:
     """update_rows with `update_at` for the cached rows (slot arrays changed in place) and the block
     `update` for the others; both check what they are handed against the oracle."""
-    new = _random_arrays(oracle, len(rows), rng)
 
-    def update(block, pos):
-        for name, a in block.items():
-            assert np.array_equal(_bits(a), _bits(oracle[name][rows[pos]])), name
-            a[...] = new[name][pos]
-
-    def update_at(arrays, index, pos):  # the slots of cached rows, or views of held chunks below
-        assert len(index) == len(pos)
+    def check_at(arrays, index, pos):  # the slots of cached rows, or views of held chunks below
         if arrays is cache.arrays:
             assert np.all(cache.slots(rows[pos]) == index)
         else:
             assert np.all(cache.slots(rows[pos]) < 0)
-        for name, a in arrays.items():
-            assert np.array_equal(_bits(a[index]), _bits(oracle[name][rows[pos]])), name
-            a[index] = new[name][pos]
 
-    cache.update_rows(rows, update, update_at=update_at)
-    for name, a in new.items():
-        oracle[name][rows] = a
+    _chunk_update_at(cache, oracle, rows, rng, check_at)
 
 
 _op = st.one_of(
