@@ -247,8 +247,8 @@ def test_bench_serve_quick_serves_a_v2_model_remotely_beside_v1(tmp_path: Path) 
 
 def test_beyond_ram_replays_each_stream_on_its_own_shards(tmp_path) -> None:
     """A busy stream larger than the cache and a small hot set: replayed on shared shards, the busy
-    rows (more frequent) would evict the hot ones between passes; each stream on its own cached shard, the hot set's timed passes
-    hit the row cache every time and move no chunk bytes."""
+    rows (more frequent) would evict the hot ones between passes; each stream on its own cached
+    shard, the hot set's timed passes hit the row cache every time and move no chunk bytes."""
     import numpy as np
 
     from bench.beyond_ram import _replay_legs
