@@ -233,37 +233,22 @@ class CachedPartitions:
                   local: np.ndarray, *, write: bool) -> None:
         """Gather or scatter (`write`) rows: from or into the held chunks (those become dirty on a
         write), and from or into the chunk files, in place, for the chunks that are not held."""
-        if not group.codes:
+        missing = self._serve_held(name, group, data, write=write)
+        if not missing:
             return
-        bounds, order = group.bounds, group.order
-        chunks = self._chunks
-        out = np.ones(len(group.codes), dtype=bool)  # chunk i is not held
-        for i, code in enumerate(group.codes):
-            chunk = chunks.get((name, code))
-            if chunk is None:
-                continue
-            out[i] = False
-            chunks.move_to_end((name, code))
-            _copy_rows(chunk, group, i, data, write=write)
-        self._counters["hits"] += len(group.codes) - int(out.sum())
-        if not out.any():
-            return
-        sizes = np.diff(np.asarray(bounds))
+        out = np.zeros(len(group.codes), dtype=bool)  # chunk i is not held
+        out[missing] = True
+        sizes = np.diff(np.asarray(group.bounds))
         if not write:  # a read of many rows of a chunk loads it: one read beats a read per row
             dense = np.flatnonzero(out & (sizes > self._chunk_rows[name] * self.in_place_read_share))
             if dense.size:
                 out[dense] = False
                 self._counters["misses"] += dense.size
-                chunk_bytes = self._chunk_rows[name] * self._row_bytes[name]
-                per_batch = max(1, self.budget_bytes // chunk_bytes)
-                for b in range(0, dense.size, per_batch):
-                    batch = dense[b:b + per_batch].tolist()
-                    for i, chunk in zip(batch, self._load(name, [group.codes[i] for i in batch]), strict=True):
-                        _copy_rows(chunk, group, i, data, write=False)
+                self._load_and_copy(name, group, dense.tolist(), data, write=False)
                 if not out.any():
                     return
         sorted_pos = np.flatnonzero(np.repeat(out, sizes))  # sorted positions of the rows of chunks not held
-        pos = sorted_pos if order is None else order[sorted_pos]
+        pos = sorted_pos if group.order is None else group.order[sorted_pos]
         if write:
             self.io.write_rows(name, part[pos], local[pos], data[pos])
             self._counters["rows_written_in_place"] += len(pos)
@@ -550,12 +535,14 @@ class CachedPartitions:
 
     def _visit(self, name: str, group: _Group, data: np.ndarray, *, write: bool) -> None:
         """Gather (write=False: data[i] = row i) or scatter (write=True: row i = data[i]), chunk by chunk."""
-        if not group.codes:
-            return
-        def serve(i: int, chunk: _Chunk) -> None:
-            _copy_rows(chunk, group, i, data, write=write)
+        missing = self._serve_held(name, group, data, write=write)
+        self._counters["misses"] += len(missing)
+        self._load_and_copy(name, group, missing, data, write=write)
 
-        # hits first: loading a miss may evict, and must never evict a chunk still to be served
+    def _serve_held(self, name: str, group: _Group, data: np.ndarray, *, write: bool) -> list[int]:
+        """Copy the rows of the held chunks of `group` (they become most recently used) and return
+        the indices of its chunks that are not held. Hits are served first: loading a miss may
+        evict, and must never evict a chunk still to be served."""
         missing = []
         chunks = self._chunks
         for i, code in enumerate(group.codes):
@@ -564,15 +551,19 @@ class CachedPartitions:
                 missing.append(i)
                 continue
             chunks.move_to_end((name, code))
-            serve(i, chunk)
+            _copy_rows(chunk, group, i, data, write=write)
         self._counters["hits"] += len(group.codes) - len(missing)
-        self._counters["misses"] += len(missing)
-        chunk_bytes = self._chunk_rows[name] * self._row_bytes[name]
-        per_batch = max(1, self.budget_bytes // chunk_bytes)
-        for b in range(0, len(missing), per_batch):  # as many misses as the budget holds, read in one call
-            batch = missing[b : b + per_batch]
+        return missing
+
+    def _load_and_copy(self, name: str, group: _Group, indices: list[int], data: np.ndarray, *,
+                       write: bool) -> None:
+        """Load the chunks group.codes[i], i in `indices`, as many per read call as the budget holds,
+        and copy each one's rows."""
+        per_batch = max(1, self.budget_bytes // (self._chunk_rows[name] * self._row_bytes[name]))
+        for b in range(0, len(indices), per_batch):
+            batch = indices[b:b + per_batch]
             for i, chunk in zip(batch, self._load(name, [group.codes[i] for i in batch]), strict=True):
-                serve(i, chunk)
+                _copy_rows(chunk, group, i, data, write=write)
 
     def _load(self, name: str, codes: list[int]) -> list[_Chunk]:
         """Read whole chunks of one array from the store in one batch and insert them, evicting to fit."""
