@@ -31,16 +31,21 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     return torch.sort(torch.from_numpy(np.ascontiguousarray(keys)), stable=True)[1].numpy()
 
 
-def pool_keys(token: np.ndarray, projector: np.ndarray, e: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """Sort order of the n entries by (token, projector) (None: already in order) and the group
-    starts [G] into the sorted entries."""
+def pool_keys(token: np.ndarray, projector: np.ndarray, e: int
+              ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Sort order of the n entries by (token, projector) (None: already in order), their keys
+    token * e + projector in that order [n], and the group starts [G] into the sorted entries."""
     key = token * e + projector  # [n], < 2**63 (checked)
     order = None
     if key.shape[0] > 1 and not bool((key[1:] >= key[:-1]).all()):
         order = stable_argsort(key)
         key = key[order]
     starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1)).astype(np.int64)
-    return order, starts
+    return order, key, starts
+
+
+def _fresh_rows(shape: tuple[int, int]) -> np.ndarray:
+    return np.empty(shape, dtype=np.float32)
 
 
 def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,7 +62,7 @@ def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray, token_pos: np.ndarray,
                     scores: np.ndarray, grad_out: np.ndarray, *, flat: np.ndarray | None = None,
-                    rows_out: Callable[[tuple[int, int]], np.ndarray] | None = None,
+                    rows_out: Callable[[tuple[int, int]], np.ndarray] = _fresh_rows,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Backward of pooling for n entries, with the row gradients already summed per row.
 
@@ -73,7 +78,7 @@ def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray,
     each row's V is read once and its entries' terms summed in its own slot, never overwritten
     (DESIGN §8); chosen by measurement
     (docs/benchmarks.md "Memory path", bench/kernels_ab.py). `rows_out(shape)` gives the float32
-    buffer dL/dV is written into (default: a fresh array; the shard passes a ScratchPool's).
+    buffer dL/dV is written into (default: a fresh array; the shard passes its ScratchPool's).
     """
     n, h = scores.shape
     t, e, d_v = grad_out.shape
@@ -87,8 +92,7 @@ def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray,
     g_flat = (token_pos * e + projector).astype(np.int64, copy=False)  # [n], entry j's row of g
     order, starts, unique = row_runs(np.asarray(rows, dtype=np.int64))
     grad_scores = np.empty((n, h), dtype=np.float32)
-    shape = (unique.shape[0], d_v)
-    grad_rows = np.empty(shape, dtype=np.float32) if rows_out is None else rows_out(shape)
+    grad_rows = rows_out((unique.shape[0], d_v))
     pooled_backward_into(values, np.asarray(flat, dtype=np.int64), g, g_flat,
                          np.ascontiguousarray(scores, dtype=np.float32), order, starts, grad_scores, grad_rows)
     return grad_scores, unique, grad_rows
@@ -119,8 +123,7 @@ def pooled_sum(
         flat = np.arange(n, dtype=np.int64)
     if v.dtype != np.float32 or not v.flags.writeable:  # bfloat16 / float16: convert the entries' rows only
         v, flat = v[flat].astype(np.float32), np.arange(n, dtype=np.int64)
-    order, starts = pool_keys(token, projector, e)
-    sorted_key = (token * e + projector) if order is None else (token * e + projector)[order]
+    order, sorted_key, starts = pool_keys(token, projector, e)
     idx = flat if order is None else flat[order]
     s = scores if order is None else scores[order]
     k = d_v // h

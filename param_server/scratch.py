@@ -46,14 +46,10 @@ class ScratchPool:
                 best = min(fits, key=lambda i: self._buffers[i].size)
                 return self._buffers[best][:size].reshape(shape)
             self.fresh += 1
-            kept = sum(b.nbytes for b in self._buffers)
-            for i in sorted(free, key=lambda i: -self._buffers[i].size):  # make room: drop free ones
-                if kept + size * 4 <= self.max_bytes:
-                    break
-                kept -= self._buffers[i].nbytes
-                self._buffers[i] = None  # type: ignore[call-overload]
-            self._buffers = [b for b in self._buffers if b is not None]
-            if kept + size * 4 > self.max_bytes:
+            # no free buffer is large enough: drop the free ones (all smaller), keep a new one if it fits
+            dropped = set(free)
+            self._buffers = [b for i, b in enumerate(self._buffers) if i not in dropped]
+            if sum(b.nbytes for b in self._buffers) + size * 4 > self.max_bytes:
                 return np.empty(shape, dtype=np.float32)
             buf = np.empty(size, dtype=np.float32)
             self._buffers.append(buf)
