@@ -308,8 +308,9 @@ def shard_scaling(spec: TableSpec, path: Path, stream: list[np.ndarray], num_sha
 
 # -- the run ----------------------------------------------------------------------------------------
 def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]], budget: int, rounds: int,
-                 tokens_per_step: int, n_steps: int) -> tuple[dict[str, Any], dict[str, float]]:
-    """Resident vs cached (budget) in-process shards, rounds interleaved, for each stream in turn.
+                 tokens_per_step: int, n_steps: int) -> tuple[dict[str, Any], dict[str, float], int]:
+    """Resident vs cached (budget) in-process shards, rounds interleaved, for each stream in turn ->
+    (results per stream, the last cached shard's tier metrics, the cached table's value chunk rows).
 
     Each stream gets its own pair of shards over fresh copies of the table, as a deployment runs one
     workload: replayed on one cached shard, one stream's rows would evict another's between passes,
@@ -318,9 +319,12 @@ def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]
     layout = work_table_options(spec, budget, 1, cache_share=CACHE_SHARE)
     out: dict[str, Any] = {}
     tier: dict[str, float] = {}
+    chunk_rows = 0
     for label, stream in streams.items():
-        paths = {leg: create_table(tmp / f"{spec.name}-{label}-{leg}" / spec.name, spec, **layout).path
-                 for leg in ("resident", "cached")}
+        stores = {leg: create_table(tmp / f"{spec.name}-{label}-{leg}" / spec.name, spec, **layout)
+                  for leg in ("resident", "cached")}
+        paths = {leg: store.path for leg, store in stores.items()}
+        chunk_rows = stores["cached"].chunk_shape("values")[1]
         unique = [np.unique(e) for e in stream]
         legs = {"resident": _Leg(spec, paths["resident"], None, spec.dim),
                 "cached": _Leg(spec, paths["cached"], budget, spec.dim)}
@@ -335,7 +339,7 @@ def _replay_legs(spec: TableSpec, tmp: Path, streams: dict[str, list[np.ndarray]
         finally:
             for leg in legs.values():
                 leg.close()
-    return out, tier
+    return out, tier, chunk_rows
 
 
 def _verdicts(res: dict[str, Any], floor: dict[str, Any], chunk_bytes: int) -> None:
@@ -487,12 +491,10 @@ def _memory_path(results: dict[str, Any], model_rec: tuple[TableSpec, list[np.nd
         "recorded_from": "forward passes (untrained)" if quick else f"a {steps}-step training run",
         "large_model_warm_from": (f"`{WARM_CONFIG}` timed steps {plan[WARM_CONFIG][1]}-"
                                   f"{plan[WARM_CONFIG][1] + large_steps}" if WARM_CONFIG in plan else None)})
-    small_res, results["cached_metrics"] = _replay_legs(spec, tmp, streams, budget, rounds, tokens_per_step, steps)
-    large_res, results["large_cached_metrics"] = _replay_legs(large, tmp, large_streams, large_budget, rounds,
-                                                              tokens_per_step, large_steps)
-    chunk_rows = open_table(tmp / f"{spec.name}-{next(iter(streams))}-cached" / spec.name).chunk_shape("values")[1]
-    large_chunk_rows = open_table(tmp / f"{large.name}-{next(iter(large_streams))}-cached" / large.name
-                                  ).chunk_shape("values")[1]
+    small_res, results["cached_metrics"], chunk_rows = _replay_legs(spec, tmp, streams, budget, rounds,
+                                                                    tokens_per_step, steps)
+    large_res, results["large_cached_metrics"], large_chunk_rows = _replay_legs(
+        large, tmp, large_streams, large_budget, rounds, tokens_per_step, large_steps)
     results["table"].update(chunk_rows=chunk_rows, chunk_bytes=chunk_rows * spec.dim * 4)
     results["large_table"].update(chunk_rows=large_chunk_rows, chunk_bytes=large_chunk_rows * spec.dim * 4)
     for label, stream in streams.items():

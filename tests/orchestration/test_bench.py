@@ -260,7 +260,7 @@ def test_beyond_ram_replays_each_stream_on_its_own_shards(tmp_path) -> None:
     rng = np.random.default_rng(0)
     busy = rng.permutation(spec.rows)[: spec.rows * 3 // 4]  # more rows than the cache holds, each read 4x a pass
     streams = {"scan": [busy] * 4, "hot": [rng.choice(spec.rows, 64, replace=False) for _ in range(2)]}
-    out, _ = _replay_legs(spec, tmp_path, streams, budget, rounds=2, tokens_per_step=64, n_steps=2)
+    out, _, _ = _replay_legs(spec, tmp_path, streams, budget, rounds=2, tokens_per_step=64, n_steps=2)
     hot = out["hot"]["cached"]
     assert hot["row_hit_rate"] == 1.0 and hot["io_read_bytes_per_step"] == 0 == hot["io_write_bytes_per_step"]
     assert out["scan"]["cached"]["row_hit_rate"] < 0.5 and out["scan"]["cached"]["io_read_bytes_per_step"] > 0
