@@ -36,8 +36,10 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # bench/_shards
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._echo import METHOD as ECHO_METHOD  # noqa: E402 (after the sys.path line)
+from bench._echo import STREAM_METHOD as ECHO_STREAM_METHOD  # noqa: E402
 from bench._shards import MALLOC_ENV, start_shards, stop_shards  # noqa: E402
 from param_server.client import Client, ClientConfig
+from param_server.fanout import split
 from param_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from storage.layout import TableSpec
 from storage.table_store import create_table
@@ -101,9 +103,11 @@ def socket_rate(nbytes: int, repeats: int) -> float:
     return rate
 
 
-def echo_rate(nbytes: int, config: ClientConfig, repeats: int) -> float:
+def echo_rates(nbytes: int, config: ClientConfig, repeats: int) -> dict[str, float]:
     """Bytes/s of gRPC alone: `nbytes` a lookup in ~1 MB answers from a bare server process
-    (bench/_echo.py), with the client's channels and calls in flight, as Client.gather sends them."""
+    (bench/_echo.py), with the client's channels, as unary calls (max_in_flight in flight, as a
+    lookup of one answer per shard sends them) and as server streams (stream_answers answers a
+    call, one call a channel at a time, as Client.gather streams a larger lookup)."""
     chunk = config.chunk_bytes
     env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "_echo.py"), str(chunk)], stdout=subprocess.PIPE,
@@ -114,10 +118,11 @@ def echo_rate(nbytes: int, config: ClientConfig, repeats: int) -> float:
         options = grpc_options(config.max_message_bytes) + [("grpc.use_local_subchannel_pool", 1)]
         channels = [grpc.insecure_channel(address, options=options) for _ in range(config.channels_per_shard)]
         calls = [ch.unary_unary(ECHO_METHOD) for ch in channels]
+        streams = [ch.unary_stream(ECHO_STREAM_METHOD) for ch in channels]
         calls[0](b"", timeout=60)
         rpcs = -(-nbytes // chunk)
 
-        def once() -> None:
+        def unary() -> None:
             pending: list[grpc.Future] = []
             for i in range(rpcs):
                 pending.append(calls[i % len(calls)].future(b"", timeout=60))
@@ -126,10 +131,27 @@ def echo_rate(nbytes: int, config: ClientConfig, repeats: int) -> float:
             for f in pending:
                 f.result()
 
-        rate, _ = _median_rate(once, rpcs * chunk, repeats)
+        sizes = [b - a for a, b in split(rpcs, config.stream_answers)]
+        lanes = [(streams[i], sizes[i::len(streams)]) for i in range(min(len(streams), len(sizes)))]
+
+        def lane(stream: Any, counts: list[int]) -> None:
+            for count in counts:
+                for _ in stream(count.to_bytes(8, "little"), timeout=60):
+                    pass
+
+        def streamed() -> None:
+            threads = [threading.Thread(target=lane, args=one) for one in lanes[:-1]]
+            for t in threads:
+                t.start()
+            lane(*lanes[-1])
+            for t in threads:
+                t.join()
+
+        rates = {"unary": _median_rate(unary, rpcs * chunk, repeats)[0],
+                 "stream": _median_rate(streamed, rpcs * chunk, repeats)[0]}
         for ch in channels:
             ch.close()
-        return rate
+        return rates
     finally:
         stop_shards([proc])
 
@@ -193,7 +215,9 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
 
     config = ClientConfig(chunk_bytes=1 << 20, max_in_flight=8, channels_per_shard=4,
                           max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES)
-    results["grpc_echo_bytes_per_s"] = echo_rate(fp32_bytes, config, repeats)
+    echo_by_call = echo_rates(fp32_bytes, config, repeats)
+    results["grpc_echo_unary_bytes_per_s"] = echo_by_call["unary"]
+    results["grpc_echo_bytes_per_s"] = echo_by_call["stream"]  # how Client.gather calls at this size
     with tempfile.TemporaryDirectory(prefix="ultramem-bench-") as tmp:
         spec = TableSpec(name="bench", rows=table_rows, dim=d_v, num_partitions=16, optimizer="sgd")
         create_table(Path(tmp) / "bench", spec)
@@ -217,9 +241,12 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     print(f"lookup bench: {n_rows} unique rows x d_v={d_v} per request, median of {repeats}")
     print(f"  numpy in-process gather    {results['numpy_rows_per_s'] / 1e6:8.2f} M rows/s")
     print(f"  raw TCP socket (loopback)  {sock / 1e9:8.2f} GB/s  = {sock / (d_v * 4) / 1e6:.2f} M fp32 rows/s")
-    echo = results["grpc_echo_bytes_per_s"]
+    echo, unary = results["grpc_echo_bytes_per_s"], results["grpc_echo_unary_bytes_per_s"]
     results["grpc_echo_ratio_to_socket_bytes"] = echo / sock
-    print(f"  gRPC alone (bare echo)     {echo / 1e9:8.2f} GB/s  = {echo / sock:.2f}x socket: gRPC's own ceiling")
+    results["grpc_echo_unary_ratio_to_socket_bytes"] = unary / sock
+    print(f"  gRPC alone, unary calls    {unary / 1e9:8.2f} GB/s  = {unary / sock:.2f}x socket")
+    print(f"  gRPC alone, streamed       {echo / 1e9:8.2f} GB/s  = {echo / sock:.2f}x socket: gRPC's own ceiling, "
+          f"as Client.gather calls (\"echo\" below)")
     for key, r in results["grpc"].items():
         if key.startswith("breakdown"):
             continue

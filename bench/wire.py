@@ -30,6 +30,7 @@ Medians of several selections; printed side by side with the pooled/rows ratio; 
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -75,7 +76,7 @@ class ByteCounter(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = details.method.rsplit("/", 1)[-1]
         parse, serialize = handler.request_deserializer, handler.response_serializer
@@ -116,6 +117,15 @@ def predicted(rows: np.ndarray, counter_shards: int, wire_bytes: int) -> dict[st
             "unique_rows": u, "entries": n, "shards_per_token": shards_per_token}
 
 
+ROWS_LOOKUP = ("Gather", "GatherStream")  # Client.gather streams a lookup of more than one answer a shard
+
+
+def _record(counter: ByteCounter, out: dict[str, dict[str, int]], name: str, methods: tuple[str, ...]) -> None:
+    """out[name] = the request and response bytes and calls of `methods` since the last record."""
+    c = counter.take()
+    out[name] = {k: sum(c.get(f"{m}.{k}", 0) for m in methods) for k in ("request", "response", "calls")}
+
+
 def measure(client: Client, counter: ByteCounter, table: str, rows: np.ndarray, projector: np.ndarray,
             scores: np.ndarray, step: int) -> dict[str, dict[str, int]]:
     """Serialized bytes of each operation for one selection: {op: {"request", "response", "calls"}}."""
@@ -124,23 +134,19 @@ def measure(client: Client, counter: ByteCounter, table: str, rows: np.ndarray, 
     token = np.repeat(np.arange(t, dtype=np.int64), j)
     s = scores.reshape(t * j, -1)
     out: dict[str, dict[str, int]] = {}
-
-    def record(name: str, method: str) -> None:
-        c = counter.take()
-        out[name] = {k: c.get(f"{method}.{k}", 0) for k in ("request", "response", "calls")}
-
+    record = functools.partial(_record, counter, out)
     counter.take()
     for wire_dtype in ("float32", "bfloat16"):
         client.gather(table, flat, wire_dtype=wire_dtype)
-        record(f"rows_lookup/{wire_dtype}", "Gather")
+        record(f"rows_lookup/{wire_dtype}", ROWS_LOOKUP)
         client.pooled_gather(table, flat, proj, token, s, t, LAYER.expansion, wire_dtype=wire_dtype)
-        record(f"pooled_lookup/{wire_dtype}", "PooledGather")
+        record(f"pooled_lookup/{wire_dtype}", ("PooledGather",))
     unique = np.unique(flat)
     client.push(table, unique, np.zeros((unique.size, LAYER.d_v), np.float32), lr=0.0, step=step)
-    record("rows_push", "PushGradients")
+    record("rows_push", ("PushGradients",))
     grad_out = np.zeros((t, LAYER.expansion, LAYER.d_v), np.float32)
     client.pooled_backward(table, flat, proj, token, s, grad_out, lr=0.0, step=step)
-    record("pooled_backward", "PooledBackward")
+    record("pooled_backward", ("PooledBackward",))
     return out
 
 
@@ -154,17 +160,13 @@ def measure_v2(client: Client, counter: ByteCounter, table: str, pre_table: str,
     token = np.repeat(np.arange(t, dtype=np.int64), j)
     s = scores.reshape(t * j, -1)
     out: dict[str, dict[str, int]] = {}
-
-    def record(name: str, methods: tuple[str, ...]) -> None:
-        c = counter.take()
-        out[name] = {k: sum(c.get(f"{m}.{k}", 0) for m in methods) for k in ("request", "response", "calls")}
-
+    record = functools.partial(_record, counter, out)
     counter.take()
     unique = np.unique(flat)
     for wire_dtype in ("float32", "bfloat16"):
         client.gather(table, flat, wire_dtype=wire_dtype)
         client.gather(pre_table, flat, wire_dtype=wire_dtype)
-        record(f"rows_lookup/{wire_dtype}", ("Gather",))
+        record(f"rows_lookup/{wire_dtype}", ROWS_LOOKUP)
         client.pooled_gather(table, flat, proj, token, s, t, 1, wire_dtype=wire_dtype, pre_table=pre_table, q_p=q_p)
         record(f"pooled_lookup/{wire_dtype}", ("PooledGather",))
     client.push(table, unique, np.zeros((unique.size, LAYER.d_v), np.float32), lr=0.0, step=step)

@@ -23,9 +23,10 @@ shard live in `param_server.fanout`; the map and the address of each shard now i
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -268,26 +269,35 @@ class Client:
 
         applied: list[int] = []
 
-        def make(sel: np.ndarray) -> Callable[[Any], None]:
+        def put(sel: np.ndarray, resp: bytes) -> None:  # a serialized GatherResponse for keys[sel]
             where: np.ndarray | slice = sel
             if sel.size and int(sel[-1]) - int(sel[0]) == sel.size - 1:  # consecutive: a block copy
                 where = slice(int(sel[0]), int(sel[-1]) + 1)
+            target[where] = wire.parse_tensor_field(resp, 1, "values", allowed=(wire_dtype,), ndim=2,
+                                                    trailing=(sel.size, meta.dim))
+            step = wire.parse_int_field(resp, 2)
+            applied.append(-1 if step is None else step)
 
-            def done(resp: bytes) -> None:  # a serialized GatherResponse
-                target[where] = wire.parse_tensor_field(resp, 1, "values", allowed=(wire_dtype,), ndim=2,
-                                                        trailing=(sel.size, meta.dim))
-                step = wire.parse_int_field(resp, 2)
-                applied.append(-1 if step is None else step)
-            return done
+        def request(part: np.ndarray, per_answer: int = 0) -> pb.GatherRequest:
+            return pb.GatherRequest(header=header, rows=wire.encode(keys[part], "int64"), wire_dtype=enum,
+                                    rows_per_answer=per_answer)
 
-        calls = []
-        for address, sel in fanout.by_shard(pmap, keys):
-            for a, b in fanout.split(sel.size, per_chunk):
-                if b > a:
+        shards = fanout.by_shard(pmap, keys)
+        if all(sel.size <= per_chunk for _, sel in shards):  # one answer per shard: plain calls
+            self._net.run([fanout.Call(address, "Gather", request(sel), functools.partial(put, sel))
+                           for address, sel in shards], fanout.LOOKUP_RETRY)
+        else:
+            per_call = per_chunk * self.config.stream_answers
+            streams = []
+            for address, sel in shards:
+                for a, b in fanout.split(sel.size, per_call):
                     part = sel[a:b]
-                    req = pb.GatherRequest(header=header, rows=wire.encode(keys[part], "int64"), wire_dtype=enum)
-                    calls.append(fanout.Call(address, "Gather", req, make(part)))
-        self._net.run(fanout.interleave(calls), fanout.LOOKUP_RETRY)
+                    streams.append(fanout.StreamCall(
+                        address, "GatherStream",
+                        lambda done, part=part: request(part[done * per_chunk:], per_chunk),
+                        -(-part.size // per_chunk),
+                        lambda i, resp, part=part: put(part[i * per_chunk:(i + 1) * per_chunk], resp)))
+            self._net.run_streams(streams, fanout.LOOKUP_RETRY)
         self._record_applied(table, applied)
         if not direct:
             np.take(target, inverse.reshape(-1), axis=0, out=out)

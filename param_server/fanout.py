@@ -2,8 +2,9 @@
 
 `by_shard`, `split`, `group_chunks` and `interleave` cut a request into per-shard calls.
 `ShardChannels` owns, for every shard address, a few gRPC channels (plaintext, or TLS when
-`ClientConfig.tls_ca` is set), the per-shard ordered push sender threads, and the two ways of
-calling: `unary` (one blocking call) and `run` (many calls, a window of them in flight per shard).
+`ClientConfig.tls_ca` is set), the per-shard ordered push sender threads, and the ways of
+calling: `unary` (one blocking call), `run` (many calls, a window of them in flight per shard)
+and `run_streams` (server-streaming calls, one per channel of a shard at a time).
 Every call carries a deadline (`timeout_s`) and the shared-secret token; calls that fail with a
 retryable code are retried with jittered exponential backoff up to `max_attempts` times, so no call
 waits longer than about max_attempts * (timeout_s + max_backoff_s). An error that gives up names
@@ -41,6 +42,7 @@ LOOKUP_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
                           grpc.StatusCode.RESOURCE_EXHAUSTED})
 PUSH_RETRY = LOOKUP_RETRY  # safe: a retried push reuses its seq and is applied once
 _GATHER_PATH = "/ultramem.v1.MemoryShard/Gather"
+_GATHER_STREAM_PATH = "/ultramem.v1.MemoryShard/GatherStream"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class ClientConfig:
     chunk_bytes: int = 1 << 20  # target payload per request (DESIGN §8: ~1 MB is gRPC's sweet spot)
     max_in_flight: int = 8  # requests in flight per shard
     channels_per_shard: int = 2  # TCP connections per shard (one HTTP/2 connection serialises)
+    stream_answers: int = 16  # chunk_bytes answers per GatherStream call (a lookup of more than one
+    # answer per shard streams them: one call costs grpc-python more than one message); bounds what
+    # one call's deadline must cover
     timeout_s: float = 60.0  # deadline per call attempt, a min_step wait included
     max_attempts: int = 6  # tries per call for retryable codes (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED)
     backoff_s: float = 0.02  # first retry delay; doubles up to max_backoff_s, with jitter
@@ -65,7 +70,7 @@ class ClientConfig:
     tls_server_name: str | None = None  # name to check the shard certificate against (default: the host)
 
     def __post_init__(self) -> None:
-        for name in ("chunk_bytes", "max_in_flight", "channels_per_shard", "max_attempts"):
+        for name in ("chunk_bytes", "max_in_flight", "channels_per_shard", "stream_answers", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"client.{name} must be >= 1, got {getattr(self, name)}")
         if self.chunk_bytes > self.max_message_bytes // 2:
@@ -90,6 +95,21 @@ class Call:
     request: Any
     on_done: Callable[[Any], None]
     attempt: int = 0
+
+
+@dataclass
+class StreamCall:
+    """One server-streaming request of a fan-out: `answers` answers, handed to `on_answer` in order.
+
+    A retried call asks only for what has not arrived: `request(done)` is the request for the
+    answers from index `done` on.
+    """
+
+    address: str
+    method: str  # "GatherStream"
+    request: Callable[[int], Any]
+    answers: int
+    on_answer: Callable[[int, Any], None]  # (index of the answer in this call, answer)
 
 
 def typed_error(err: grpc.RpcError, address: str, method: str, attempts: int) -> ShardError:
@@ -161,6 +181,7 @@ class ShardChannels:
         self._channels: dict[str, list[grpc.Channel]] = {}
         self._stubs: dict[str, list[pb_grpc.MemoryShardStub]] = {}
         self._raw_gather: dict[str, list[grpc.UnaryUnaryMultiCallable]] = {}
+        self._raw_gather_stream: dict[str, list[grpc.UnaryStreamMultiCallable]] = {}
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._pool: ThreadPoolExecutor | None = None  # blocking calls of small fan-outs (`run`)
         self._rr = itertools.count()
@@ -186,6 +207,9 @@ class ShardChannels:
             self._raw_gather[address] = [
                 c.unary_unary(_GATHER_PATH, request_serializer=pb.GatherRequest.SerializeToString,
                               response_deserializer=None) for c in channels]
+            self._raw_gather_stream[address] = [
+                c.unary_stream(_GATHER_STREAM_PATH, request_serializer=pb.GatherRequest.SerializeToString,
+                               response_deserializer=None) for c in channels]
 
     def sender(self, address: str) -> ThreadPoolExecutor:
         """The one ordered push thread of `address` (a shard drops a seq <= the last it accepted)."""
@@ -235,6 +259,39 @@ class ShardChannels:
             for _, future in in_flight:
                 future.cancel()
 
+    def run_streams(self, calls: list[StreamCall], retry: frozenset) -> None:
+        """Run server-streaming calls: each shard's calls in channels_per_shard lanes, lanes
+        concurrently (on this client's threads, the last in the caller), a lane's calls one after
+        another; `on_answer` runs in the lane's thread. Raises the first lane's error once every
+        lane has ended."""
+        lanes: list[tuple[int, list[StreamCall]]] = []  # (channel, its calls)
+        by_address: dict[str, list[StreamCall]] = {}
+        for call in calls:
+            by_address.setdefault(call.address, []).append(call)
+        for mine in by_address.values():
+            k = min(self.config.channels_per_shard, len(mine))
+            lanes.extend((i, mine[i::k]) for i in range(k))
+
+        def lane(channel: int, part: list[StreamCall]) -> None:
+            for call in part:
+                self._stream(call, retry, channel)
+
+        pool = self._fanout_pool()
+        futures = [pool.submit(lane, *one) for one in lanes[:-1]]
+        error: BaseException | None = None
+        try:
+            if lanes:
+                lane(*lanes[-1])
+        except BaseException as err:  # wait for the other lanes before raising
+            error = err
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as err:
+                error = error or err
+        if error is not None:
+            raise error
+
     def newest_map(self, addresses: Sequence[str]) -> PartitionMap | None:
         """The partition map with the highest epoch any of `addresses` answers (None: none answered)."""
         best = None
@@ -259,6 +316,7 @@ class ShardChannels:
             self._channels.clear()
             self._stubs.clear()
             self._raw_gather.clear()
+            self._raw_gather_stream.clear()
         for sender in senders:
             sender.shutdown(wait=True)
         for channel in channels:
@@ -283,15 +341,44 @@ class ShardChannels:
             return self._blocking(lambda: self._callable(call.address, call.method), call.address, call.method,
                                   call.request, retry)
 
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(8, thread_name_prefix="fanout")
-            pool = self._pool
+        pool = self._fanout_pool()
         futures = [(c, pool.submit(one, c)) for c in calls[:-1]]
         if calls:
             calls[-1].on_done(one(calls[-1]))
         for call, future in futures:
             call.on_done(future.result())
+
+    def _stream(self, call: StreamCall, retry: frozenset, channel: int) -> None:
+        """One streaming call on the shard's `channel`, with retries on `retry` codes (each on the next
+        channel); a retry asks only for the answers not yet had."""
+        done, attempt = 0, 0
+        while True:
+            answers = self._stream_callable(call.address, call.method, channel + attempt)(
+                call.request(done), timeout=self.config.timeout_s, metadata=self._metadata)
+            try:
+                for answer in answers:
+                    call.on_answer(done, answer)
+                    done += 1
+            except grpc.RpcError as err:
+                if err.code() not in retry or attempt + 1 == self.config.max_attempts:
+                    raise typed_error(err, call.address, call.method, attempt + 1) from None
+                logger.debug("%s to %s: %s after %d answers, retry %d", call.method, call.address,
+                             err.code().name, done, attempt + 1)
+                self._backoff(attempt)
+                attempt += 1
+                continue
+            finally:
+                answers.cancel()  # no-op once the call has ended; stops it when on_answer raised
+            if done != call.answers:
+                raise ShardError(f"{call.method} to shard {call.address} ended after {done} of "
+                                 f"{call.answers} answers")
+            return
+
+    def _fanout_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix="fanout")
+            return self._pool
 
     def _channel(self, address: str) -> grpc.Channel:
         if self._credentials is None:
@@ -311,6 +398,15 @@ class ShardChannels:
             self.open(address)
         raw = self._raw_gather[address]
         return raw[next(self._rr) % len(raw)]
+
+    def _stream_callable(self, address: str, method: str, channel: int) -> Any:
+        if address not in self._stubs:
+            self.open(address)
+        if method != "GatherStream":
+            stubs = self._stubs[address]
+            return getattr(stubs[channel % len(stubs)], method)
+        raw = self._raw_gather_stream[address]
+        return raw[channel % len(raw)]
 
     def _backoff(self, attempt: int) -> None:
         delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** attempt)

@@ -164,7 +164,8 @@ def _memory_shard_handlers(servicer: MemoryShardServicer) -> grpc.GenericRpcHand
     """The MemoryShard methods as declared in the proto, with the pass-through serializer."""
     service = pb.DESCRIPTOR.services_by_name["MemoryShard"]
     handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
+        method.name: (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                      else grpc.unary_unary_rpc_method_handler)(
             _refusing_malformed(method.name, getattr(servicer, method.name)),
             request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
             response_serializer=_serialize,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -43,23 +43,41 @@ EPOCH_METADATA_KEY = "ultramem-epoch"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _abort(servicer: MemoryShardServicer, name: str, err: Exception, context: grpc.ServicerContext) -> NoReturn:
+    """End the call with the status code of `err` (the one table in param_server.errors)."""
+    if isinstance(err, ShardError):
+        code = grpc.StatusCode[status_code_name(err)]
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            epoch = err.epoch if isinstance(err, StaleEpochError) else servicer.partition_map().epoch
+            context.set_trailing_metadata(((EPOCH_METADATA_KEY, str(epoch)),))
+        logger.debug("%s -> %s: %s", name, code.name, err)
+        context.abort(code, f"{type(err).__name__}: {err}")
+    logger.error("%s failed", name, exc_info=err)  # a bug of ours: say so, keep serving
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+
 def _rpc(method: F) -> F:
-    """Turn typed errors of one RPC into status codes (the one table in param_server.errors)."""
+    """Turn typed errors of one RPC into status codes."""
 
     @functools.wraps(method)
     def wrapper(self: MemoryShardServicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except ShardError as err:
-            code = grpc.StatusCode[status_code_name(err)]
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                epoch = err.epoch if isinstance(err, StaleEpochError) else self.partition_map().epoch
-                context.set_trailing_metadata(((EPOCH_METADATA_KEY, str(epoch)),))
-            logger.debug("%s -> %s: %s", method.__name__, code.name, err)
-            context.abort(code, f"{type(err).__name__}: {err}")
-        except Exception as err:  # a bug of ours: say so, keep serving
-            logger.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        except Exception as err:
+            _abort(self, method.__name__, err, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _rpc_stream(method: F) -> F:
+    """`_rpc` for a server-streaming RPC: errors raised while answering end the stream with their code."""
+
+    @functools.wraps(method)
+    def wrapper(self: MemoryShardServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except Exception as err:
+            _abort(self, method.__name__, err, context)
 
     return wrapper  # type: ignore[return-value]
 
@@ -155,12 +173,28 @@ class MemoryShardServicer(pb_grpc.MemoryShardServicer):
     @_rpc
     def Gather(self, request: pb.GatherRequest, context: grpc.ServicerContext) -> bytes:
         """Answers a serialized GatherResponse (the server passes bytes through; wire.py fast path)."""
+        header, rows, out_dtype = self._gather_inputs(request)
+        return self._gather_answer(header, rows, out_dtype)
+
+    @_rpc_stream
+    def GatherStream(self, request: pb.GatherRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Gather's answers for `rows_per_answer` rows at a time, in request order. The whole request
+        is validated before the first answer; each answer is read when it is sent, as separate
+        Gather calls would read it."""
+        header, rows, out_dtype = self._gather_inputs(request)
+        self._shard.check_lookup(header.table, rows)
+        per = int(request.rows_per_answer) or rows.size
+        for a in range(0, rows.size, per):
+            yield self._gather_answer(header, rows[a:a + per], out_dtype)
+
+    def _gather_inputs(self, request: pb.GatherRequest) -> tuple[pb.LookupHeader, np.ndarray, str]:
         _require(request, "header", "rows")
         header = request.header
         self._dim(header.table)
         self._check_epoch(header.epoch)
-        rows = wire.decode_ids(request.rows, "rows")
-        out_dtype = self._value_dtype(request.wire_dtype)
+        return header, wire.decode_ids(request.rows, "rows"), self._value_dtype(request.wire_dtype)
+
+    def _gather_answer(self, header: pb.LookupHeader, rows: np.ndarray, out_dtype: str) -> bytes:
         values = self._shard.gather(header.table, rows, worker_id=header.worker_id, min_step=_min_step(header))
         applied = self._shard.applied_step(header.worker_id, header.table)
         # == GatherResponse(values=..., applied_step=...) serialized, in one copy

@@ -263,6 +263,12 @@ class Shard:
         np.copyto(out, values)
         return out
 
+    def check_lookup(self, table: str, rows: Any) -> np.ndarray:
+        """`rows` validated as `gather` would take them (int64 [U], not empty, within the request
+        limit, in range, owned here), without reading anything: a streamed lookup is refused whole
+        before its first answer."""
+        return self._rows(self._table(table), rows, allow_empty=False)
+
     def pooled_gather(
         self, table: str, rows: Any, projector: Any, token: Any, scores: Any, num_projectors: int, *,
         worker_id: int = 0, min_step: int | None = None, pre_table: str | None = None, q_p: Any = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,3 +89,10 @@ def snapshot(shard: Shard) -> dict[str, object]:
     out["clocks"] = {k: v for k, v in metrics.items() if k.startswith("applied_step")}
     out["seq"] = [shard.last_seq(w) for w in range(4)]
     return out
+
+
+def with_behaviour(handler: Any, wrap: Callable[[Callable], Callable]) -> Any:
+    """A server interceptor's helper: `handler` (unary or server-streaming) with its behaviour f
+    replaced by wrap(f); a streaming f returns the answers' iterator."""
+    kind = "unary_stream" if handler.unary_stream is not None else "unary_unary"
+    return handler._replace(**{kind: wrap(getattr(handler, kind))})

@@ -6,18 +6,23 @@ reuse their seq, backoff on RESOURCE_EXHAUSTED, map refresh on a stale epoch, to
 
 from __future__ import annotations
 
+import itertools
+
 import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from param_server import wire
 from param_server.client import Client, ClientConfig
 from param_server.errors import InvalidRequestError, ReadOnlyError, UnknownTableError
 from param_server.partition_map import PartitionMap
 from param_server.server import ServerConfig, create_server
 from param_server.shard import Shard, ShardConfig
+from protos.ultramem.v1 import memory_pb2 as pb
 from storage.layout import TableSpec, init_partition_values
+from tests.param_server.conftest import with_behaviour
 
 SPEC = TableSpec(name="mem", rows=500, dim=16, num_partitions=8, optimizer="sgd")
 
@@ -41,19 +46,44 @@ class _FailFirst(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not details.method.endswith("/" + self.method):
             return handler
-        inner = handler.unary_unary
 
-        def wrapped(request, context):
-            if self.left > 0:
-                self.left -= 1
-                if self.after:
-                    inner(request, context)  # the shard applies it; the answer is "lost"
-                context.abort(self.code, "injected fault")
-            return inner(request, context)
+        def wrap(inner):
+            def wrapped(request, context):
+                if self.left > 0:
+                    self.left -= 1
+                    if self.after:
+                        inner(request, context)  # the shard applies it; the answer is "lost"
+                    context.abort(self.code, "injected fault")
+                return inner(request, context)
+            return wrapped
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return with_behaviour(handler, wrap)
+
+
+class _BreakStreams(grpc.ServerInterceptor):
+    """The first `times` GatherStream calls end with UNAVAILABLE after `answers` answers; every
+    call's request row count is kept."""
+
+    def __init__(self, times: int, answers: int) -> None:
+        self.left, self.answers, self.asked = times, answers, []
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.endswith("/GatherStream"):
+            return handler
+
+        def wrap(inner):
+            def wrapped(request, context):
+                self.asked.append(len(request.rows.data) // 8)
+                answers = inner(request, context)
+                if self.left > 0:
+                    self.left -= 1
+                    yield from itertools.islice(answers, self.answers)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "injected: connection lost")
+                yield from answers
+            return wrapped
+
+        return with_behaviour(handler, wrap)
 
 
 class Cluster:
@@ -184,10 +214,11 @@ def test_retried_push_is_applied_once() -> None:
         cluster.close()
 
 
-@pytest.mark.parametrize("chunk", [1 << 20, 64], ids=["one-call-blocking", "per-row-calls-windowed"])
-def test_resource_exhausted_is_retried_with_backoff(chunk) -> None:
-    # one call per shard takes fanout's blocking path on persistent threads; more take the futures window
-    fault = _FailFirst("Gather", grpc.StatusCode.RESOURCE_EXHAUSTED, times=3, after=False)
+@pytest.mark.parametrize(("chunk", "method"), [(1 << 20, "Gather"), (64, "GatherStream")],
+                         ids=["one-call-blocking", "streamed"])
+def test_resource_exhausted_is_retried_with_backoff(chunk, method) -> None:
+    # one answer per shard is a Gather on fanout's blocking path; more answers stream
+    fault = _FailFirst(method, grpc.StatusCode.RESOURCE_EXHAUSTED, times=3, after=False)
     cluster = Cluster(1, interceptors=[fault])
     try:
         with Client(cluster.addresses, config=ClientConfig(backoff_s=0.001, chunk_bytes=chunk)) as client:
@@ -195,6 +226,54 @@ def test_resource_exhausted_is_retried_with_backoff(chunk) -> None:
         assert fault.left == 0
     finally:
         cluster.close()
+
+
+def test_a_broken_stream_is_resumed_asking_only_for_the_answers_it_did_not_get() -> None:
+    rows = np.random.default_rng(7).permutation(SPEC.rows)[:300]
+    per_answer = 16  # 64-byte rows in 1 KB answers
+    fault = _BreakStreams(times=2, answers=3)
+    cluster = Cluster(1, interceptors=[fault])
+    try:
+        config = ClientConfig(backoff_s=0.001, chunk_bytes=per_answer * SPEC.dim * 4, stream_answers=8,
+                              channels_per_shard=1)
+        with Client(cluster.addresses, config=config) as client:
+            got = client.gather("mem", rows)
+    finally:
+        cluster.close()
+    np.testing.assert_array_equal(got, _full_table(SPEC)[rows])
+    # 300 rows: calls of 128, 128 and 44 rows. The first breaks after 3 answers (48 rows) and is
+    # asked again for its other 80, which breaks after 48 more and is asked for the last 32.
+    assert fault.asked == [128, 128 - 48, 128 - 96, 128, 44]
+
+
+def test_a_streamed_lookup_is_refused_whole_before_any_answer(two_shards) -> None:
+    layout = PartitionMap.round_robin(two_shards.addresses, SPEC.num_partitions, epoch=0)
+    channel = grpc.insecure_channel(two_shards.addresses[0])
+    call = channel.unary_stream("/ultramem.v1.MemoryShard/GatherStream",
+                                request_serializer=pb.GatherRequest.SerializeToString,
+                                response_deserializer=pb.GatherResponse.FromString)
+    mine = np.flatnonzero(layout.route(np.arange(SPEC.rows)) == 0)
+    theirs = np.flatnonzero(layout.route(np.arange(SPEC.rows)) == 1)
+    try:
+        def ask(rows, per_answer=4):
+            return list(call(pb.GatherRequest(header=pb.LookupHeader(table="mem"), rows=wire.encode(rows, "int64"),
+                                              rows_per_answer=per_answer), timeout=10))
+
+        answers = ask(mine[:10])
+        assert [a.values.shape[0] for a in answers] == [4, 4, 2]
+        got = np.concatenate([wire.decode_values(a.values, "values") for a in answers])
+        np.testing.assert_array_equal(got, _full_table(SPEC)[mine[:10]])
+        assert [a.values.shape[0] for a in ask(mine[:10], per_answer=0)] == [10]
+        for bad, code in ((np.concatenate([mine[:8], theirs[:1]]), grpc.StatusCode.FAILED_PRECONDITION),
+                          (np.concatenate([mine[:8], [SPEC.rows]]), grpc.StatusCode.INVALID_ARGUMENT),
+                          (mine[:0], grpc.StatusCode.INVALID_ARGUMENT)):
+            answers = call(pb.GatherRequest(header=pb.LookupHeader(table="mem"), rows=wire.encode(bad, "int64"),
+                                            rows_per_answer=4), timeout=10)
+            with pytest.raises(grpc.RpcError) as info:
+                next(answers)  # not even the first 4 rows, which are fine
+            assert info.value.code() == code
+    finally:
+        channel.close()
 
 
 def test_stale_epoch_refreshes_the_partition_map_and_retries(two_shards) -> None:

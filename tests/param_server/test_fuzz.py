@@ -58,7 +58,7 @@ SETTINGS = {"deadline": None, "database": None,
 OWNED_ROWS = [r for r in range(SPEC.rows) if r % 4 in OWNED]
 FOREIGN_ROWS = [r for r in range(SPEC.rows) if r % 4 == 3]
 METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["MemoryShard"].methods]
-READS = {"Gather", "PooledGather", "Info", "GetPartitionMap"}
+READS = {"Gather", "GatherStream", "PooledGather", "Info", "GetPartitionMap"}
 WRITES = {"PushGradients", "PooledBackward"}
 BAD = {C.INVALID_ARGUMENT}
 CHECKPOINT_CODES = {C.INVALID_ARGUMENT, C.NOT_FOUND, C.PERMISSION_DENIED}
@@ -87,6 +87,8 @@ class Target:
         options = [("grpc.max_send_message_length", 8 << 20)]
         self.channel = grpc.insecure_channel(self.server.address, options=options)
         self.calls = {m: self.channel.unary_unary(f"/ultramem.v1.MemoryShard/{m}") for m in METHODS}
+        stream = self.channel.unary_stream("/ultramem.v1.MemoryShard/GatherStream")
+        self.calls["GatherStream"] = lambda body, timeout: list(stream(body, timeout=timeout))  # every answer
 
     def send(self, cls: str, method: str, body: bytes, expected: set[grpc.StatusCode]) -> grpc.StatusCode:
         """Send raw `body`, assert the code is expected and in time, count it."""
@@ -297,6 +299,7 @@ def _nan_bases() -> list[tuple[str, bytes]]:
              "num_projectors": 1}
     return [
         build("gather", {"rows": rows, "wire_dtype": pb.BFLOAT16}, {}),
+        ("GatherStream", pb.GatherRequest(header=lookup_header(), rows=rows, rows_per_answer=2).SerializeToString()),
         build("pooled", {"rows": rows, "scores": wire.encode(np.ones((3, 2), np.float32)), **three}, {}),
         build("push", {"rows": rows, "grads": wire.encode(nan)}, {"seq": 500}),
         build("backward", {"rows": rows, "scores": wire.encode(np.full((3, 2), np.nan, np.float32)),

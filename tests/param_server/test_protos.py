@@ -76,7 +76,10 @@ def test_committed_code_was_generated_by_the_locked_grpcio_tools() -> None:
 def test_service_has_every_operation_of_design_4_2() -> None:
     service = pb.DESCRIPTOR.services_by_name["MemoryShard"]
     assert {m.name for m in service.methods} == {
-        "Gather", "PooledGather", "PushGradients", "PooledBackward", "Info", "GetPartitionMap", "Checkpoint"}
+        "Gather", "GatherStream", "PooledGather", "PushGradients", "PooledBackward", "Info", "GetPartitionMap",
+        "Checkpoint"}
+    streaming = {m.name for m in service.methods if m.client_streaming or m.server_streaming}
+    assert streaming == {"GatherStream"} and service.methods_by_name["GatherStream"].server_streaming
     assert service.full_name == "ultramem.v1.MemoryShard"
 
 

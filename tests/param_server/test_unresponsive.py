@@ -8,6 +8,7 @@ test measures the wall time against it (plus slack for a busy 2-core machine).
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from param_server.errors import ShardError, WaitTimeoutError
 from param_server.server import create_server
 from param_server.shard import Shard
 from storage.layout import TableSpec, init_partition_values
+from tests.param_server.conftest import with_behaviour
 
 SPEC = TableSpec(name="mem", rows=64, dim=8, num_partitions=4, optimizer="sgd")
 FAST = ClientConfig(timeout_s=0.4, max_attempts=2, backoff_s=0.01, max_backoff_s=0.01)
@@ -43,20 +45,19 @@ class _Hang(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or not details.method.startswith("/ultramem.v1.MemoryShard/"):
             return handler
-        inner = handler.unary_unary
 
-        def wrapped(request, context):
-            if self.hanging.is_set() and (self.left is None or self.left > 0):
-                if self.left is not None:
-                    self.left -= 1
-                self.hung += 1
-                self.reached.set()
-                self.release.wait(30)
-            return inner(request, context)
+        def wrap(inner):
+            def wrapped(request, context):
+                if self.hanging.is_set() and (self.left is None or self.left > 0):
+                    if self.left is not None:
+                        self.left -= 1
+                    self.hung += 1
+                    self.reached.set()
+                    self.release.wait(30)
+                return inner(request, context)
+            return wrapped
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return with_behaviour(handler, wrap)
 
 
 def _serve(owned: range, interceptors=()) -> tuple:
@@ -103,13 +104,15 @@ def test_socket_that_never_replies_times_out_within_the_deadline_and_names_the_a
     assert elapsed <= BOUND_S + SLACK_S
 
 
-def test_hung_shard_fails_lookups_and_pushes_in_bounded_time_naming_only_that_shard(hung_pair) -> None:
+@pytest.mark.parametrize("chunk_rows", [64, 2], ids=["one-answer-calls", "streamed"])
+def test_hung_shard_fails_lookups_and_pushes_in_bounded_time_naming_only_that_shard(hung_pair, chunk_rows) -> None:
     (good, bad), hang = hung_pair
-    client = Client([good, bad], config=FAST)
+    client = Client([good, bad], config=dataclasses.replace(FAST, chunk_bytes=chunk_rows * SPEC.dim * 4))
     hang.hanging.set()
     rows = np.arange(8)  # partitions 0..3: both shards
     err, elapsed = _timed_failure(lambda: client.gather("mem", rows))
     assert bad in str(err) and good not in str(err) and "DEADLINE_EXCEEDED" in str(err)
+    assert ("GatherStream" in str(err)) == (chunk_rows < 4)
     assert f"after {FAST.max_attempts} attempts" in str(err)  # retried, then gave up
     assert elapsed <= BOUND_S + SLACK_S
     err, elapsed = _timed_failure(

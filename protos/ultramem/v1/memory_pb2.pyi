@@ -61,14 +61,16 @@ class PushHeader(_message.Message):
     def __init__(self, table: _Optional[str] = ..., epoch: _Optional[int] = ..., worker_id: _Optional[int] = ..., seq: _Optional[int] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class GatherRequest(_message.Message):
-    __slots__ = ("header", "rows", "wire_dtype")
+    __slots__ = ("header", "rows", "wire_dtype", "rows_per_answer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_ANSWER_FIELD_NUMBER: _ClassVar[int]
     header: LookupHeader
     rows: Tensor
     wire_dtype: DType
-    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    rows_per_answer: int
+    def __init__(self, header: _Optional[_Union[LookupHeader, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., rows_per_answer: _Optional[int] = ...) -> None: ...
 
 class GatherResponse(_message.Message):
     __slots__ = ("values", "applied_step")

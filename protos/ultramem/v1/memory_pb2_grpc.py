@@ -39,6 +39,11 @@ class MemoryShardStub:
                 request_serializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherRequest.SerializeToString,
                 response_deserializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherResponse.FromString,
                 _registered_method=True)
+        self.GatherStream = channel.unary_stream(
+                '/ultramem.v1.MemoryShard/GatherStream',
+                request_serializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherRequest.SerializeToString,
+                response_deserializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherResponse.FromString,
+                _registered_method=True)
         self.PooledGather = channel.unary_unary(
                 '/ultramem.v1.MemoryShard/PooledGather',
                 request_serializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.PooledGatherRequest.SerializeToString,
@@ -76,6 +81,14 @@ class MemoryShardServicer:
 
     def Gather(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GatherStream(self, request, context):
+        """Gather in answers of rows_per_answer rows each, in request order: one call for a lookup of
+        many ~1 MB answers (grpc-python's cost per call is well above its cost per message).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -122,6 +135,11 @@ def add_MemoryShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Gather': grpc.unary_unary_rpc_method_handler(
                     servicer.Gather,
+                    request_deserializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherRequest.FromString,
+                    response_serializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherResponse.SerializeToString,
+            ),
+            'GatherStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GatherStream,
                     request_deserializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherRequest.FromString,
                     response_serializer=protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherResponse.SerializeToString,
             ),
@@ -181,6 +199,33 @@ class MemoryShard:
             request,
             target,
             '/ultramem.v1.MemoryShard/Gather',
+            protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherRequest.SerializeToString,
+            protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GatherStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ultramem.v1.MemoryShard/GatherStream',
             protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherRequest.SerializeToString,
             protos_dot_ultramem_dot_v1_dot_memory__pb2.GatherResponse.FromString,
             options,
