@@ -24,9 +24,12 @@ ratios between legs of one run are the figures to read, medians of the repeats):
     gather the V and P_tab rows, the dot products with q_p, the h-slice weighted sum (MCS), and
     a backward floor: dL/ds, dL/dq_p and the duplicate-summed row gradients of V and P_tab (each
     V2 floor timed on its second call, warm like the shard's repeated calls);
+  * Gather's floor: its own work, a gather of the step's unique rows (of both tables for V2) in this
+    process on one thread, the better of numpy `take` and torch `index_select`, per row;
   * the shards' CPU-s per million selections for each call type: Gather (of a step's unique
-    rows), PooledGather, PooledBackward (without the update it queues) and the optimizer step
-    (the apply thread: duplicate sums + lazy AdamW; the shard's `apply_cpu_s` counter), read from
+    rows, per row, against its own floor), PooledGather, PooledBackward (without the update it
+    queues) and the optimizer step (the apply thread: duplicate sums + lazy AdamW; the shard's
+    `apply_cpu_s` counter), read from
     /proc for the processes; their ratio to the floor;
   * the worker's CPU per token (this process: the client's encoding, routing and decoding);
   * memory-path tokens/s per shard count and tokens per step;
@@ -61,7 +64,7 @@ from storage.layout import TableSpec, init_table_values  # noqa: E402
 from storage.table_store import create_table  # noqa: E402
 
 CALLS = ("gather", "pooled_gather", "pooled_backward", "optimizer_step")
-FLOORS = ("floor", "floor_numpy", "floor_embedding_bag", "floor_backward")  # floor_backward: V2 only
+FLOORS = ("floor", "floor_numpy", "floor_embedding_bag", "floor_gather", "floor_backward")  # backward: V2 only
 TARGET, AIM = 3.0, 1.5  # shard CPU per selection over the floor's
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -149,6 +152,32 @@ def floor_cpu_s(table: np.ndarray, x: dict[str, np.ndarray], layer: Layer) -> di
     finally:
         torch.set_num_threads(threads)
     return {"embedding_bag": c1 - c0, "numpy": c2 - c1}
+
+
+def gather_floor_cpu_s(tables: list[np.ndarray], rows: np.ndarray) -> float:
+    """CPU seconds of Gather's work by one plain library call per table, one thread: the better of
+    numpy `take` and torch `index_select`, each into a reused buffer (the second call is timed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = []
+        for how in ("numpy", "torch"):
+            total = 0.0
+            for table in tables:
+                out = np.empty((rows.size, table.shape[1]), table.dtype)
+                for _ in range(2):
+                    c0 = time.thread_time()
+                    if how == "numpy":
+                        np.take(table, rows, axis=0, out=out)
+                    else:
+                        torch.index_select(torch.from_numpy(table), 0, torch.from_numpy(rows),
+                                           out=torch.from_numpy(out))
+                    c1 = time.thread_time()
+                total += c1 - c0
+            best.append(total)
+    finally:
+        torch.set_num_threads(threads)
+    return min(best)
 
 
 def v2_forward(table: np.ndarray, pre: np.ndarray, x: dict[str, np.ndarray], layer: Layer, how: str) -> np.ndarray:
@@ -254,7 +283,7 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.
     spec_name, pre_name = layer.name, layer.pre_table
     backend = RemoteBackend(client, table_specs(layer), consistency="sync")
     cpu = ShardCpu(procs, client)
-    per: dict[str, list[float]] = {k: [] for k in (*CALLS, *FLOORS[:3], "worker_cpu_per_token", "tokens_per_s",
+    per: dict[str, list[float]] = {k: [] for k in (*CALLS, *FLOORS[:4], "worker_cpu_per_token", "tokens_per_s",
                                                    "gather_bytes_per_s")}
     if pre_name is not None:
         per["floor_backward"] = []
@@ -310,6 +339,7 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.
             continue
         per["floor_embedding_bag"].append(fl["embedding_bag"] / n)
         per["floor_numpy"].append(fl["numpy"] / n)
+        per["floor_gather"].append(gather_floor_cpu_s(tables, unique) / unique.size)
         per["floor"].append(min(fl.values()) / n)
         if pre_name is not None:
             per["floor_backward"].append(fl_backward / n)
@@ -384,6 +414,11 @@ def _summarise(results: dict[str, Any], lays: list[Layer], token_counts, shard_c
     results["ratio_to_floor"] = {
         name: {c: results["shard_cpu_s_per_m_selections"][name][c] / results["floor_cpu_s_per_m_selections"][name]
                for c in CALLS} for name in head}
+    # Gather's own work is a gather of rows (no weights, no sum): its floor is that, per row
+    results["floor_gather_cpu_s_per_m_rows"] = {name: r["floor_gather"] for name, r in head.items()}
+    for name, r in head.items():
+        results["ratio_to_floor"][name]["gather_to_lookup_floor"] = results["ratio_to_floor"][name]["gather"]
+        results["ratio_to_floor"][name]["gather"] = r["gather"] / r["floor_gather"]
     v2 = lays[0].d_p > 0
     if v2:  # PooledBackward against the floor that does a backward's work (v1's ratios use the lookup floor)
         results["floor_backward_cpu_s_per_m_selections"] = {name: r["floor_backward"] for name, r in head.items()}
@@ -417,6 +452,9 @@ def _summarise(results: dict[str, Any], lays: list[Layer], token_counts, shard_c
                 b = results["pooled_backward_ratio_to_backward_floor"][lay.name]
                 extra = f"; {b:.2f}x the backward floor, " + (
                     "aim met" if b <= AIM else "target met" if b <= TARGET else "MISSED")
+            if c == "gather":
+                extra = (f" (per row; its floor, a one-thread gather of the rows, {r['floor_gather']:.3f}; "
+                         f"{results['ratio_to_floor'][lay.name]['gather_to_lookup_floor']:.1f}x the lookup floor)")
             print(f"    {c:16s} {results['shard_cpu_s_per_m_selections'][lay.name][c]:8.3f}  "
                   f"{ratio:6.2f}x floor  {verdict}{extra}")
         print(f"    worker CPU per token {results['worker_cpu_s_per_token'][lay.name] * 1e6:.0f} us")

@@ -101,6 +101,25 @@ def check_partition_arrays(spec: TableSpec, partitions: dict[int, dict[str, np.n
                 raise InvalidRequestError(f"table {spec.name} partition {p}: {name} must be {[r, *trailing]}")
 
 
+def repeats_of(ids: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """None when `ids` int64 [n] (each in [0, bound)) holds no id twice; else (the sorted unique ids
+    [U], the inverse [n]: ids == unique[inverse]).
+
+    Where the id range is small next to n (a lookup of a good part of a table), one mark per id
+    replaces the sort (~0.1 against ~2 ms for 65,536 ids of 262,144).
+    """
+    n = ids.shape[0]
+    if bound <= 16 * n:
+        seen = np.zeros(bound, np.bool_)
+        seen[ids] = True
+        unique = np.flatnonzero(seen)
+        if unique.size == n:
+            return None
+        return unique, (np.cumsum(seen, dtype=np.int64) - 1)[ids]
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return None if unique.size == n else (unique, inverse.reshape(-1))
+
+
 def positions_in(sorted_unique: np.ndarray, values: np.ndarray, message: str) -> np.ndarray:
     """Index of each of `values` int64 [n] in `sorted_unique` int64 [U] (ascending, no repeats) ->
     int64 [n]; every value must be there, else InvalidRequestError(message).

@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from param_server import fanout, wire
+from param_server import checks, fanout, wire
 from param_server.errors import InvalidRequestError, StaleEpochError, UnknownTableError
 from param_server.fanout import ClientConfig
 from param_server.optimizers import sum_duplicates
@@ -256,13 +256,12 @@ class Client:
     def _gather_once(self, table: str, meta: TableMeta, rows: np.ndarray, min_step: int | None,
                      wire_dtype: str, out: np.ndarray | None) -> np.ndarray:
         pmap = self._routing.pmap
-        uniq, inverse = np.unique(rows, return_inverse=True)
+        repeats = checks.repeats_of(rows, meta.rows)
         out = np.empty((rows.size, meta.dim), dtype=np.float32) if out is None else out
         # all unique: the rows are asked for in the caller's order (within each shard), so each answer
         # lands in `out` at ascending positions (one block with one shard) instead of scattered ones
-        direct = uniq.size == rows.size
-        keys = rows if direct else uniq
-        target = out if direct else np.empty((uniq.size, meta.dim), np.float32)
+        keys = rows if repeats is None else repeats[0]
+        target = out if repeats is None else np.empty((keys.size, meta.dim), np.float32)
         per_chunk = max(1, self.config.chunk_bytes // (meta.dim * wire.numpy_dtype(wire_dtype).itemsize))
         header = self._lookup_header(table, pmap.epoch, min_step)
         enum = wire.dtype_enum(wire_dtype)
@@ -299,8 +298,8 @@ class Client:
                         lambda i, resp, part=part: put(part[i * per_chunk:(i + 1) * per_chunk], resp)))
             self._net.run_streams(streams, fanout.LOOKUP_RETRY)
         self._record_applied(table, applied)
-        if not direct:
-            np.take(target, inverse.reshape(-1), axis=0, out=out)
+        if repeats is not None:
+            np.take(target, repeats[1], axis=0, out=out)
         return out
 
     def _pooled_once(self, table: str, meta: TableMeta, rows: np.ndarray, projector: np.ndarray,

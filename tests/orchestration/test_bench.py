@@ -134,8 +134,12 @@ def test_bench_memory_path_quick_writes_the_issue_keys(tmp_path: Path) -> None:
         assert set(shard) == calls and all(v >= 0 for v in shard.values())
         floor = r["floor_cpu_s_per_m_selections"][layer]
         assert floor > 0
-        for call in calls:
+        for call in calls - {"gather"}:
             assert r["ratio_to_floor"][layer][call] == pytest.approx(shard[call] / floor)
+        gather_floor = r["floor_gather_cpu_s_per_m_rows"][layer]  # Gather's own work: a gather of its rows
+        assert gather_floor > 0
+        assert r["ratio_to_floor"][layer]["gather"] == pytest.approx(shard["gather"] / gather_floor)
+        assert r["ratio_to_floor"][layer]["gather_to_lookup_floor"] == pytest.approx(shard["gather"] / floor)
         assert set(r["tokens_per_s"][layer]) == {f"{s} shards/{t} tokens" for s in (1, 2) for t in (1, 64)}
         assert all(v > 0 for v in r["tokens_per_s"][layer].values())
     assert r["gather_vs_socket"] > 0
@@ -150,8 +154,11 @@ def test_bench_memory_path_quick_writes_the_issue_keys(tmp_path: Path) -> None:
         floor = v2["floor_cpu_s_per_m_selections"][layer]
         backward_floor = v2["floor_backward_cpu_s_per_m_selections"][layer]
         assert math.isfinite(floor) and floor > 0 and math.isfinite(backward_floor) and backward_floor > 0
-        for call in calls:
+        for call in calls - {"gather"}:
             assert v2["ratio_to_floor"][layer][call] == pytest.approx(shard[call] / floor)
+        gather_floor = v2["floor_gather_cpu_s_per_m_rows"][layer]
+        assert gather_floor > 0
+        assert v2["ratio_to_floor"][layer]["gather"] == pytest.approx(shard["gather"] / gather_floor)
         assert v2["pooled_backward_ratio_to_backward_floor"][layer] == pytest.approx(
             shard["pooled_backward"] / backward_floor)
         assert set(v2["tokens_per_s"][layer]) == {f"{s} shards/{t} tokens" for s in (1, 2) for t in (1, 64)}

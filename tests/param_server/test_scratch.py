@@ -1,4 +1,5 @@
-"""Reused row-gradient buffers (param_server/scratch.py) and token positions (checks.positions_in).
+"""Reused row-gradient buffers (param_server/scratch.py), token positions (checks.positions_in) and
+repeated ids (checks.repeats_of).
 
 The pool may only hand out a buffer nothing references: a queued update's row gradients must never
 be overwritten by a later call, whatever the apply thread is doing.
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import param_server.shard as shard_module
-from param_server.checks import positions_in
+from param_server.checks import positions_in, repeats_of
 from param_server.errors import InvalidRequestError
 from param_server.scratch import ScratchPool
 from param_server.shard import Shard, ShardConfig
@@ -66,6 +67,19 @@ def test_positions_in_matches_a_search_and_refuses_missing_values(keys, values, 
     else:
         with pytest.raises(InvalidRequestError, match="missing"):
             positions_in(keys, values, "missing")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 99), max_size=60), st.sampled_from([100, 5000]))
+def test_repeats_of_matches_numpy_unique(ids, bound) -> None:
+    ids = np.array(ids, np.int64)  # bound 100: the mark per id; 5000 (> 16 x 60): the sort
+    got = repeats_of(ids, bound)
+    unique, inverse = np.unique(ids, return_inverse=True)
+    if unique.size == ids.size:
+        assert got is None
+    else:
+        np.testing.assert_array_equal(got[0], unique)
+        np.testing.assert_array_equal(got[1], inverse.reshape(-1))
 
 
 def _oracle(values, rows, projector, t_pos, scores, grad_out):
