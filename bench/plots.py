@@ -42,10 +42,12 @@ def _lookup(r: dict[str, Any], fig: plt.Figure) -> None:
     keys = [k for k in r["grpc"] if not k.startswith("breakdown")]
     ax1, ax2 = fig.subplots(1, 2)
     labels = [f"{k.split('/')[0]} x{k.split('/')[1]}" for k in keys]
-    _bars(ax1, labels, [r["grpc"][k]["wire_bytes_per_s"] / r["socket_bytes_per_s"] for k in keys],
-          "gRPC Gather bytes/s / raw TCP socket")
-    _bars(ax2, labels, [r["grpc"][k]["rows_per_s"] / r["numpy_rows_per_s"] for k in keys],
-          "gRPC Gather rows/s / in-process numpy")
+    echo = [(label, r[key]) for label, key in (("echo, unary", "grpc_echo_unary_ratio_to_socket_bytes"),
+                                               ("echo, streamed", "grpc_echo_ratio_to_socket_bytes")) if key in r]
+    _bars(ax1, [e[0] for e in echo] + labels,
+          [e[1] for e in echo] + [r["grpc"][k]["ratio_to_socket_bytes"] for k in keys],
+          "bytes/s / raw TCP socket (gRPC alone, then Gather)", 0.4, "target fp32")
+    _bars(ax2, labels, [r["grpc"][k]["ratio_to_numpy_rows"] for k in keys], "gRPC Gather rows/s / in-process numpy")
 
 
 def _train(r: dict[str, Any], fig: plt.Figure) -> None:
