@@ -44,6 +44,8 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # bench/_shards
 from bench._echo import METHOD as ECHO_METHOD  # noqa: E402 (after the sys.path line)
 from bench._echo import STREAM_METHOD as ECHO_STREAM_METHOD  # noqa: E402
 from bench._shards import MALLOC_ENV, start_shards, stop_shards  # noqa: E402
+from param_server import fanout
+from param_server.checks import repeats_of
 from param_server.client import Client, ClientConfig
 from param_server.fanout import split
 from param_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
@@ -172,8 +174,8 @@ def echo_calls(nbytes: int, config: ClientConfig) -> Iterator[dict[str, Callable
 def _breakdown(client: Client, rows: np.ndarray, out: np.ndarray, d_v: int) -> dict[str, float]:
     """Seconds per lookup spent in dedupe/route (client CPU), in one ~1 MB RPC, and in total."""
     t0 = time.perf_counter()
-    uniq = np.unique(rows, return_index=True, return_inverse=True)[0]
-    client.partition_map.route(uniq)
+    repeats_of(rows, client.table("bench").rows)  # what Client.gather does before sending
+    fanout.by_shard(client.partition_map, rows)
     t_route = time.perf_counter() - t0
     one = rows[: max(1, (1 << 20) // (d_v * 4))]
     client.gather("bench", one)

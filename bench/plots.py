@@ -132,6 +132,43 @@ def _serve(r: dict[str, Any], fig: plt.Figure) -> None:
     ax2.legend(fontsize=7)
 
 
+def _memory_path(r: dict[str, Any], fig: plt.Figure) -> None:
+    """Shard CPU / floor per call type and layer (log scale; V2's PooledBackward against its backward
+    floor, Gather against a gather of its rows), and memory-path tokens/s per shard count."""
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    sections = [r, *([r["v2"]] if "v2" in r else [])]
+    calls = ("pooled_gather", "pooled_backward", "optimizer_step", "gather")
+    layers = [(name, sec) for sec in sections for name in sec["ratio_to_floor"]]
+    width = 0.8 / len(layers)
+    for i, (name, sec) in enumerate(layers):
+        ratios = dict(sec["ratio_to_floor"][name])
+        if "pooled_backward_ratio_to_backward_floor" in sec:
+            ratios["pooled_backward"] = sec["pooled_backward_ratio_to_backward_floor"][name]
+        bars = ax1.bar([c + (i - (len(layers) - 1) / 2) * width for c in range(len(calls))],
+                       [ratios[c] for c in calls], width, label=name)
+        ax1.bar_label(bars, [f"{ratios[c]:.2g}" for c in calls], fontsize=6)
+    ax1.set_yscale("log")
+    ax1.set_xticks(range(len(calls)), ["PooledGather", "PooledBackward\n(V2: its backward floor)", "optimizer step",
+                                       "Gather\n(its floor: a gather)"], fontsize=8)
+    for level, style, label in ((3.0, "--", "target 3x"), (1.5, ":", "aim 1.5x")):
+        ax1.axhline(level, color="tab:red", linestyle=style, linewidth=1, label=label)
+    ax1.set_title("shard CPU per selection / the floor (1 shard, most tokens a step)", fontsize=9)
+    ax1.legend(fontsize=7, ncol=2)
+    ax1.grid(True, axis="y", alpha=0.3)
+    for sec in sections:
+        for name, cells in sec["tokens_per_s"].items():
+            big = max(int(k.split("/")[1].split()[0]) for k in cells)
+            points = sorted((int(k.split()[0]), v) for k, v in cells.items() if k.endswith(f"/{big} tokens"))
+            ax2.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name}, {big} tokens a step")
+    ax2.set_yscale("log")
+    ax2.set_xticks(sorted({int(k.split()[0]) for sec in sections for cells in sec["tokens_per_s"].values()
+                           for k in cells}))
+    ax2.set_xlabel("shard processes")
+    ax2.set_title("memory-path tokens/s (lookup + backward + update)", fontsize=9)
+    ax2.legend(fontsize=7)
+    ax2.grid(True, alpha=0.3)
+
+
 def _ratio_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -149,7 +186,7 @@ def _generic(r: dict[str, Any], fig: plt.Figure) -> None:
 
 RENDERERS: dict[str, tuple[Callable[[dict[str, Any], plt.Figure], None], tuple[float, float]]] = {
     "lookup": (_lookup, (10, 3.8)), "train": (_train, (6, 3.8)), "wire": (_wire, (6.5, 4)),
-    "beyond_ram": (_beyond_ram, (17, 4.2)), "serve": (_serve, (14, 3.8)),
+    "beyond_ram": (_beyond_ram, (17, 4.2)), "serve": (_serve, (14, 3.8)), "memory_path": (_memory_path, (14, 4.2)),
 }
 
 

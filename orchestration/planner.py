@@ -325,10 +325,10 @@ def format_plan(plan: CapacityPlan, title: str = "") -> str:
 DEFAULT_RATES: dict[str, Any] = {
     "source": "defaults shipped with ultramem, measured on a 2-core machine (docs/benchmarks.md)",
     "layers": {
-        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.46, "pooled_backward": 0.66,
-                                                           "optimizer_step": 0.15, "gather": 2.61}},
-        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.39, "pooled_backward": 0.44,
-                                                           "optimizer_step": 0.031, "gather": 0.72}},
+        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.315, "pooled_backward": 0.321,
+                                                           "optimizer_step": 0.140, "gather": 1.38}},
+        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.320, "pooled_backward": 0.270,
+                                                           "optimizer_step": 0.034, "gather": 0.515}},
     },
 }
 STEP_CALLS = ("pooled_gather", "pooled_backward", "optimizer_step")  # one training step of a memory layer
