@@ -304,8 +304,10 @@ def test_connect_bootstraps_the_whole_map_from_one_shard(two_shards) -> None:
 def test_token_is_sent_on_every_call() -> None:
     cluster = Cluster(1, server_config=ServerConfig(token="tok"))
     try:
-        with Client(cluster.addresses, config=ClientConfig(token="tok")) as client:
+        with Client(cluster.addresses, config=ClientConfig(token="tok", chunk_bytes=64 * 4 * SPEC.dim)) as client:
             client.gather("mem", np.array([0]))
+            rows = np.arange(SPEC.rows)  # 500 rows in 64-row answers: streamed
+            np.testing.assert_array_equal(client.gather("mem", rows), _full_table(SPEC))
         with pytest.raises(Exception, match="UNAUTHENTICATED|bearer"):
             Client(cluster.addresses)
     finally:
