@@ -180,8 +180,7 @@ class ShardChannels:
         self._lock = threading.Lock()
         self._channels: dict[str, list[grpc.Channel]] = {}
         self._stubs: dict[str, list[pb_grpc.MemoryShardStub]] = {}
-        self._raw_gather: dict[str, list[grpc.UnaryUnaryMultiCallable]] = {}
-        self._raw_gather_stream: dict[str, list[grpc.UnaryStreamMultiCallable]] = {}
+        self._raw: dict[str, dict[str, list[Any]]] = {}  # address -> method -> a callable per channel
         self._senders: dict[str, ThreadPoolExecutor] = {}
         self._pool: ThreadPoolExecutor | None = None  # blocking calls of small fan-outs (`run`)
         self._rr = itertools.count()
@@ -202,14 +201,14 @@ class ShardChannels:
                 return
             channels = [self._channel(address) for _ in range(self.config.channels_per_shard)]
             self._channels[address] = channels
-            self._stubs[address] = [pb_grpc.MemoryShardStub(c) for c in channels]
             # Gather answers stay bytes: wire.parse_tensor_field views the values without copying
-            self._raw_gather[address] = [
-                c.unary_unary(_GATHER_PATH, request_serializer=pb.GatherRequest.SerializeToString,
-                              response_deserializer=None) for c in channels]
-            self._raw_gather_stream[address] = [
-                c.unary_stream(_GATHER_STREAM_PATH, request_serializer=pb.GatherRequest.SerializeToString,
-                               response_deserializer=None) for c in channels]
+            serialize = pb.GatherRequest.SerializeToString
+            self._raw[address] = {
+                "Gather": [c.unary_unary(_GATHER_PATH, request_serializer=serialize, response_deserializer=None)
+                           for c in channels],
+                "GatherStream": [c.unary_stream(_GATHER_STREAM_PATH, request_serializer=serialize,
+                                                response_deserializer=None) for c in channels]}
+            self._stubs[address] = [pb_grpc.MemoryShardStub(c) for c in channels]  # last: `address` is open
 
     def sender(self, address: str) -> ThreadPoolExecutor:
         """The one ordered push thread of `address` (a shard drops a seq <= the last it accepted)."""
@@ -220,7 +219,7 @@ class ShardChannels:
 
     def unary(self, address: str, method: str, request: Any, retry: frozenset = LOOKUP_RETRY) -> Any:
         """One blocking call with retries on `retry` codes; a typed error naming the shard out."""
-        return self._blocking(lambda: getattr(self._stub(address), method), address, method, request, retry)
+        return self._blocking(lambda: self._callable(address, method), address, method, request, retry)
 
     def run(self, calls: list[Call], retry: frozenset) -> None:
         """Run calls concurrently (a window of max_in_flight per shard); handlers run here, in order done.
@@ -315,8 +314,7 @@ class ShardChannels:
             channels = [c for cs in self._channels.values() for c in cs]
             self._channels.clear()
             self._stubs.clear()
-            self._raw_gather.clear()
-            self._raw_gather_stream.clear()
+            self._raw.clear()
         for sender in senders:
             sender.shutdown(wait=True)
         for channel in channels:
@@ -353,7 +351,7 @@ class ShardChannels:
         channel); a retry asks only for the answers not yet had."""
         done, attempt = 0, 0
         while True:
-            answers = self._stream_callable(call.address, call.method, channel + attempt)(
+            answers = self._callable(call.address, call.method, channel + attempt)(
                 call.request(done), timeout=self.config.timeout_s, metadata=self._metadata)
             try:
                 for answer in answers:
@@ -385,28 +383,17 @@ class ShardChannels:
             return grpc.insecure_channel(address, options=self.options())
         return grpc.secure_channel(address, self._credentials, options=self.options())
 
-    def _stub(self, address: str) -> pb_grpc.MemoryShardStub:
+    def _callable(self, address: str, method: str, channel: int | None = None) -> Any:
+        """`method` on one of the shard's channels (`channel`, else the next in turn); Gather's and
+        GatherStream's answers stay bytes."""
         if address not in self._stubs:
             self.open(address)
+        i = next(self._rr) if channel is None else channel
+        raw = self._raw[address].get(method)
+        if raw is not None:
+            return raw[i % len(raw)]
         stubs = self._stubs[address]
-        return stubs[next(self._rr) % len(stubs)]
-
-    def _callable(self, address: str, method: str) -> Any:
-        if method != "Gather":
-            return getattr(self._stub(address), method)
-        if address not in self._raw_gather:
-            self.open(address)
-        raw = self._raw_gather[address]
-        return raw[next(self._rr) % len(raw)]
-
-    def _stream_callable(self, address: str, method: str, channel: int) -> Any:
-        if address not in self._stubs:
-            self.open(address)
-        if method != "GatherStream":
-            stubs = self._stubs[address]
-            return getattr(stubs[channel % len(stubs)], method)
-        raw = self._raw_gather_stream[address]
-        return raw[channel % len(raw)]
+        return getattr(stubs[i % len(stubs)], method)
 
     def _backoff(self, attempt: int) -> None:
         delay = min(self.config.max_backoff_s, self.config.backoff_s * 2 ** attempt)
