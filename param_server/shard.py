@@ -768,9 +768,19 @@ class Shard:
         self, t: _Table, rows: Any, projector: Any, token: Any, scores: Any, num_projectors: Any, *,
         allow_empty: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Validated (rows [n], projector [n], token [n], scores float32 [n, h])."""
+        """Validated (rows [n], projector [n], token [n], scores float32 [n, h]); the pooled answer
+        [Tt, E, d_v] may hold at most max_rows_per_request rows of d_v (Tt <= n, and Tt <= the span
+        of the token ids)."""
         rows = self._rows(t, rows, allow_empty=allow_empty)
-        return (rows, *pooled_entries(rows.shape[0], projector, token, scores, num_projectors, t.spec.dim))
+        projector, token, scores = pooled_entries(rows.shape[0], projector, token, scores, num_projectors,
+                                                  t.spec.dim)
+        if token.shape[0]:
+            touched = min(token.shape[0], int(token.max()) - int(token.min()) + 1)
+            if touched * int(num_projectors) > self.config.max_rows_per_request:
+                raise RequestTooLargeError(f"the pooled answer would hold up to {touched} tokens x "
+                                           f"{int(num_projectors)} projectors > max_rows_per_request "
+                                           f"{self.config.max_rows_per_request} rows")
+        return rows, projector, token, scores
 
     def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, tokens_touched: Any, token: np.ndarray
                   ) -> tuple[_Table, np.ndarray, np.ndarray] | None:

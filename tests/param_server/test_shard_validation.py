@@ -83,6 +83,8 @@ BAD_REQUESTS = {
     "push row >= P": (push(rows=np.array([0, 2, 50])), InvalidRequestError),
     "push negative row": (push(rows=np.array([0, 2, -2])), InvalidRequestError),
     "push row of another shard": (push(rows=np.array([0, 2, 5])), WrongShardError),
+    # 2 tokens x 33 projectors: a [2, 33, d_v] answer of 66 rows > 64, however few the entries
+    "pooled answer too large": (pooled(num_projectors=33), RequestTooLargeError),
     "push too many rows": (push(rows=np.zeros(65, np.int64), grads=np.ones((65, 8), F32)), RequestTooLargeError),
     "push int grads": (push(grads=np.ones((3, 8), np.int32)), InvalidRequestError),
     "push grads d_v": (push(grads=np.ones((3, 9), F32)), InvalidRequestError),
