@@ -120,6 +120,23 @@ def repeats_of(ids: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray] | N
     return None if unique.size == n else (unique, inverse.reshape(-1))
 
 
+def unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(ids, return_inverse=True) of int64 ids [n]: (sorted unique [U], inverse int64 [n]).
+    Where the ids span a range not much wider than n (the tokens of one step always do), one mark per
+    id replaces the sort."""
+    n = ids.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo <= 16 * n:
+        seen = np.zeros(hi - lo + 1, np.bool_)
+        shifted = ids - lo
+        seen[shifted] = True
+        return np.flatnonzero(seen) + lo, (np.cumsum(seen, dtype=np.int64) - 1)[shifted]
+    unique, inverse = np.unique(ids, return_inverse=True)
+    return unique.astype(np.int64, copy=False), inverse.reshape(-1).astype(np.int64, copy=False)
+
+
 def positions_in(sorted_unique: np.ndarray, values: np.ndarray, message: str) -> np.ndarray:
     """Index of each of `values` int64 [n] in `sorted_unique` int64 [U] (ascending, no repeats) ->
     int64 [n]; every value must be there, else InvalidRequestError(message).

@@ -1,6 +1,8 @@
 """Compiled per-entry and per-row kernels of the shard's hot path (numba, one thread).
 
-Two jobs, each in one pass over its data with no gathered copies:
+Three jobs, each in one pass over its data with no gathered copies:
+  * `pooled_sum_into`: the pooled lookup (param_server.pooling.pooled_sum). Each entry j adds
+    s_c[j] * V[row_j, slice c] into its (token, projector) slot of the answer, in entry order.
   * `pooled_backward_into`: the backward of pooling (param_server.pooling.pooled_backward). For each
     entry j it reads V[row_j] in the table itself and dL/do[token_j, projector_j], writes the h score
     gradients and adds s_c[j] * dL/do[.., slice c] into row_j's gradient slot (repeated rows summed).
@@ -65,6 +67,35 @@ def _pooled_backward(table, flat, g, g_flat, scores, order, starts, grad_scores,
                 s_c = s[c]
                 for i in range(k):
                     out_c[i] += s_c * go_c[i]
+
+
+@_jit(fastmath={"contract"})
+def _pooled_sum(table, flat, token_pos, projector, scores, out):  # pragma: no cover
+    h = scores.shape[1]
+    k = table.shape[1] // h
+    for j in range(flat.shape[0]):
+        v, o, s = table[flat[j]], out[token_pos[j], projector[j]], scores[j]
+        for c in range(h):
+            s_c, v_c, o_c = s[c], v[c * k:(c + 1) * k], o[c * k:(c + 1) * k]
+            for i in range(k):
+                o_c[i] += s_c * v_c[i]
+
+
+def pooled_sum_into(table: np.ndarray, flat: np.ndarray, token_pos: np.ndarray, projector: np.ndarray,
+                    scores: np.ndarray, out: np.ndarray) -> None:
+    """out[token_pos_j, projector_j, slice c] += scores[j, c] * table[flat_j, slice c] for every
+    entry j in order: table float32 [R, d_v] (read in place), flat/token_pos/projector int64 [n],
+    scores float32 [n, h], out float32 [T, E, d_v] (zeroed by the caller). The indices are checked
+    here (the kernel does not check them): an index out of range is a ValueError, nothing written."""
+    n = flat.shape[0]
+    if not (token_pos.shape == projector.shape == (n,) and scores.shape[0] == n and table.shape[1] == out.shape[2]
+            and table.shape[1] % scores.shape[1] == 0):
+        raise ValueError("pooled_sum_into: mismatched shapes")
+    for name, idx, bound in (("flat", flat, table.shape[0]), ("token_pos", token_pos, out.shape[0]),
+                             ("projector", projector, out.shape[1])):
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            raise ValueError(f"pooled_sum_into: {name} outside [0, {bound})")
+    _pooled_sum(table, flat, token_pos, projector, scores, out)
 
 
 def pooled_backward_into(table: np.ndarray, flat: np.ndarray, g: np.ndarray, g_flat: np.ndarray,
@@ -159,6 +190,10 @@ def warm_up() -> None:
         return
     f32, i64 = np.float32, np.int64
     table, rows, one = np.zeros((1, 2), f32), np.zeros(1, i64), np.zeros(1, f32)
+    pooled_sum_into(table, rows, rows, rows, np.zeros((1, 1), f32), np.zeros((1, 1, 2), f32))
+    readonly = table.copy()
+    readonly.flags.writeable = False  # a table read from a file view: numba compiles it apart
+    pooled_sum_into(readonly, rows, rows, rows, np.zeros((1, 1), f32), np.zeros((1, 1, 2), f32))
     pooled_backward_into(table, rows, table, rows, np.zeros((1, 1), f32), rows, np.array([0, 1], i64),
                          np.zeros((1, 1), f32), np.zeros((1, 2), f32))
     adamw_rows(table, table.copy(), table.copy(), np.zeros(1, np.int32), rows, table, 0.0, 0.9, 0.95, 1e-8, 1.0)

@@ -1,7 +1,7 @@
 """The shard side of pooled lookups (DESIGN §3.1 steps 4-6, §4.2 PooledGather / PooledBackward):
 IVE grouping by (token, projector), MCS weighting of d_v slices by the h core scores, and the
-backward of both. The pooled sum is torch's compiled `embedding_bag` over a zero-copy view of the
-table, the rest plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions, so
+backward of both. Both are compiled passes over the entries (param_server.kernels) that read the
+table in place, the rest plain numpy; `LocalBackend` (model_workers/values.py) calls the same functions, so
 local and remote pooled training share one formula.
 
 UltraMemV2 pre-values (DESIGN §3.3 item 3) are scored here too: with a pre-value table P_tab
@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from param_server.kernels import pooled_backward_into
+from param_server.checks import unique_inverse
+from param_server.kernels import pooled_backward_into, pooled_sum_into
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
@@ -29,19 +29,6 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     if keys.shape[0] and int(keys.min()) >= 0 and int(keys.max()) < 1 << 16:
         return np.argsort(keys.astype(np.uint16), kind="stable")
     return torch.sort(torch.from_numpy(np.ascontiguousarray(keys)), stable=True)[1].numpy()
-
-
-def pool_keys(token: np.ndarray, projector: np.ndarray, e: int
-              ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Sort order of the n entries by (token, projector) (None: already in order), their keys
-    token * e + projector in that order [n], and the group starts [G] into the sorted entries."""
-    key = token * e + projector  # [n], < 2**63 (checked)
-    order = None
-    if key.shape[0] > 1 and not bool((key[1:] >= key[:-1]).all()):
-        order = stable_argsort(key)
-        key = key[order]
-    starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1)).astype(np.int64)
-    return order, key, starts
 
 
 def _fresh_rows(shape: tuple[int, int]) -> np.ndarray:
@@ -110,38 +97,23 @@ def pooled_sum(
     (tokens touched, sorted unique int64 [Tt]; sums float32 [Tt, E, d_v]) with
     o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[row_j, slice c].
 
-    One `torch.nn.functional.embedding_bag` (sum mode, per_sample_weights) per slice c over the
-    table viewed as [R * h, d_v / h]: bags are the (token, projector) groups, entry j of a group
-    adds s_c[j] * V[row_j, slice c] (chosen by measurement, docs/benchmarks.md "Memory path").
+    One compiled pass over the entries (param_server.kernels.pooled_sum_into): each entry adds its
+    weighted row into its (token, projector) slot of the answer, in entry order, so the table is read
+    in the order the entries come (a client sends a shard's entries sorted by row) and nothing is
+    sorted or scattered (chosen by measurement, docs/benchmarks.md "Memory path").
     """
     n = token.shape[0]
-    h = scores.shape[1]
     d_v = v.shape[1]
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, e, d_v), np.float32)
     if flat is None:
         flat = np.arange(n, dtype=np.int64)
-    if v.dtype != np.float32 or not v.flags.writeable:  # bfloat16 / float16: convert the entries' rows only
-        v, flat = v[flat].astype(np.float32), np.arange(n, dtype=np.int64)
-    order, sorted_key, starts = pool_keys(token, projector, e)
-    idx = flat if order is None else flat[order]
-    s = scores if order is None else scores[order]
-    k = d_v // h
-    table = torch.from_numpy(np.ascontiguousarray(v)).view(v.shape[0] * h, k)  # row r slice c = r * h + c
-    offsets = torch.from_numpy(starts)
-    sums = np.empty((starts.shape[0], h, k), dtype=np.float32)  # [G, h, d_v / h]
-    sums_t = torch.from_numpy(sums)
-    for c in range(h):
-        sums_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
-                                       per_sample_weights=torch.from_numpy(s[:, c].copy()))
-    group_key = sorted_key[starts]  # [G], ascending
-    group_tok, group_proj = group_key // e, group_key % e
-    new_token = np.concatenate(([True], group_tok[1:] != group_tok[:-1]))
-    tokens = group_tok[new_token]  # [Tt]
-    if starts.shape[0] == tokens.shape[0] * e:  # every token uses every projector: sums is already [Tt, E, d_v]
-        return tokens, sums.reshape(tokens.shape[0], e, d_v)
+    if v.dtype != np.float32 or not v.flags.c_contiguous:  # bfloat16 / float16: convert the entries' rows only
+        v, flat = np.ascontiguousarray(v[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    tokens, token_pos = unique_inverse(np.asarray(token, dtype=np.int64))
     out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
-    out[np.cumsum(new_token) - 1, group_proj] = sums.reshape(-1, d_v)  # each (token, projector) once
+    pooled_sum_into(v, np.asarray(flat, dtype=np.int64), token_pos, np.asarray(projector, dtype=np.int64),
+                    np.ascontiguousarray(scores, dtype=np.float32), out)
     return tokens, out
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from param_server.kernels import pooled_sum_into
 from param_server.pooling import pooled_backward, pooled_sum, stable_argsort
 
 
@@ -108,3 +110,15 @@ def test_pooled_sum_matches_a_float64_reference(n, tokens, e, h, dense, seed):
 def test_stable_argsort_is_numpys_stable_argsort(keys, scale):
     keys = np.array(keys, dtype=np.int64) // scale  # small ranges (the uint16 radix path) and wide ones
     np.testing.assert_array_equal(stable_argsort(keys), np.argsort(keys, kind="stable"))
+
+
+@pytest.mark.parametrize("bad", ["flat", "token_pos", "projector"])
+def test_the_pooled_sum_kernel_refuses_an_index_out_of_range_and_writes_nothing(bad):
+    """The compiled loop does not check indices; its wrapper does, before any write."""
+    table, out = np.ones((4, 2), np.float32), np.zeros((2, 3, 2), np.float32)
+    idx = {"flat": np.array([0, 3]), "token_pos": np.array([1, 0]), "projector": np.array([2, 0])}
+    idx[bad] = idx[bad].copy()
+    idx[bad][1] = {"flat": 4, "token_pos": 2, "projector": -1}[bad]
+    with pytest.raises(ValueError, match=bad):
+        pooled_sum_into(table, idx["flat"], idx["token_pos"], idx["projector"], np.ones((2, 1), np.float32), out)
+    assert not out.any()

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import param_server.shard as shard_module
-from param_server.checks import positions_in, repeats_of
+from param_server.checks import positions_in, repeats_of, unique_inverse
 from param_server.errors import InvalidRequestError
 from param_server.scratch import ScratchPool
 from param_server.shard import Shard, ShardConfig
@@ -80,6 +80,17 @@ def test_repeats_of_matches_numpy_unique(ids, bound) -> None:
     else:
         np.testing.assert_array_equal(got[0], unique)
         np.testing.assert_array_equal(got[1], inverse.reshape(-1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-50, 99), max_size=60), st.sampled_from([1, 1 << 40]))
+def test_unique_inverse_matches_numpy_unique(ids, scale) -> None:
+    ids = np.array(ids, np.int64) * scale  # scale 1: the mark per id; 2**40: a wide range, the sort
+    unique, inverse = unique_inverse(ids)
+    want_unique, want_inverse = np.unique(ids, return_inverse=True)
+    assert unique.dtype == inverse.dtype == np.int64
+    np.testing.assert_array_equal(unique, want_unique)
+    np.testing.assert_array_equal(inverse, want_inverse.reshape(-1))
 
 
 def _oracle(values, rows, projector, t_pos, scores, grad_out):
