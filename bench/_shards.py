@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# DESIGN §8: fixed thresholds stop glibc from mmap/munmap-ing every ~1 MB message buffer.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def start_shards(tables: Sequence[Path], num_shards: int, *,
@@ -25,7 +23,7 @@ def start_shards(tables: Sequence[Path], num_shards: int, *,
     extra_args go to every `shard serve` command (e.g. ["--ram-budget-mb", "1.5"]).
     Raises: RuntimeError (after stopping the others) when a shard does not report its address.
     """
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # a shard sets its own malloc settings
     table_args = [arg for t in tables for arg in ("--table", str(t))]
     procs = [subprocess.Popen([sys.executable, "-m", "orchestration.cli", "shard", "serve", *table_args,
                                "--shard-id", str(s), "--num-shards", str(num_shards), *extra_args],

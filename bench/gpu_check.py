@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu-check: {line}", file=sys.stderr)
         print("gpu-check: install them, or carry their wheels to this machine (docs/benchmarks.md)", file=sys.stderr)
         return 2
+    from param_server import allocator
+
+    allocator.apply(allocator.worker_settings())  # this process is the model worker
     import torch
 
     from storage.table_store import create_table

@@ -13,15 +13,15 @@ Side by side, in one run, on this machine:
 Every process is started first; then the legs take turns, round after round (after a warm-up
 round), so a change in the machine's load hits them alike. Rates are medians over the rounds;
 ratios (to the socket and the echo in bytes/s, to numpy in rows/s) are medians of the ratios
-within each round. Everything is written to <out>/lookup.json. The shard processes get the glibc
-malloc settings of DESIGN §8 through their environment; this process sets the same with
-mallopt. A breakdown says where a gRPC lookup's time goes.
+within each round. Everything is written to <out>/lookup.json. The shard processes set their own
+glibc malloc settings (param_server/allocator.py, as every shard does), the echo server gets a
+shard's through its environment, and this process sets a worker's with mallopt. A breakdown says
+where a gRPC lookup's time goes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import socket
@@ -43,8 +43,8 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # bench/_shards
 
 from bench._echo import METHOD as ECHO_METHOD  # noqa: E402 (after the sys.path line)
 from bench._echo import STREAM_METHOD as ECHO_STREAM_METHOD  # noqa: E402
-from bench._shards import MALLOC_ENV, start_shards, stop_shards  # noqa: E402
-from param_server import fanout
+from bench._shards import start_shards, stop_shards  # noqa: E402
+from param_server import allocator, fanout
 from param_server.checks import repeats_of
 from param_server.client import Client, ClientConfig
 from param_server.fanout import split
@@ -53,16 +53,9 @@ from storage.layout import TableSpec
 from storage.table_store import create_table
 
 REPO = Path(__file__).resolve().parent.parent
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
 def tune_malloc() -> bool:
-    """Apply MALLOC_ENV to this already-running process via mallopt (glibc only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20))
+    """This process (the worker's side) gets a model worker's malloc settings, as a launched worker does."""
+    return bool(allocator.apply(allocator.worker_settings()))
 
 
 def _median_rate(fn, amount: float, repeats: int) -> tuple[float, list[float]]:
@@ -125,7 +118,7 @@ def echo_calls(nbytes: int, config: ClientConfig) -> Iterator[dict[str, Callable
     a lookup of one answer per shard sends them) and as server streams ("stream": stream_answers
     answers a call, one call a channel at a time, as Client.gather streams a larger lookup)."""
     chunk = config.chunk_bytes
-    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, **allocator.shard_settings(budgeted=False), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "_echo.py"), str(chunk)], stdout=subprocess.PIPE,
                             text=True, env=env, cwd=REPO)
     channels: list[grpc.Channel] = []
@@ -237,7 +230,7 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     rows = np.random.default_rng(1).choice(table_rows, size=n_rows, replace=False).astype(np.int64)
     results: dict[str, Any] = {"d_v": d_v, "rows_per_request": n_rows, "table_rows": table_rows,
                                "repeats": repeats, "interleaved": True, "malloc_tuned": tuned,
-                               "malloc_env_for_shards": MALLOC_ENV, "cpus": os.cpu_count(),
+                               "malloc_for_shards": allocator.shard_settings(budgeted=False), "cpus": os.cpu_count(),
                                "load_avg_at_start": os.getloadavg(), "grpc": {}}
     local = np.random.default_rng(2).standard_normal((table_rows, d_v)).astype(np.float32)
     buf = np.empty((n_rows, d_v), np.float32)

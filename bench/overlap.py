@@ -33,6 +33,7 @@ from model_workers.model import LanguageModel
 from model_workers.remote import RemoteBackend
 from model_workers.trainer import autocast_dtype, make_optimizer, resolve_device, train_step
 from orchestration.config import load_config
+from param_server import allocator
 from param_server.client import Client
 from storage.table_store import create_table
 
@@ -85,6 +86,7 @@ class Spans:
 def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str, Any]:
     """Train both placements side by side, write the trace and <out>/overlap.json."""
     train_bench = _train_bench()
+    allocator.apply(allocator.worker_settings())  # this process is the model worker
     steps = 4 if quick else 12
     cfg = load_config(preset="small")
     train = replace(cfg.train, max_steps=steps + 4)

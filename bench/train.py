@@ -42,6 +42,7 @@ from model_workers.model import LanguageModel, ModelConfig
 from model_workers.remote import RemoteBackend
 from model_workers.trainer import TrainConfig, autocast_dtype, make_optimizer, resolve_device, train_step
 from orchestration.config import load_config
+from param_server import allocator
 from param_server.client import Client
 from storage.layout import TableSpec
 from storage.table_store import create_table
@@ -134,6 +135,7 @@ def _profile_text(profile: cProfile.Profile, top: int = 25) -> list[str]:
 def run(out_dir: str | Path = "bench/results", quick: bool = False, device: str | None = None) -> dict[str, Any]:
     """Run the three legs, print tokens/s side by side, write <out_dir>/train.json."""
     warmup, steps = (2, 8) if quick else (5, 30)
+    allocator.apply(allocator.worker_settings())  # this process is the model worker
     cfg = load_config(preset="small")
     steps = -(-steps // ROUND) * ROUND
     train = replace(cfg.train, max_steps=warmup + steps + 3, **({"device": device} if device else {}))

@@ -18,6 +18,7 @@ import torch
 
 from orchestration.errors import UsageError
 from orchestration.signal_flag import SignalFlag
+from param_server import allocator
 from param_server.auth import read_token_file
 from param_server.errors import ShardError
 from param_server.partition_map import parse_partitions
@@ -55,6 +56,7 @@ def serve(args: argparse.Namespace) -> int:
             budget = getattr(args, "ram_budget_mb", None)
             if budget is not None and budget <= 0:
                 raise UsageError("--ram-budget-mb must be > 0")
+            allocator.apply(allocator.shard_settings(budgeted=budget is not None))  # what a launcher gives a shard
             shard = Shard(ShardConfig(read_only=args.read_only,
                                       ram_budget_bytes=int(budget * (1 << 20)) if budget else None),
                           shard_id=args.shard_id)

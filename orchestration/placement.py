@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from param_server.allocator import shard_settings, worker_settings
+
 logger = logging.getLogger(__name__)
 
 MEMORY_SHARD = "memory_shard"
@@ -18,15 +20,9 @@ MODEL_WORKER = "model_worker"
 
 
 def shard_env(*, budgeted: bool) -> dict[str, str]:
-    """malloc settings for a shard process. Two arenas: the request buffers freed by the gRPC threads
-    are reused instead of each thread's arena keeping its own high-water mark resident (measured:
-    +28 MB RSS on a 24 MB shard with the default arenas; tests/e2e/test_memory_nodes.py). A shard
-    with a RAM budget also returns blocks over 1 MiB to the OS when freed (chunk-cache and TensorStore
-    buffers), trading the speed of large fresh buffers (DESIGN §8) for an RSS that stays near budget."""
-    env = {"MALLOC_ARENA_MAX": "2"}
-    if budgeted:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-    return env
+    """Environment of a shard process: its malloc settings (param_server.allocator; `budgeted`: the
+    shard has a RAM budget, so freed large blocks go back to the OS)."""
+    return shard_settings(budgeted=budgeted)
 
 
 def shard_options(resources: dict[str, float], *, max_restarts: int = 3, budgeted: bool = False) -> dict[str, Any]:
@@ -43,7 +39,8 @@ def shard_options(resources: dict[str, float], *, max_restarts: int = 3, budgete
 
 def worker_options(resources: dict[str, float]) -> dict[str, Any]:
     """Ray actor options for a ModelWorker on a cluster with these total resources."""
-    opts: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 2}
+    opts: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 2,
+                            "runtime_env": {"env_vars": worker_settings()}}
     if resources.get("GPU", 0) > 0:
         opts.update(num_gpus=1, num_cpus=1)
     else:
