@@ -25,6 +25,10 @@ import warnings
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # dot products may be reassociated (SIMD); no other fast-math licence (NaN and inf keep their meaning)
 _DOT_MATH = {"reassoc", "contract"}
@@ -69,11 +73,42 @@ def _pooled_backward(table, flat, g, g_flat, scores, order, starts, grad_scores,
                     out_c[i] += s_c * go_c[i]
 
 
+@intrinsic
+def _prefetch(typingctx, array, row, col):  # pragma: no cover (compiled)
+    """Ask the CPU to start loading the cache line of array[row, col] (2-D): llvm.prefetch, a read,
+    kept in every cache level. Only a hint: it changes no value and never faults."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1], args[2]], wraparound=False)
+        byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        hint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(hint, [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                            ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, row, col), codegen
+
+
+# the pooled sum asks for entry j + _AHEAD's row while it adds entry j's: a shard's rows come in token
+# order, so the reads are random and each one would otherwise wait for memory (bench/kernels_ab.py)
+_AHEAD = 4
+_LINE_FLOATS = 16  # float32 values in a 64-byte cache line
+
+
 @_jit(fastmath={"contract"})
 def _pooled_sum(table, flat, token_pos, projector, scores, out):  # pragma: no cover
     h = scores.shape[1]
-    k = table.shape[1] // h
-    for j in range(flat.shape[0]):
+    d = table.shape[1]
+    k = d // h
+    n = flat.shape[0]
+    for j in range(n):
+        if j + _AHEAD < n:
+            ahead = flat[j + _AHEAD]
+            for i in range(0, d, _LINE_FLOATS):
+                _prefetch(table, ahead, i)
         v, o, s = table[flat[j]], out[token_pos[j], projector[j]], scores[j]
         for c in range(h):
             s_c, v_c, o_c = s[c], v[c * k:(c + 1) * k], o[c * k:(c + 1) * k]
@@ -190,10 +225,10 @@ def warm_up() -> None:
         return
     f32, i64 = np.float32, np.int64
     table, rows, one = np.zeros((1, 2), f32), np.zeros(1, i64), np.zeros(1, f32)
-    pooled_sum_into(table, rows, rows, rows, np.zeros((1, 1), f32), np.zeros((1, 1, 2), f32))
-    readonly = table.copy()
-    readonly.flags.writeable = False  # a table read from a file view: numba compiles it apart
-    pooled_sum_into(readonly, rows, rows, rows, np.zeros((1, 1), f32), np.zeros((1, 1, 2), f32))
+    for read_only in range(4):  # numba compiles read-only arrays apart: scores viewed in a request, tables
+        values, scores = table.copy(), np.zeros((1, 1), f32)
+        values.flags.writeable, scores.flags.writeable = not read_only & 1, not read_only & 2
+        pooled_sum_into(values, rows, rows, rows, scores, np.zeros((1, 1, 2), f32))
     pooled_backward_into(table, rows, table, rows, np.zeros((1, 1), f32), rows, np.array([0, 1], i64),
                          np.zeros((1, 1), f32), np.zeros((1, 2), f32))
     adamw_rows(table, table.copy(), table.copy(), np.zeros(1, np.int32), rows, table, 0.0, 0.9, 0.95, 1e-8, 1.0)
