@@ -50,29 +50,6 @@ def _jit(**kwargs):
     return wrap
 
 
-@_jit(fastmath=_DOT_MATH)
-def _pooled_backward(table, flat, g, g_flat, scores, order, starts, grad_scores, grad_rows):  # pragma: no cover
-    h = scores.shape[1]
-    k = table.shape[1] // h
-    for u in range(starts.shape[0] - 1):  # one unique row: its entries are order[starts[u]:starts[u + 1]]
-        out = grad_rows[u]
-        out[:] = 0
-        v = table[flat[order[starts[u]]]]  # read once, in place
-        for e in range(starts[u], starts[u + 1]):
-            j = order[e]
-            go = g[g_flat[j]]
-            s = scores[j]
-            for c in range(h):
-                v_c, go_c, out_c = v[c * k:(c + 1) * k], go[c * k:(c + 1) * k], out[c * k:(c + 1) * k]
-                acc = np.float32(0.0)
-                for i in range(k):
-                    acc += go_c[i] * v_c[i]
-                grad_scores[j, c] = acc
-                s_c = s[c]
-                for i in range(k):
-                    out_c[i] += s_c * go_c[i]
-
-
 @intrinsic
 def _prefetch(typingctx, array, row, col):  # pragma: no cover (compiled)
     """Ask the CPU to start loading the cache line of array[row, col] (2-D): llvm.prefetch, a read,
@@ -92,10 +69,40 @@ def _prefetch(typingctx, array, row, col):  # pragma: no cover (compiled)
     return types.void(array, row, col), codegen
 
 
-# the pooled sum asks for entry j + _AHEAD's row while it adds entry j's: a shard's rows come in token
-# order, so the reads are random and each one would otherwise wait for memory (bench/kernels_ab.py)
+# the pooled kernels ask for the row of the entry _AHEAD places on while they work on one: a shard's
+# entries come in token order (the pooled sum reads their V rows) and are taken in row order by the
+# backward (which reads their dL/do rows), so those reads are random and would each wait for memory
 _AHEAD = 4
 _LINE_FLOATS = 16  # float32 values in a 64-byte cache line
+
+
+@_jit(fastmath=_DOT_MATH)
+def _pooled_backward(table, flat, g, g_flat, scores, order, starts, grad_scores, grad_rows):  # pragma: no cover
+    h = scores.shape[1]
+    d = table.shape[1]
+    k = d // h
+    n = order.shape[0]
+    for u in range(starts.shape[0] - 1):  # one unique row: its entries are order[starts[u]:starts[u + 1]]
+        out = grad_rows[u]
+        out[:] = 0
+        v = table[flat[order[starts[u]]]]  # read once, in place
+        for e in range(starts[u], starts[u + 1]):
+            if e + _AHEAD < n:
+                ahead = g_flat[order[e + _AHEAD]]
+                for i in range(0, d, _LINE_FLOATS):
+                    _prefetch(g, ahead, i)
+            j = order[e]
+            go = g[g_flat[j]]
+            s = scores[j]
+            for c in range(h):
+                v_c, go_c, out_c = v[c * k:(c + 1) * k], go[c * k:(c + 1) * k], out[c * k:(c + 1) * k]
+                acc = np.float32(0.0)
+                for i in range(k):
+                    acc += go_c[i] * v_c[i]
+                grad_scores[j, c] = acc
+                s_c = s[c]
+                for i in range(k):
+                    out_c[i] += s_c * go_c[i]
 
 
 @_jit(fastmath={"contract"})
