@@ -7,6 +7,10 @@ h=2, d_v=384, P=65,536 rows), 2048 and 64 tokens per step. Legs interleaved repe
 time of this thread (`time.thread_time`, torch on one thread), medians of the repeats:
   * floor: one-thread torch `embedding_bag` sum with per_sample_weights over the same rows/weights
     (the memory-path benchmark's floor);
+  * pooled_sum, before: a stable sort of the (token, projector) keys, one `embedding_bag` per d_v slice
+    and a scatter into [T, E, d_v] (frozen below as `_pooled_sum_embedding_bag`); now:
+    `param_server.pooling.pooled_sum` (the compiled pass with prefetching), entries in token order as a
+    shard gets them;
   * pooled_backward, before: the gathered copy of V (as the shard reads it) + the numpy/embedding_bag
     formula (frozen below as `_pooled_backward_numpy`);
   * pooled_backward, now: `param_server.pooling.pooled_backward` reading the table in place, and on a
@@ -61,6 +65,31 @@ def _pooled_backward_numpy(values, rows, projector, token_pos, scores, grad_out)
         summed_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, offsets, mode="sum",
                                          per_sample_weights=torch.from_numpy(s[:, c].astype(np.float32)))
     return grad_scores.astype(np.float32, copy=False), sorted_rows[starts], summed.reshape(-1, d_v)
+
+
+def _pooled_sum_embedding_bag(v, projector, token, scores, e, flat):
+    """The pooled sum this replaced: sort by (token, projector), embedding_bag per slice, scatter."""
+    from param_server.pooling import stable_argsort
+
+    h, d_v = scores.shape[1], v.shape[1]
+    k = d_v // h
+    key = token * e + projector
+    order = stable_argsort(key)
+    key, idx, s = key[order], flat[order], scores[order]
+    starts = np.concatenate(([0], np.flatnonzero(key[1:] != key[:-1]) + 1)).astype(np.int64)
+    table = torch.from_numpy(v).view(v.shape[0] * h, k)
+    sums = np.empty((starts.shape[0], h, k), dtype=np.float32)
+    sums_t = torch.from_numpy(sums)
+    for c in range(h):
+        sums_t[:, c] = F.embedding_bag(torch.from_numpy(idx * h + c), table, torch.from_numpy(starts), mode="sum",
+                                       per_sample_weights=torch.from_numpy(s[:, c].copy()))
+    group_key = key[starts]
+    group_tok, group_proj = group_key // e, group_key % e
+    new_token = np.concatenate(([True], group_tok[1:] != group_tok[:-1]))
+    tokens = group_tok[new_token]
+    out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
+    out[np.cumsum(new_token) - 1, group_proj] = sums.reshape(-1, d_v)
+    return tokens, out
 
 
 def _adamw_numpy(values, state, rows, grads, lr, b1=0.9, b2=0.95, eps=1e-8):
@@ -120,7 +149,7 @@ def _cpu(fn) -> float:
 
 def run(repeats: int, out_dir: Path) -> dict:
     from param_server.optimizers import LazyAdamW, SparseOptimizerConfig
-    from param_server.pooling import pooled_backward
+    from param_server.pooling import pooled_backward, pooled_sum
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -129,7 +158,9 @@ def run(repeats: int, out_dir: Path) -> dict:
              "step": np.zeros(ROWS, np.int32)}
     adamw = LazyAdamW(SparseOptimizerConfig())
     x0 = _inputs(64, 1)
-    first = {"pooled_backward": _cpu(lambda: pooled_backward(table, x0["rows"], x0["projector"], x0["token"],
+    first = {"pooled_sum": _cpu(lambda: pooled_sum(table, x0["projector"], x0["token"], x0["scores"], E,
+                                                   flat=x0["rows"])),
+             "pooled_backward": _cpu(lambda: pooled_backward(table, x0["rows"], x0["projector"], x0["token"],
                                                               x0["scores"], x0["grad_out"], flat=x0["rows"])),
              "adamw": _cpu(lambda: adamw.step(table.copy(), {k: a.copy() for k, a in state.items()},
                                               np.unique(x0["rows"]), np.ones((np.unique(x0["rows"]).size, D_V),
@@ -146,6 +177,8 @@ def run(repeats: int, out_dir: Path) -> dict:
             legs = {
                 "floor": partial(F.embedding_bag, flat, torch.from_numpy(table), offsets, mode="sum",
                                  per_sample_weights=w),
+                "ps_before": partial(_pooled_sum_embedding_bag, table, proj, tok, s, E, rows),
+                "ps_now": partial(pooled_sum, table, proj, tok, s, E, flat=rows),
                 "pb_before": partial(_gathered_numpy, table, rows, proj, tok, s, g_out),
                 "pb_now_in_place": partial(pooled_backward, table, rows, proj, tok, s, g_out, flat=rows),
                 "pb_now_gathered": partial(_gathered_now, table, rows, proj, tok, s, g_out),
@@ -162,7 +195,8 @@ def run(repeats: int, out_dir: Path) -> dict:
         fl = med["floor"]
         results[str(tokens)] = {"cpu_s_per_m_selections": med,
                                 "ratio_to_floor": {k: v / fl for k, v in med.items()},
-                                "speedup": {"pooled_backward": med["pb_before"] / med["pb_now_in_place"],
+                                "speedup": {"pooled_sum": med["ps_before"] / med["ps_now"],
+                                            "pooled_backward": med["pb_before"] / med["pb_now_in_place"],
                                             "pooled_backward_gathered": med["pb_before"] / med["pb_now_gathered"],
                                             "optimizer_step": med["opt_before"] / med["opt_now"]}}
         print(f"{tokens} tokens x {PER_TOKEN} selections, CPU-s per million selections (median of {repeats}):")
