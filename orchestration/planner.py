@@ -321,14 +321,15 @@ def format_plan(plan: CapacityPlan, title: str = "") -> str:
 # --- throughput: shard cores a training rate needs (`ultramem plan --tokens-per-s`) ----------------
 
 # Shipped defaults: `ultramem bench memory-path` (one shard process, 2048 tokens a step, AdamW) on a
-# 2-core machine shared with other jobs (2026-12-07); pass --rates bench/results/memory_path.json to use your own.
+# 2-core machine shared with other jobs (2026-12-07), the higher of two full runs per call; pass
+# --rates bench/results/memory_path.json to use your own.
 DEFAULT_RATES: dict[str, Any] = {
     "source": "defaults shipped with ultramem, measured on a 2-core machine (docs/benchmarks.md)",
     "layers": {
-        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.315, "pooled_backward": 0.321,
-                                                           "optimizer_step": 0.140, "gather": 1.38}},
-        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.320, "pooled_backward": 0.270,
-                                                           "optimizer_step": 0.034, "gather": 0.515}},
+        "paper": {"d_v": 384, "cpu_s_per_m_selections": {"pooled_gather": 0.315, "pooled_backward": 0.299,
+                                                           "optimizer_step": 0.138, "gather": 1.61}},
+        "small": {"d_v": 128, "cpu_s_per_m_selections": {"pooled_gather": 0.280, "pooled_backward": 0.335,
+                                                           "optimizer_step": 0.040, "gather": 0.636}},
     },
 }
 STEP_CALLS = ("pooled_gather", "pooled_backward", "optimizer_step")  # one training step of a memory layer
