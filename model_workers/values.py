@@ -245,7 +245,7 @@ class LocalBackend(ValueBackend):
         out = np.zeros((num_tokens, num_projectors, t.spec.dim), dtype=np.float32)
         if pre_table is not None or q_p is not None:
             t_pre, q = self._pre_args(t, pre_table, q_p, num_tokens)
-            _, s = pre_value_scores(t_pre.values[r], q, tok, s)  # s' = a * s, (n, h)
+            _, s = pre_value_scores(t_pre.values, q, tok, s, flat=r)  # s' = a * s, (n, h); P_tab read in place
         if r.size:
             tokens, sums = pooled_sum(t.values, p, tok, s, num_projectors, flat=r)  # (Tt,), (Tt, E, d_v)
             out[tokens] = sums

@@ -1,8 +1,10 @@
 """Compiled per-entry and per-row kernels of the shard's hot path (numba, one thread).
 
-Three jobs, each in one pass over its data with no gathered copies:
+Four jobs, each in one pass over its data with no gathered copies:
   * `pooled_sum_into`: the pooled lookup (param_server.pooling.pooled_sum). Each entry j adds
     s_c[j] * V[row_j, slice c] into its (token, projector) slot of the answer, in entry order.
+  * `pre_value_scores_into`: UltraMemV2's pre-value weights (param_server.pooling.pre_value_scores),
+    each entry's P_tab row read in place and dotted with its token's q_p.
   * `pooled_backward_into`: the backward of pooling (param_server.pooling.pooled_backward). For each
     entry j it reads V[row_j] in the table itself and dL/do[token_j, projector_j], writes the h score
     gradients and adds s_c[j] * dL/do[.., slice c] into row_j's gradient slot (repeated rows summed).
@@ -140,6 +142,40 @@ def pooled_sum_into(table: np.ndarray, flat: np.ndarray, token_pos: np.ndarray, 
     _pooled_sum(table, flat, token_pos, projector, scores, out)
 
 
+@_jit(fastmath=_DOT_MATH)
+def _pre_value_scores(pre, flat, q_p, q_pos, scores, a, weighted):  # pragma: no cover
+    d = pre.shape[1]
+    n = flat.shape[0]
+    for j in range(n):
+        if j + _AHEAD < n:
+            ahead = flat[j + _AHEAD]
+            for i in range(0, d, _LINE_FLOATS):
+                _prefetch(pre, ahead, i)
+        p, q = pre[flat[j]], q_p[q_pos[j]]
+        acc = np.float32(0.0)
+        for i in range(d):
+            acc += q[i] * p[i]
+        a[j] = acc
+        for c in range(scores.shape[1]):
+            weighted[j, c] = acc * scores[j, c]
+
+
+def pre_value_scores_into(pre: np.ndarray, flat: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray,
+                          scores: np.ndarray, a: np.ndarray, weighted: np.ndarray) -> None:
+    """a[j] = <q_p[q_pos_j], pre[flat_j]> and weighted[j] = a[j] * scores[j] for every entry j:
+    pre float32 [R, d_p] (read in place), flat/q_pos int64 [n], q_p float32 [Tq, d_p], scores float32
+    [n, h]; a float32 [n] and weighted float32 [n, h] are written. Indices are checked here (a
+    ValueError, nothing written), as in pooled_sum_into."""
+    n = flat.shape[0]
+    if not (q_pos.shape == a.shape == (n,) and scores.shape[0] == n and weighted.shape == scores.shape
+            and q_p.shape[1] == pre.shape[1]):
+        raise ValueError("pre_value_scores_into: mismatched shapes")
+    for name, idx, bound in (("flat", flat, pre.shape[0]), ("q_pos", q_pos, q_p.shape[0])):
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            raise ValueError(f"pre_value_scores_into: {name} outside [0, {bound})")
+    _pre_value_scores(pre, flat, q_p, q_pos, scores, a, weighted)
+
+
 def pooled_backward_into(table: np.ndarray, flat: np.ndarray, g: np.ndarray, g_flat: np.ndarray,
                          scores: np.ndarray, order: np.ndarray, starts: np.ndarray, grad_scores: np.ndarray,
                          grad_rows: np.ndarray) -> None:
@@ -236,6 +272,7 @@ def warm_up() -> None:
         values, scores = table.copy(), np.zeros((1, 1), f32)
         values.flags.writeable, scores.flags.writeable = not read_only & 1, not read_only & 2
         pooled_sum_into(values, rows, rows, rows, scores, np.zeros((1, 1, 2), f32))
+        pre_value_scores_into(values, rows, table, rows, scores, np.zeros(1, f32), np.zeros((1, 1), f32))
     pooled_backward_into(table, rows, table, rows, np.zeros((1, 1), f32), rows, np.array([0, 1], i64),
                          np.zeros((1, 1), f32), np.zeros((1, 2), f32))
     adamw_rows(table, table.copy(), table.copy(), np.zeros(1, np.int32), rows, table, 0.0, 0.9, 0.95, 1e-8, 1.0)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from param_server.checks import unique_inverse
-from param_server.kernels import pooled_backward_into, pooled_sum_into
+from param_server.kernels import pooled_backward_into, pooled_sum_into, pre_value_scores_into
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
@@ -117,17 +117,28 @@ def pooled_sum(
     return tokens, out
 
 
-def pre_value_scores(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, scores: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def pre_value_scores(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, scores: np.ndarray, *,
+                     flat: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pre-value weights of n entries (DESIGN §3.3 item 3).
 
-    pre [n, d_p]: P_tab of each entry's row; q_p float32 [Tq, d_p]; q_pos int64 [n] (entry j's
-    query is q_p[q_pos_j]); scores float32 [n, h] ->
+    pre [R, d_p]: P_tab of each entry's row (flat None, R = n), or the whole P_tab whose row flat[j]
+    is entry j's (flat int64 [n]: a float32 table is read in place, no gathered copy); q_p float32
+    [Tq, d_p]; q_pos int64 [n] (entry j's query is q_p[q_pos_j]); scores float32 [n, h] ->
     (a float32 [n] = <q_p[q_pos_j], P_tab[row_j]>, s' float32 [n, h] = a_j * s_j).
+
+    One compiled pass (param_server.kernels.pre_value_scores_into); the dot products are summed in
+    SIMD order, so a may differ from a numpy dot product in the last bits.
     """
-    p = pre.astype(np.float32, copy=False)
-    a = np.einsum("nd,nd->n", q_p[q_pos], p).astype(np.float32, copy=False)  # (n,)
-    return a, (scores * a[:, None]).astype(np.float32, copy=False)
+    n = scores.shape[0]
+    if flat is None:
+        flat = np.arange(n, dtype=np.int64)
+    if pre.dtype != np.float32 or not pre.flags.c_contiguous:  # bfloat16 / float16: the entries' rows only
+        pre, flat = np.ascontiguousarray(pre[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    a, weighted = np.empty(n, np.float32), np.empty(scores.shape, np.float32)
+    pre_value_scores_into(pre, np.asarray(flat, dtype=np.int64), np.ascontiguousarray(q_p, dtype=np.float32),
+                          np.asarray(q_pos, dtype=np.int64), np.ascontiguousarray(scores, dtype=np.float32),
+                          a, weighted)
+    return a, weighted
 
 
 def pre_value_backward(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, rows: np.ndarray, scores: np.ndarray,

@@ -296,7 +296,9 @@ class Shard:
             if pre is not None:
                 t_pre, q, q_pos = pre
                 self._check_owned(t_pre, rows)
-                _, scores = pre_value_scores(t_pre.parts.read(rows), q, q_pos, scores)  # s' = a * s, (n, h)
+                pre_source = t_pre.parts.source(rows)  # all resident: P_tab read in place
+                _, scores = (pre_value_scores(t_pre.parts.read(rows), q, q_pos, scores) if pre_source is None
+                             else pre_value_scores(pre_source[0], q, q_pos, scores, flat=pre_source[1]))  # s' = a * s
             source = t.parts.source(rows)
             if source is not None:  # all resident: pool straight from the table, under the lock
                 return pooled_sum(source[0], projector, token, scores, int(num_projectors), flat=source[1])

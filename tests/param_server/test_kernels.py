@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from param_server.kernels import pooled_sum_into
-from param_server.pooling import pooled_backward, pooled_sum, stable_argsort
+from param_server.kernels import pooled_sum_into, pre_value_scores_into
+from param_server.pooling import pooled_backward, pooled_sum, pre_value_scores, stable_argsort
 
 
 def reference(table, rows, projector, token_pos, scores, grad_out):
@@ -122,3 +122,36 @@ def test_the_pooled_sum_kernel_refuses_an_index_out_of_range_and_writes_nothing(
     with pytest.raises(ValueError, match=bad):
         pooled_sum_into(table, idx["flat"], idx["token_pos"], idx["projector"], np.ones((2, 1), np.float32), out)
     assert not out.any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 50), d_p=st.integers(1, 40), h=st.sampled_from([1, 2]), bf16=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_pre_value_scores_read_in_place_match_a_float64_reference(n, d_p, h, bf16, seed):
+    """P_tab read in place through `flat` (or, for bfloat16, converted row by row) gives the weights
+    a_j = <q_p[q_pos_j], P_tab[row_j]> and s'_j = a_j * s_j of a float64 reference."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((12, d_p)).astype(np.float32)
+    if bf16:
+        table = table.astype(ml_dtypes.bfloat16)
+    q_p = rng.standard_normal((5, d_p)).astype(np.float32)
+    rows, q_pos = rng.integers(0, 12, n), rng.integers(0, 5, n)
+    scores = rng.standard_normal((n, h)).astype(np.float32)
+    a, weighted = pre_value_scores(table, q_p, q_pos, scores, flat=rows)
+    want_a = np.einsum("nd,nd->n", q_p[q_pos].astype(np.float64), table[rows].astype(np.float64))
+    np.testing.assert_allclose(a, want_a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(weighted, want_a[:, None] * scores, rtol=1e-4, atol=1e-4)
+    gathered_a, gathered_weighted = pre_value_scores(table[rows], q_p, q_pos, scores)  # the rows given
+    np.testing.assert_array_equal(gathered_a, a)
+    np.testing.assert_array_equal(gathered_weighted, weighted)
+
+
+@pytest.mark.parametrize("bad", ["flat", "q_pos"])
+def test_the_pre_value_kernel_refuses_an_index_out_of_range_and_writes_nothing(bad):
+    pre, q_p, scores = np.ones((3, 4), np.float32), np.ones((2, 4), np.float32), np.ones((2, 1), np.float32)
+    idx = {"flat": np.array([0, 2]), "q_pos": np.array([1, 0])}
+    idx[bad] = np.array([0, 3 if bad == "flat" else -1])
+    a, weighted = np.zeros(2, np.float32), np.zeros((2, 1), np.float32)
+    with pytest.raises(ValueError, match=bad):
+        pre_value_scores_into(pre, idx["flat"], q_p, idx["q_pos"], scores, a, weighted)
+    assert not a.any() and not weighted.any()
