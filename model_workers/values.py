@@ -272,10 +272,11 @@ class LocalBackend(ValueBackend):
         t_pre, q = self._pre_args(t, pre_table, q_p, g_out.shape[0])
         if not np.isfinite(g_out).all():
             raise InvalidRowsError(f"{table}: non-finite dL/do in the pooled backward of step {step}")
-        pre = t_pre.values[r]  # (n, d_p), P_tab before this step's update
-        a, weighted = pre_value_scores(pre, q, tok, s)
+        # P_tab read in place, before this step's update (as the shard reads it)
+        a, weighted = pre_value_scores(t_pre.values, q, tok, s, flat=r)
         grad_weighted, unique, summed = pooled_backward_rows(t.values, r, p, tok, weighted, g_out, flat=r)
-        grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(pre, q, tok, r, s, a, grad_weighted)
+        grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(t_pre.values, q, tok, r, s, a, grad_weighted,
+                                                                         flat=r)
         if r.size:
             t.optimizer.step(t.values, t.state, unique, summed, lr)
             t_pre.optimizer.step(t_pre.values, t_pre.state, pre_unique, pre_summed, lr)

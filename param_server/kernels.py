@@ -3,8 +3,8 @@
 Four jobs, each in one pass over its data with no gathered copies:
   * `pooled_sum_into`: the pooled lookup (param_server.pooling.pooled_sum). Each entry j adds
     s_c[j] * V[row_j, slice c] into its (token, projector) slot of the answer, in entry order.
-  * `pre_value_scores_into`: UltraMemV2's pre-value weights (param_server.pooling.pre_value_scores),
-    each entry's P_tab row read in place and dotted with its token's q_p.
+  * `pre_value_scores_into` / `pre_value_backward_into`: UltraMemV2's pre-value weights and their
+    backward (param_server.pooling.pre_value_scores / pre_value_backward), P_tab read in place.
   * `pooled_backward_into`: the backward of pooling (param_server.pooling.pooled_backward). For each
     entry j it reads V[row_j] in the table itself and dL/do[token_j, projector_j], writes the h score
     gradients and adds s_c[j] * dL/do[.., slice c] into row_j's gradient slot (repeated rows summed).
@@ -176,6 +176,50 @@ def pre_value_scores_into(pre: np.ndarray, flat: np.ndarray, q_p: np.ndarray, q_
     _pre_value_scores(pre, flat, q_p, q_pos, scores, a, weighted)
 
 
+@_jit(fastmath=_DOT_MATH)
+def _pre_value_backward(pre, flat, q_p, q_pos, scores, a, grad_weighted, order, starts,
+                        grad_scores, grad_q, grad_pre):  # pragma: no cover
+    h = scores.shape[1]
+    d = pre.shape[1]
+    grad_q[:] = 0
+    for u in range(starts.shape[0] - 1):  # one unique row: its entries are order[starts[u]:starts[u + 1]]
+        out = grad_pre[u]
+        out[:] = 0
+        p = pre[flat[order[starts[u]]]]  # read once, in place
+        for e in range(starts[u], starts[u + 1]):
+            j = order[e]
+            g = np.float32(0.0)
+            for c in range(h):
+                g += scores[j, c] * grad_weighted[j, c]
+                grad_scores[j, c] = a[j] * grad_weighted[j, c]
+            q, gq = q_p[q_pos[j]], grad_q[q_pos[j]]
+            for i in range(d):
+                out[i] += g * q[i]
+            for i in range(d):
+                gq[i] += g * p[i]
+
+
+def pre_value_backward_into(pre: np.ndarray, flat: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray,
+                            scores: np.ndarray, a: np.ndarray, grad_weighted: np.ndarray, order: np.ndarray,
+                            starts: np.ndarray, grad_scores: np.ndarray, grad_q: np.ndarray,
+                            grad_pre: np.ndarray) -> None:
+    """Backward of pre_value_scores_into in one pass over the entries grouped by row (order int64 [n]
+    sorts them by row, stably; starts int64 [U + 1] bounds each row's run): with g_j = <s_j, dL/ds'_j>,
+    grad_scores[j] = a_j * dL/ds'_j, grad_q[q_pos_j] += g_j * pre[flat_j] and grad_pre[u] +=
+    g_j * q_p[q_pos_j], summed in that order (repeats summed, never overwritten). grad_q [Tq, d_p] and
+    grad_pre [U, d_p] need not be zeroed. Indices are checked here, as in pooled_sum_into."""
+    n = flat.shape[0]
+    if not (q_pos.shape == a.shape == order.shape == (n,) and scores.shape == grad_weighted.shape == grad_scores.shape
+            and scores.shape[0] == n and grad_q.shape == q_p.shape and q_p.shape[1] == pre.shape[1]
+            and grad_pre.shape == (starts.shape[0] - 1, pre.shape[1]) and starts.shape[0] >= 1):
+        raise ValueError("pre_value_backward_into: mismatched shapes")
+    for name, idx, bound in (("flat", flat, pre.shape[0]), ("q_pos", q_pos, q_p.shape[0]), ("order", order, n),
+                             ("starts", starts, n + 1)):
+        if idx.shape[0] and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            raise ValueError(f"pre_value_backward_into: {name} outside [0, {bound})")
+    _pre_value_backward(pre, flat, q_p, q_pos, scores, a, grad_weighted, order, starts, grad_scores, grad_q, grad_pre)
+
+
 def pooled_backward_into(table: np.ndarray, flat: np.ndarray, g: np.ndarray, g_flat: np.ndarray,
                          scores: np.ndarray, order: np.ndarray, starts: np.ndarray, grad_scores: np.ndarray,
                          grad_rows: np.ndarray) -> None:
@@ -273,6 +317,8 @@ def warm_up() -> None:
         values.flags.writeable, scores.flags.writeable = not read_only & 1, not read_only & 2
         pooled_sum_into(values, rows, rows, rows, scores, np.zeros((1, 1, 2), f32))
         pre_value_scores_into(values, rows, table, rows, scores, np.zeros(1, f32), np.zeros((1, 1), f32))
+        pre_value_backward_into(values, rows, table, rows, scores, one, scores, rows, np.array([0, 1], i64),
+                                np.zeros((1, 1), f32), np.zeros((1, 2), f32), np.zeros((1, 2), f32))
     pooled_backward_into(table, rows, table, rows, np.zeros((1, 1), f32), rows, np.array([0, 1], i64),
                          np.zeros((1, 1), f32), np.zeros((1, 2), f32))
     adamw_rows(table, table.copy(), table.copy(), np.zeros(1, np.int32), rows, table, 0.0, 0.9, 0.95, 1e-8, 1.0)

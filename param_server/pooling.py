@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from param_server.checks import unique_inverse
-from param_server.kernels import pooled_backward_into, pooled_sum_into, pre_value_scores_into
+from param_server.kernels import (
+    pooled_backward_into,
+    pooled_sum_into,
+    pre_value_backward_into,
+    pre_value_scores_into,
+)
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:
@@ -142,28 +147,36 @@ def pre_value_scores(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, scores
 
 
 def pre_value_backward(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, rows: np.ndarray, scores: np.ndarray,
-                       a: np.ndarray, grad_weighted: np.ndarray
+                       a: np.ndarray, grad_weighted: np.ndarray, *, flat: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Backward of `pre_value_scores` from dL/ds'.
 
-    pre [n, d_p], q_p float32 [Tq, d_p], q_pos int64 [n], rows int64 [n] (may repeat), scores float32
-    [n, h] (s, before weighting), a float32 [n], grad_weighted float32 [n, h] = dL/ds' ->
+    pre [R, d_p]: P_tab of each entry's row (flat None) or the whole P_tab with entry j's row at
+    flat[j] (as in pre_value_scores); q_p float32 [Tq, d_p], q_pos int64 [n], rows int64 [n] (may
+    repeat), scores float32 [n, h] (s, before weighting), a float32 [n], grad_weighted float32 [n, h]
+    = dL/ds' ->
     (dL/ds float32 [n, h] = a_j * dL/ds'_j; dL/dq_p float32 [Tq, d_p] = sum_{j: q_pos_j = t} g_j * P_tab[row_j];
     unique sorted rows int64 [U]; dL/dP_tab float32 [U, d_p] = sum_{j: row_j = u} g_j * q_p[q_pos_j]),
-    with g_j = dL/da_j = <s_j, dL/ds'_j>. Repeated tokens and rows are summed (index_add_), never
-    overwritten (DESIGN §8).
+    with g_j = dL/da_j = <s_j, dL/ds'_j>. Repeated tokens and rows are summed, never overwritten
+    (DESIGN §8), in row order (stable) whatever order the entries came in: a client sends each shard
+    its entries sorted by row, so one shard and the in-process backend add in the same order.
+    One compiled pass (param_server.kernels.pre_value_backward_into).
     """
-    d_p = q_p.shape[1]
-    grad_scores = (grad_weighted * a[:, None]).astype(np.float32, copy=False)  # (n, h)
-    g = np.einsum("nh,nh->n", scores, grad_weighted).astype(np.float32, copy=False)[:, None]  # (n, 1) dL/da
-    # sums in row order (stable), whatever order the entries came in: a client sends each shard its
-    # entries sorted by row, so one shard and the in-process backend add in the same order
-    order = np.argsort(rows, kind="stable")
-    rows_o, q_pos_o, g_o = rows[order], q_pos[order], g[order]
-    to_q = torch.from_numpy(g_o * pre[order].astype(np.float32, copy=False))  # (n, d_p), fresh: writable
-    to_pre = torch.from_numpy(g_o * q_p[q_pos_o])  # (n, d_p)
-    grad_q = torch.zeros((q_p.shape[0], d_p), dtype=torch.float32).index_add_(0, torch.from_numpy(q_pos_o), to_q)
-    unique, inverse = np.unique(rows_o, return_inverse=True)
-    grad_pre = torch.zeros((unique.shape[0], d_p), dtype=torch.float32)
-    grad_pre.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False)), to_pre)
-    return grad_scores, grad_q.numpy(), unique.astype(np.int64, copy=False), grad_pre.numpy()
+    n, d_p = scores.shape[0], q_p.shape[1]
+    if n == 0:
+        return (np.zeros(scores.shape, np.float32), np.zeros((q_p.shape[0], d_p), np.float32),
+                np.zeros(0, np.int64), np.zeros((0, d_p), np.float32))
+    if flat is None:
+        flat = np.arange(n, dtype=np.int64)
+    if pre.dtype != np.float32 or not pre.flags.c_contiguous:  # bfloat16 / float16: the entries' rows only
+        pre, flat = np.ascontiguousarray(pre[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    order, starts, unique = row_runs(np.asarray(rows, dtype=np.int64))
+    grad_scores = np.empty((n, scores.shape[1]), np.float32)
+    grad_q = np.empty((q_p.shape[0], d_p), np.float32)
+    grad_pre = np.empty((unique.shape[0], d_p), np.float32)
+    pre_value_backward_into(pre, np.asarray(flat, dtype=np.int64), np.ascontiguousarray(q_p, dtype=np.float32),
+                            np.asarray(q_pos, dtype=np.int64), np.ascontiguousarray(scores, dtype=np.float32),
+                            np.ascontiguousarray(a, dtype=np.float32),
+                            np.ascontiguousarray(grad_weighted, dtype=np.float32), order, starts, grad_scores,
+                            grad_q, grad_pre)
+    return grad_scores, grad_q, unique, grad_pre

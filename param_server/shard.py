@@ -392,30 +392,35 @@ class Shard:
         pre = self._pre_args(t, pre_table, q_p, touched, token) if pre_table is not None or q_p is not None else None
         check_wait_args(worker_id, min_step)
         t_pos = positions_in(touched, token, "every token must appear in tokens_touched")  # [n]
+        pre_result = None
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
+            source = t.parts.source(rows)  # all resident: V read in the table itself, under the lock
             if pre is not None:
-                self._check_owned(pre[0], rows)
-            p_rows = pre[0].parts.read(rows) if pre is not None else None  # [n, d_p]
-            a = weighted = None
-            if pre is not None and p_rows is not None:  # s' = a * s: V's backward sees the weighted scores
-                a, weighted = pre_value_scores(p_rows, pre[1], pre[2], scores)  # (n,), (n, h)
-            pooled_scores = scores if weighted is None else weighted
-            source = t.parts.source(rows)
-            if source is not None:  # all resident: read V in the table itself, under the lock
-                result = pooled_backward(source[0], rows, projector, t_pos, pooled_scores, g_out, flat=source[1],
+                t_pre, q, q_pos = pre
+                self._check_owned(t_pre, rows)
+                # P_tab in place too when V is (both backwards then run under the lock), else its rows
+                in_place = t_pre.parts.source(rows) if source is not None else None
+                p_table, p_flat = in_place if in_place is not None else (t_pre.parts.read(rows), None)
+                a, scores_v = pre_value_scores(p_table, q, q_pos, scores, flat=p_flat)  # s' = a * s for V
+            else:
+                scores_v = scores
+            if source is not None:
+                result = pooled_backward(source[0], rows, projector, t_pos, scores_v, g_out, flat=source[1],
                                          rows_out=self._scratch.empty)
+                if pre is not None and p_flat is not None:
+                    pre_result = pre_value_backward(p_table, q, q_pos, rows, scores, a, result[0], flat=p_flat)
             else:
                 v = t.parts.read(rows)  # [n, d_v]
         if source is None:
-            result = pooled_backward(v, rows, projector, t_pos, pooled_scores, g_out, rows_out=self._scratch.empty)
+            result = pooled_backward(v, rows, projector, t_pos, scores_v, g_out, rows_out=self._scratch.empty)
         grad_pooled, unique, summed = result
-        if pre is None or weighted is None:
+        if pre is None:
             return grad_pooled, None, self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
-        t_pre, q, q_pos = pre
-        grad_scores, grad_q, pre_unique, pre_summed = pre_value_backward(p_rows, q, q_pos, rows, scores, a,
-                                                                         grad_pooled)
+        if pre_result is None:  # P_tab's rows were read under the lock
+            pre_result = pre_value_backward(p_table, q, q_pos, rows, scores, a, grad_pooled, flat=p_flat)
+        grad_scores, grad_q, pre_unique, pre_summed = pre_result
         update = PendingUpdate(table, worker_id, seq, step, lr, unique, summed,
                                also=((t_pre.spec.name, pre_unique, pre_summed),))
         return grad_scores, grad_q, self._admit(t, update)
