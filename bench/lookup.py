@@ -53,6 +53,8 @@ from storage.layout import TableSpec
 from storage.table_store import create_table
 
 REPO = Path(__file__).resolve().parent.parent
+
+
 def tune_malloc() -> bool:
     """This process (the worker's side) gets a model worker's malloc settings, as a launched worker does."""
     return bool(allocator.apply(allocator.worker_settings()))

@@ -40,6 +40,18 @@ def _fresh_rows(shape: tuple[int, int]) -> np.ndarray:
     return np.empty(shape, dtype=np.float32)
 
 
+def _float32_rows(table: np.ndarray, flat: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the kernels read: (a C-contiguous float32 table, int64 flat [n], entry j's row).
+
+    flat None: `table` holds the n entries' rows. A float32 table is used in place; a bfloat16 /
+    float16 (or strided) one gives the entries' rows only, converted."""
+    if flat is None:
+        flat = np.arange(n, dtype=np.int64)
+    if table.dtype != np.float32 or not table.flags.c_contiguous:
+        return np.ascontiguousarray(table[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    return table, np.asarray(flat, dtype=np.int64)
+
+
 def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entries grouped by row: (order int64 [n], a stable sort by row; starts int64 [U + 1], the run
     of each unique row in that order; unique sorted rows int64 [U])."""
@@ -76,16 +88,13 @@ def pooled_backward(values: np.ndarray, rows: np.ndarray, projector: np.ndarray,
     t, e, d_v = grad_out.shape
     if n == 0:
         return np.zeros((0, h), np.float32), np.zeros(0, np.int64), np.zeros((0, d_v), np.float32)
-    if flat is None:
-        flat = np.arange(n, dtype=np.int64)
-    if values.dtype != np.float32 or not values.flags.c_contiguous:  # bfloat16 / float16: the entries' rows
-        values, flat = np.ascontiguousarray(values[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    values, flat = _float32_rows(values, flat, n)
     g = np.ascontiguousarray(grad_out, dtype=np.float32).reshape(t * e, d_v)
     g_flat = (token_pos * e + projector).astype(np.int64, copy=False)  # [n], entry j's row of g
     order, starts, unique = row_runs(np.asarray(rows, dtype=np.int64))
     grad_scores = np.empty((n, h), dtype=np.float32)
     grad_rows = rows_out((unique.shape[0], d_v))
-    pooled_backward_into(values, np.asarray(flat, dtype=np.int64), g, g_flat,
+    pooled_backward_into(values, flat, g, g_flat,
                          np.ascontiguousarray(scores, dtype=np.float32), order, starts, grad_scores, grad_rows)
     return grad_scores, unique, grad_rows
 
@@ -103,21 +112,19 @@ def pooled_sum(
     o[t, p, slice c] = sum_j [proj_j = p][token_j = t] * s_c[j] * v[row_j, slice c].
 
     One compiled pass over the entries (param_server.kernels.pooled_sum_into): each entry adds its
-    weighted row into its (token, projector) slot of the answer, in entry order, so the table is read
-    in the order the entries come (a client sends a shard's entries sorted by row) and nothing is
-    sorted or scattered (chosen by measurement, docs/benchmarks.md "Memory path").
+    weighted row into its (token, projector) slot of the answer, in entry order, and nothing is
+    sorted or scattered. A client sends a shard its entries in token order, so the answer is written
+    in order and the rows are read at random, the row a few entries ahead requested early (chosen by
+    measurement, docs/benchmarks.md "Memory path").
     """
     n = token.shape[0]
     d_v = v.shape[1]
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, e, d_v), np.float32)
-    if flat is None:
-        flat = np.arange(n, dtype=np.int64)
-    if v.dtype != np.float32 or not v.flags.c_contiguous:  # bfloat16 / float16: convert the entries' rows only
-        v, flat = np.ascontiguousarray(v[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    v, flat = _float32_rows(v, flat, n)
     tokens, token_pos = unique_inverse(np.asarray(token, dtype=np.int64))
     out = np.zeros((tokens.shape[0], e, d_v), dtype=np.float32)
-    pooled_sum_into(v, np.asarray(flat, dtype=np.int64), token_pos, np.asarray(projector, dtype=np.int64),
+    pooled_sum_into(v, flat, token_pos, np.asarray(projector, dtype=np.int64),
                     np.ascontiguousarray(scores, dtype=np.float32), out)
     return tokens, out
 
@@ -135,12 +142,9 @@ def pre_value_scores(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, scores
     SIMD order, so a may differ from a numpy dot product in the last bits.
     """
     n = scores.shape[0]
-    if flat is None:
-        flat = np.arange(n, dtype=np.int64)
-    if pre.dtype != np.float32 or not pre.flags.c_contiguous:  # bfloat16 / float16: the entries' rows only
-        pre, flat = np.ascontiguousarray(pre[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    pre, flat = _float32_rows(pre, flat, n)
     a, weighted = np.empty(n, np.float32), np.empty(scores.shape, np.float32)
-    pre_value_scores_into(pre, np.asarray(flat, dtype=np.int64), np.ascontiguousarray(q_p, dtype=np.float32),
+    pre_value_scores_into(pre, flat, np.ascontiguousarray(q_p, dtype=np.float32),
                           np.asarray(q_pos, dtype=np.int64), np.ascontiguousarray(scores, dtype=np.float32),
                           a, weighted)
     return a, weighted
@@ -166,15 +170,12 @@ def pre_value_backward(pre: np.ndarray, q_p: np.ndarray, q_pos: np.ndarray, rows
     if n == 0:
         return (np.zeros(scores.shape, np.float32), np.zeros((q_p.shape[0], d_p), np.float32),
                 np.zeros(0, np.int64), np.zeros((0, d_p), np.float32))
-    if flat is None:
-        flat = np.arange(n, dtype=np.int64)
-    if pre.dtype != np.float32 or not pre.flags.c_contiguous:  # bfloat16 / float16: the entries' rows only
-        pre, flat = np.ascontiguousarray(pre[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
+    pre, flat = _float32_rows(pre, flat, n)
     order, starts, unique = row_runs(np.asarray(rows, dtype=np.int64))
     grad_scores = np.empty((n, scores.shape[1]), np.float32)
     grad_q = np.empty((q_p.shape[0], d_p), np.float32)
     grad_pre = np.empty((unique.shape[0], d_p), np.float32)
-    pre_value_backward_into(pre, np.asarray(flat, dtype=np.int64), np.ascontiguousarray(q_p, dtype=np.float32),
+    pre_value_backward_into(pre, flat, np.ascontiguousarray(q_p, dtype=np.float32),
                             np.asarray(q_pos, dtype=np.int64), np.ascontiguousarray(scores, dtype=np.float32),
                             np.ascontiguousarray(a, dtype=np.float32),
                             np.ascontiguousarray(grad_weighted, dtype=np.float32), order, starts, grad_scores,

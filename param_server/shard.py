@@ -296,9 +296,8 @@ class Shard:
             if pre is not None:
                 t_pre, q, q_pos = pre
                 self._check_owned(t_pre, rows)
-                pre_source = t_pre.parts.source(rows)  # all resident: P_tab read in place
-                _, scores = (pre_value_scores(t_pre.parts.read(rows), q, q_pos, scores) if pre_source is None
-                             else pre_value_scores(pre_source[0], q, q_pos, scores, flat=pre_source[1]))  # s' = a * s
+                p_table, p_flat = self._rows_of(t_pre, rows)
+                _, scores = pre_value_scores(p_table, q, q_pos, scores, flat=p_flat)  # s' = a * s, (n, h)
             source = t.parts.source(rows)
             if source is not None:  # all resident: pool straight from the table, under the lock
                 return pooled_sum(source[0], projector, token, scores, int(num_projectors), flat=source[1])
@@ -401,8 +400,7 @@ class Shard:
                 t_pre, q, q_pos = pre
                 self._check_owned(t_pre, rows)
                 # P_tab in place too when V is (both backwards then run under the lock), else its rows
-                in_place = t_pre.parts.source(rows) if source is not None else None
-                p_table, p_flat = in_place if in_place is not None else (t_pre.parts.read(rows), None)
+                p_table, p_flat = self._rows_of(t_pre, rows) if source is not None else (t_pre.parts.read(rows), None)
                 a, scores_v = pre_value_scores(p_table, q, q_pos, scores, flat=p_flat)  # s' = a * s for V
             else:
                 scores_v = scores
@@ -788,6 +786,14 @@ class Shard:
                                            f"{int(num_projectors)} projectors > max_rows_per_request "
                                            f"{self.config.max_rows_per_request} rows")
         return rows, projector, token, scores
+
+    @staticmethod
+    def _rows_of(t: _Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(table, flat) that the pooling functions read `rows` of t from, with self._cond held: the
+        table itself and each row's position when all of them are resident, else a copy of the rows
+        (flat None)."""
+        source = t.parts.source(rows)
+        return source if source is not None else (t.parts.read(rows), None)
 
     def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, tokens_touched: Any, token: np.ndarray
                   ) -> tuple[_Table, np.ndarray, np.ndarray] | None:
