@@ -27,7 +27,7 @@ import warnings
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import ir, ir_layer_typed_pointers_enabled
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -52,6 +52,11 @@ def _jit(**kwargs):
     return wrap
 
 
+# the intrinsic's name carries its pointer type: "p0i8" where llvmlite's IR layer writes typed
+# pointers (i8*), "p0" where it writes opaque ones (ptr)
+_PREFETCH_NAME = "llvm.prefetch.p0i8" if ir_layer_typed_pointers_enabled else "llvm.prefetch.p0"
+
+
 @intrinsic
 def _prefetch(typingctx, array, row, col):  # pragma: no cover (compiled)
     """Ask the CPU to start loading the cache line of array[row, col] (2-D): llvm.prefetch, a read,
@@ -63,7 +68,7 @@ def _prefetch(typingctx, array, row, col):  # pragma: no cover (compiled)
         pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1], args[2]], wraparound=False)
         byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         hint = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), _PREFETCH_NAME)
         builder.call(hint, [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, 0), ir.Constant(i32, 3),
                             ir.Constant(i32, 1)])
         return context.get_dummy_value()

@@ -5,12 +5,16 @@ test_optimizers.py."""
 
 from __future__ import annotations
 
+import platform
+
 import ml_dtypes
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from param_server import kernels
 from param_server.kernels import pooled_sum_into, pre_value_scores_into
 from param_server.pooling import pooled_backward, pooled_sum, pre_value_scores, stable_argsort
 
@@ -155,3 +159,23 @@ def test_the_pre_value_kernel_refuses_an_index_out_of_range_and_writes_nothing(b
     with pytest.raises(ValueError, match=bad):
         pre_value_scores_into(pre, idx["flat"], q_p, idx["q_pos"], scores, a, weighted)
     assert not a.any() and not weighted.any()
+
+
+def test_the_row_reading_kernels_are_compiled_with_prefetch_hints():
+    """The pooled kernels ask for the rows of entries a few places ahead (llvm.prefetch, named for
+    llvmlite's pointer mode). Without the hints they give the same answers 10-17% slower, which no
+    other test would notice."""
+    machine = platform.machine().lower()
+    mnemonic = {"x86_64": "prefetch", "amd64": "prefetch", "aarch64": "prfm", "arm64": "prfm"}.get(machine)
+    if mnemonic is None:
+        pytest.skip(f"no prefetch mnemonic known for {machine}")
+    kernels.warm_up()  # the signatures the shard uses
+    for kernel in (kernels._pooled_sum, kernels._pooled_backward, kernels._pre_value_scores):
+        # code loaded from numba's on-disk cache cannot be listed: compile a fresh copy, same options
+        options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
+        fresh = numba.njit(cache=False, **options)(kernel.py_func)
+        assert kernel.signatures, kernel.__name__
+        for signature in kernel.signatures:
+            fresh.compile(signature)
+        for listing in fresh.inspect_asm().values():
+            assert mnemonic in listing.lower(), f"{kernel.__name__} has no {mnemonic} instruction"
