@@ -43,6 +43,7 @@ from param_server.checks import (
     pooled_entries,
     positions_in,
     push_header,
+    unique_inverse,
 )
 from param_server.clocks import StepClocks
 from param_server.errors import (
@@ -301,8 +302,8 @@ class Shard:
             source = t.parts.source(rows)
             if source is not None:  # all resident: pool straight from the table, under the lock
                 return pooled_sum(source[0], projector, token, scores, int(num_projectors), flat=source[1])
-            v = t.parts.read(rows)  # [n, d_v]
-        return pooled_sum(v, projector, token, scores, int(num_projectors))
+            v, flat = self._distinct_rows(t, rows)  # [U, d_v], [n]
+        return pooled_sum(v, projector, token, scores, int(num_projectors), flat=flat)
 
     # --- updates ---------------------------------------------------------------------------------
 
@@ -391,7 +392,7 @@ class Shard:
         pre = self._pre_args(t, pre_table, q_p, touched, token) if pre_table is not None or q_p is not None else None
         check_wait_args(worker_id, min_step)
         t_pos = positions_in(touched, token, "every token must appear in tokens_touched")  # [n]
-        pre_result = None
+        pre_result = p_source = None
         with self._cond:
             self._wait_for_step(worker_id, table, min_step)
             self._wait_unfrozen(t, rows)
@@ -400,23 +401,25 @@ class Shard:
                 t_pre, q, q_pos = pre
                 self._check_owned(t_pre, rows)
                 # P_tab in place too when V is (both backwards then run under the lock), else its rows
-                p_table, p_flat = self._rows_of(t_pre, rows) if source is not None else (t_pre.parts.read(rows), None)
+                p_source = t_pre.parts.source(rows) if source is not None else None
+                p_table, p_flat = p_source if p_source is not None else self._distinct_rows(t_pre, rows)
                 a, scores_v = pre_value_scores(p_table, q, q_pos, scores, flat=p_flat)  # s' = a * s for V
             else:
                 scores_v = scores
             if source is not None:
                 result = pooled_backward(source[0], rows, projector, t_pos, scores_v, g_out, flat=source[1],
                                          rows_out=self._scratch.empty)
-                if pre is not None and p_flat is not None:
+                if p_source is not None:
                     pre_result = pre_value_backward(p_table, q, q_pos, rows, scores, a, result[0], flat=p_flat)
             else:
-                v = t.parts.read(rows)  # [n, d_v]
+                v, v_flat = self._distinct_rows(t, rows)  # [U, d_v], [n]
         if source is None:
-            result = pooled_backward(v, rows, projector, t_pos, scores_v, g_out, rows_out=self._scratch.empty)
+            result = pooled_backward(v, rows, projector, t_pos, scores_v, g_out, flat=v_flat,
+                                     rows_out=self._scratch.empty)
         grad_pooled, unique, summed = result
         if pre is None:
             return grad_pooled, None, self._admit(t, PendingUpdate(table, worker_id, seq, step, lr, unique, summed))
-        if pre_result is None:  # P_tab's rows were read under the lock
+        if pre_result is None:  # P_tab's rows were copied under the lock
             pre_result = pre_value_backward(p_table, q, q_pos, rows, scores, a, grad_pooled, flat=p_flat)
         grad_scores, grad_q, pre_unique, pre_summed = pre_result
         update = PendingUpdate(table, worker_id, seq, step, lr, unique, summed,
@@ -788,12 +791,19 @@ class Shard:
         return rows, projector, token, scores
 
     @staticmethod
-    def _rows_of(t: _Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(table, flat) that the pooling functions read `rows` of t from, with self._cond held: the
-        table itself and each row's position when all of them are resident, else a copy of the rows
-        (flat None)."""
+    def _rows_of(t: _Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(table, flat): what the pooling functions read entry j's row of t from (table[flat[j]]),
+        with self._cond held: the table itself when all of `rows` are resident, else `_distinct_rows`."""
         source = t.parts.source(rows)
-        return source if source is not None else (t.parts.read(rows), None)
+        return source if source is not None else Shard._distinct_rows(t, rows)
+
+    @staticmethod
+    def _distinct_rows(t: _Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(a copy of each distinct row of `rows` once [U, d], each entry's position in it [n]), with
+        self._cond held. A pooled call repeats rows: reading each once
+        spares the cache's lookups of the repeats and the [n, d] copy that expanding them made."""
+        unique, inverse = unique_inverse(rows)
+        return t.parts.read(unique), inverse
 
     def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, tokens_touched: Any, token: np.ndarray
                   ) -> tuple[_Table, np.ndarray, np.ndarray] | None:
