@@ -156,6 +156,8 @@ class MemoryConfig:
     # remote rows 0.99x and remote pooled 0.95x of local tokens/s (2 cores, 2 shards). Pooled pays
     # off when unique rows per token >> E x shards (big tables, decoding: bench/wire.py, 1/13 of the
     # bytes per decoded token). Serving always uses pooled (DESIGN §6; engine.serving_config).
+    # On shards with a RAM budget smaller than a step's rows, rows mode reads each row once a step
+    # and pooled once per ~1 MB call: 2.5-2.8x the shard CPU (docs/benchmarks.md, beyond-ram).
     lookup: Literal["rows", "pooled"] = "rows"
 
     def __post_init__(self) -> None:
