@@ -55,6 +55,9 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--init-std", type=float, default=0.02)
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--name", default=None, help="table name (default: the directory name)")
+    create.add_argument("--raw", action="store_true",
+                        help="store the optimizer state uncompressed, as the values are: a shard with a RAM "
+                             "budget (`shard serve --ram-budget-mb`) reads and writes its chunks in place")
     inspect = tsub.add_parser("inspect", help="spec, partitions, bytes, optimizer state")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")

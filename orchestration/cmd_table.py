@@ -37,7 +37,7 @@ def create(args: argparse.Namespace) -> int:
         spec = TableSpec(name=args.name or path.name.removesuffix(".zarr"), rows=args.rows, dim=args.dim,
                          dtype=args.dtype, num_partitions=args.partitions, optimizer=args.optimizer,
                          init_std=args.init_std, seed=args.seed)
-        store = create_table(path, spec)
+        store = create_table(path, spec, compress_state=not args.raw)
     except StorageError as err:
         raise UsageError(str(err)) from None
     total = sum(store.nbytes().values())

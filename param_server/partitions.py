@@ -364,6 +364,13 @@ class CachedTablePartitions(TablePartitions):
         self._owns_io = not isinstance(io, ChunkIO)
         self.io = io if isinstance(io, ChunkIO) else open_chunk_io(store, io)  # one ChunkIO for the table's life
         logger.info("table %s: cached partitions' chunk I/O by array: %s", self.spec.name, self.io.engines)
+        not_raw = sorted(n for n, engine in self.io.engines.items() if engine != "raw")
+        if not_raw and not store.read_only and io is None:
+            logger.warning("table %s: arrays %s are not raw chunks, so the cache reads and writes them through "
+                           "%s instead of in place (several times slower per chunk); a table created raw "
+                           "(`ultramem table create --raw`, create_table(compress_state=False); `ultramem "
+                           "train` makes its shards' work tables so) avoids that",
+                           self.spec.name, not_raw, self.io.engines[not_raw[0]])
         self._names = store.array_names
         self._retired: dict[str, float] = {}  # counters of caches replaced by add/remove
         self._build(sorted(int(p) for p in partitions))

@@ -17,6 +17,7 @@ import pytest
 
 from param_server.client import Client, ClientConfig
 from param_server.errors import PermissionDeniedError, ShardError
+from storage.chunk_io import open_chunk_io
 from storage.layout import init_partition_values
 from storage.table_store import open_table
 
@@ -65,6 +66,17 @@ def test_table_create_writes_a_table_with_the_given_spec(table: Path) -> None:
     spec = open_table(table).spec
     assert (spec.rows, spec.dim, spec.num_partitions, spec.optimizer, spec.init_std, spec.seed) == \
         (300, 8, 8, "sgd", 0.5, 3)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_table_create_raw_stores_every_array_as_raw_chunks(tmp_path: Path, raw: bool) -> None:
+    path = tmp_path / "t"
+    result = _run("table", "create", str(path), "--rows", "64", "--dim", "4", "--partitions", "2",
+                  *(["--raw"] if raw else []))
+    assert result.returncode == 0, result.stderr
+    engines = open_chunk_io(open_table(path)).engines
+    assert engines["values"] == "raw"
+    assert all(engine == "raw" for engine in engines.values()) == raw, engines
 
 
 def test_table_inspect_prints_spec_partitions_bytes_and_state(table: Path) -> None:

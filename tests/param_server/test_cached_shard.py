@@ -312,3 +312,25 @@ def test_tables_beyond_their_shards_budget_get_smaller_chunks():
     assert chunk_bytes_for_budget(spec, None, 2) == DEFAULT_TARGET_CHUNK_BYTES
     assert chunk_bytes_for_budget(spec, table // 2, 2) == DEFAULT_TARGET_CHUNK_BYTES  # fits: 8 partitions each
     assert chunk_bytes_for_budget(spec, table // 8, 2) == BEYOND_RAM_CHUNK_BYTES < DEFAULT_TARGET_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("compress_state", [True, False])
+def test_a_cached_table_with_compressed_arrays_is_named_in_a_warning(tmp_path, caplog, compress_state):
+    """The cache writes raw chunks in place and compressed ones through a slower engine: a shard
+    whose writable table is compressed says so, and which arrays."""
+    spec = TableSpec(name=f"t{next(_names)}", rows=ROWS, dim=DIM, num_partitions=NP, optimizer="adamw")
+    path = tmp_path / spec.name
+    create_table(path, spec, target_chunk_bytes=16 * DIM * 4, compress_state=compress_state)
+    shard = Shard(ShardConfig(ram_budget_bytes=3 * 16 * DIM * 4, cache_share=1.0))
+    try:
+        with caplog.at_level("WARNING", logger="param_server.partitions"):
+            shard.load_table(open_table(path, "r+"), range(NP))
+        warned = [r.getMessage() for r in caplog.records if "not raw chunks" in r.getMessage()]
+        if compress_state:
+            assert len(warned) == 1 and "exp_avg" in warned[0] and spec.name in warned[0]
+            assert "'values'" not in warned[0]
+        else:
+            assert warned == []
+        assert shard.metrics()["cached_partitions"] == NP
+    finally:
+        shard.close()
