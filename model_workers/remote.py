@@ -17,6 +17,11 @@ like a push, numbered and stepped, so `min_step` works the same.
 The backend works on the host: a memory layer hands it host tensors (read from the device in one
 copy per layer and direction, model_workers/transfer.py) and copies the answers back to the device
 itself, so nothing here syncs a GPU. `*_async` lookups run on this backend's lookup threads.
+
+A rows-mode answer of 32 MiB or more (65,536 rows of d_v = 384 is 100 MB) lands in a kept buffer
+(`param_server.scratch.ScratchPool`) once the previous answer in it is no longer referenced: glibc
+maps every allocation that large afresh, and faulting in and zeroing its pages cost a 100 MB lookup
+15-17% more client CPU (80-88 against 68-73 ms, side by side).
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ import numpy as np
 import torch
 
 from model_workers.values import ValueBackend
+from param_server.allocator import REUSE
 from param_server.client import Client
+from param_server.scratch import ScratchPool
 from storage.layout import TableSpec
 
 logger = logging.getLogger(__name__)
 
 Consistency = Literal["sync", "async"]
+# answers at least this large are received into kept buffers: below it malloc reuses freed blocks
+ANSWER_POOL_MIN_BYTES = int(REUSE["MALLOC_MMAP_THRESHOLD_"])
 
 
 def _ids(x: torch.Tensor) -> np.ndarray:
@@ -52,7 +61,9 @@ class RemoteBackend(ValueBackend):
     mode (PooledGather + PooledBackward)."""
 
     def __init__(self, client: Client, specs: Iterable[TableSpec], *, consistency: Consistency = "async",
-                 staleness: int = 2, wire_dtype: str = "float32") -> None:
+                 staleness: int = 2, wire_dtype: str = "float32", answer_pool: ScratchPool | None = None) -> None:
+        """answer_pool: where rows-mode answers are received (default: up to 1 GiB of kept buffers,
+        for answers of ANSWER_POOL_MIN_BYTES or more)."""
         if consistency not in ("sync", "async"):
             raise ValueError(f"consistency must be 'sync' or 'async', got {consistency!r}")
         if staleness < 0:
@@ -62,6 +73,7 @@ class RemoteBackend(ValueBackend):
         self.consistency: Consistency = consistency
         self.staleness = 0 if consistency == "sync" else staleness
         self.wire_dtype = wire_dtype
+        self.answers = answer_pool if answer_pool is not None else ScratchPool(1 << 30, ANSWER_POOL_MIN_BYTES)
         self.last_pushed_step = -1  # newest step whose pushes were sent
         self.lookups = 0
         self.rows_fetched = 0
@@ -86,7 +98,9 @@ class RemoteBackend(ValueBackend):
     def fetch_rows(self, table: str, rows: torch.Tensor) -> torch.Tensor:
         """rows int64 [U] -> float32 [U, d_v], fresh up to the staleness bound."""
         r = _ids(rows)
-        values = self.client.gather(table, r, min_step=self.min_step(), wire_dtype=self.wire_dtype)
+        spec = self._specs.get(table)  # (an unknown table: the client says so)
+        out = None if spec is None else self.answers.empty((r.size, spec.dim))
+        values = self.client.gather(table, r, min_step=self.min_step(), wire_dtype=self.wire_dtype, out=out)
         self._observe(table, r.size)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 

@@ -25,6 +25,7 @@ from model_workers.ultramem import MemoryConfig, ModelConfigError
 from model_workers.values import InvalidRowsError, LocalBackend, PooledStepError
 from orchestration.config import load_config
 from param_server.client import Client
+from param_server.scratch import ScratchPool
 from param_server.server import create_server
 from param_server.shard import Shard
 from storage.layout import TableSpec
@@ -251,6 +252,30 @@ def shards_for() -> Iterator:
     yield make
     for s in made:
         s.close()
+
+
+def test_rows_answers_reuse_a_kept_buffer_only_once_nothing_references_the_last_one(shards_for):
+    """Rows-mode answers land in kept buffers: a held answer is never overwritten by the next
+    lookup, and its buffer is taken again once it is dropped."""
+    shards = shards_for("rows")
+    pool = ScratchPool(64 << 20, min_bytes=0)  # every answer pooled, however small
+    backend = RemoteBackend(shards.client, shards.specs, consistency="sync", answer_pool=pool)
+    spec = shards.specs[0]
+    table = shards.tables()[spec.name]
+    rng = np.random.default_rng(0)
+    first_rows, second_rows = rng.choice(spec.rows, 40), rng.choice(spec.rows, 40)
+    first = backend.fetch_rows(spec.name, torch.from_numpy(first_rows))
+    second = backend.fetch_rows(spec.name, torch.from_numpy(second_rows))  # while `first` is held
+    assert pool.fresh == 2 and pool.reused == 0
+    assert first.data_ptr() != second.data_ptr()
+    np.testing.assert_array_equal(first.numpy(), table[first_rows])  # not overwritten
+    np.testing.assert_array_equal(second.numpy(), table[second_rows])
+    first_ptr = first.data_ptr()
+    del first
+    third = backend.fetch_rows(spec.name, torch.from_numpy(second_rows[:30]))
+    assert pool.reused == 1 and third.data_ptr() == first_ptr
+    np.testing.assert_array_equal(third.numpy(), table[second_rows[:30]])
+    np.testing.assert_array_equal(second.numpy(), table[second_rows])
 
 
 @pytest.mark.slow
