@@ -1,4 +1,4 @@
-"""Memory-path benchmark (`ultramem bench memory-path`, issue "the memory path at GPU speed").
+"""Memory-path benchmark (`ultramem bench memory-path`): the memory path at GPU speed.
 
 The memory path alone, as a GPU worker would drive it, with no dense compute: the real
 `RemoteBackend` and `Client` against `ultramem shard serve` processes. Each training step of one
@@ -12,7 +12,8 @@ pre-value table P_tab [P, d_p], d_p = d_v // 3, beside the value table (same row
 The worker sends q_p [T, d_p] with the entries; the shard weighs entry j by <q_p[t_j], P_tab[row_j]>
 * s_j, and the backward returns dL/ds and dL/dq_p and updates V and P_tab (lazy AdamW on both):
   * paper_v2 - the paper layer with d_p=128;  * small_v2 - the small layer with d_p=42.
-Their Gather leg fetches the step's unique rows of both tables (rows mode's lookup).
+Their Gather leg fetches the step's unique rows of both tables (rows mode's lookup). Every Gather leg goes
+through `RemoteBackend.fetch_rows`, as a worker's rows-mode lookup does.
 Tokens per step 1 / 64 / 2048 (--quick: 1 / 64), 1, 2 and 4 shard processes (--quick: 1, 2); the
 shard processes serve all six tables at once.
 
@@ -326,12 +327,14 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.
         wall, worker = time.perf_counter() - t0, time.process_time() - w0
         (c1, a1) = cpu.read()
         step_cpu, apply_cpu = (c1 - c0 - (a1 - a0)) / (k * n), (a1 - a0) / (k * n)
-        # leg 4: Gather of the step's unique rows (rows mode: of both tables with pre-values)
+        # leg 4: Gather of the step's unique rows (rows mode: of both tables with pre-values), as a
+        # worker's rows-mode lookup makes it (RemoteBackend.fetch_rows; each answer dropped at once)
+        unique_t = torch.from_numpy(unique)
         (c0, a0), j, t0 = cpu.read(), 0, time.perf_counter()
         while j == 0 or time.perf_counter() - t0 < min_leg_s:
-            client.gather(spec_name, unique)
+            backend.fetch_rows(spec_name, unique_t)
             if pre_name is not None:
-                client.gather(pre_name, unique)
+                backend.fetch_rows(pre_name, unique_t)
             j += 1
         g_wall = time.perf_counter() - t0
         (c1, a1) = cpu.read()
