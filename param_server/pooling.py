@@ -44,12 +44,13 @@ def _float32_rows(table: np.ndarray, flat: np.ndarray | None, n: int) -> tuple[n
     """What the kernels read: (a C-contiguous float32 table, int64 flat [n], entry j's row).
 
     flat None: `table` holds the n entries' rows. A float32 table is used in place; a bfloat16 /
-    float16 (or strided) one gives the entries' rows only, converted."""
+    float16 (or strided) one gives its rows that the entries read, each converted once."""
+    if table.dtype == np.float32 and table.flags.c_contiguous:
+        return table, (np.arange(n, dtype=np.int64) if flat is None else np.asarray(flat, dtype=np.int64))
     if flat is None:
-        flat = np.arange(n, dtype=np.int64)
-    if table.dtype != np.float32 or not table.flags.c_contiguous:
-        return np.ascontiguousarray(table[flat], dtype=np.float32), np.arange(n, dtype=np.int64)
-    return table, np.asarray(flat, dtype=np.int64)
+        return np.ascontiguousarray(table, dtype=np.float32), np.arange(n, dtype=np.int64)
+    unique, inverse = unique_inverse(np.asarray(flat, dtype=np.int64))
+    return np.ascontiguousarray(table[unique], dtype=np.float32), inverse
 
 
 def row_runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

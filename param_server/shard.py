@@ -800,8 +800,8 @@ class Shard:
     @staticmethod
     def _distinct_rows(t: _Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(a copy of each distinct row of `rows` once [U, d], each entry's position in it [n]), with
-        self._cond held. A pooled call repeats rows: reading each once
-        spares the cache's lookups of the repeats and the [n, d] copy that expanding them made."""
+        self._cond held. A pooled call repeats rows: reading each once spares the cache's lookups of
+        the repeats and the [n, d] copy that expanding them made."""
         unique, inverse = unique_inverse(rows)
         return t.parts.read(unique), inverse
 
