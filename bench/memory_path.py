@@ -23,8 +23,13 @@ ratios between legs of one run are the figures to read, medians of the repeats):
     the fastest plain library call: the better of numpy fancy indexing (gather + weighted sum)
     and torch `embedding_bag` (sum mode, per_sample_weights). For V2 the floor does V2's work:
     gather the V and P_tab rows, the dot products with q_p, the h-slice weighted sum (MCS), and
-    a backward floor: dL/ds, dL/dq_p and the duplicate-summed row gradients of V and P_tab (each
-    V2 floor timed on its second call, warm like the shard's repeated calls);
+    the backward: dL/ds, dL/dq_p and the duplicate-summed row gradients of V and P_tab;
+  * the floors of the other call types' own work, beside the lookup floor (a backward and an
+    optimizer step touch more bytes per selection than a lookup): a backward floor (dL/ds, and for
+    V2 dL/dq_p, and the duplicate-summed row gradients, by torch index_select / elementwise ops /
+    index_add_) and an optimizer floor (the shard's lazy AdamW with per-row step counts on the step's
+    unique rows of every table, by torch ops on index_select-ed rows written back with index_copy_),
+    each timed on its second call, warm like the shard's repeated calls;
   * Gather's floor: its own work, a gather of the step's unique rows (of both tables for V2) in this
     process on one thread, the better of numpy `take` and torch `index_select`, per row;
   * the shards' CPU-s per million selections for each call type: Gather (of a step's unique
@@ -35,8 +40,9 @@ ratios between legs of one run are the figures to read, medians of the repeats):
   * the worker's CPU per token (this process: the client's encoding, routing and decoding);
   * memory-path tokens/s per shard count and tokens per step;
   * Gather's wire bytes/s against a raw loopback socket moving the same bytes.
-Writes <out>/memory_path.json (V2 under "v2", its keys as v1's plus the backward floor) and prints
-the verdicts (target <= 3x the floor, aim 1.5x), v1's and V2's.
+Writes <out>/memory_path.json (V2 under "v2", with v1's keys) and prints the verdicts (target <= 3x
+the floor, aim 1.5x), v1's and V2's: each call type against the lookup floor, PooledBackward and
+the optimizer step also against the floor of their own work, Gather against a gather of its rows.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,12 +67,13 @@ from bench._shards import start_shards, stop_shards  # noqa: E402 (after the sys
 from bench.lookup import socket_rate, tune_malloc  # noqa: E402
 from model_workers.remote import RemoteBackend  # noqa: E402
 from param_server.client import Client, ClientConfig  # noqa: E402
+from param_server.optimizers import SparseOptimizerConfig  # noqa: E402
 from param_server.server import DEFAULT_MAX_MESSAGE_BYTES  # noqa: E402
 from storage.layout import TableSpec, init_table_values  # noqa: E402
 from storage.table_store import create_table  # noqa: E402
 
 CALLS = ("gather", "pooled_gather", "pooled_backward", "optimizer_step")
-FLOORS = ("floor", "floor_numpy", "floor_embedding_bag", "floor_gather", "floor_backward")  # backward: V2 only
+FLOORS = ("floor", "floor_numpy", "floor_embedding_bag", "floor_gather", "floor_backward", "floor_optimizer")
 TARGET, AIM = 3.0, 1.5  # shard CPU per selection over the floor's
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -226,23 +234,117 @@ def v2_backward(table: np.ndarray, pre: np.ndarray, x: dict[str, np.ndarray], la
 
 
 def v2_floor_cpu_s(table: np.ndarray, pre: np.ndarray, x: dict[str, np.ndarray], layer: Layer) -> dict[str, float]:
-    """CPU seconds of the V2 floors on one thread: the lookup (numpy and embedding_bag) and the backward,
-    each timed on its second call (the first faults in its fresh buffers; the shard's legs run warm too)."""
-    calls = {"embedding_bag": lambda: v2_forward(table, pre, x, layer, "embedding_bag"),
-             "numpy": lambda: v2_forward(table, pre, x, layer, "numpy"),
-             "backward": lambda: v2_backward(table, pre, x, layer)}
+    """CPU seconds of the V2 lookup floors on one thread (numpy and embedding_bag), each timed on its
+    second call (the first faults in its fresh buffers; the shard's legs run warm too)."""
+    return {how: _second_call_cpu_s(lambda how=how: v2_forward(table, pre, x, layer, how))[0]
+            for how in ("embedding_bag", "numpy")}
+
+
+def v1_backward(table: np.ndarray, x: dict[str, np.ndarray], layer: Layer
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The v1 pooled backward by plain library calls (torch, what PooledBackward computes before the
+    update it queues): dL/do [T, E, d_v] -> (dL/ds [n, h], unique rows [U], dL/dV [U, d_v]), where
+    dL/ds_c[j] = <V[row_j, slice c], dL/do[t_j, p_j, slice c]> and each row's gradient sums
+    s_c[j] * dL/do[t_j, p_j, slice c] over its entries (index_add_)."""
+    n, h = x["rows"].shape[0], layer.cores
+    c = layer.d_v // h
+    rows = torch.from_numpy(x["rows"])
+    slot = torch.from_numpy(x["token"] * layer.pooled_e + x["projector"])
+    go = torch.from_numpy(x["grad_out"]).view(-1, h, c).index_select(0, slot)  # (n, h, c)
+    v = torch.from_numpy(table).index_select(0, rows).view(n, h, c)
+    grad_s = (v * go).sum(-1)  # (n, h)
+    g_v = (torch.from_numpy(x["scores"]).unsqueeze(-1) * go).view(n, layer.d_v)
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    grad_v = torch.zeros(unique.shape[0], layer.d_v).index_add_(0, inverse, g_v)
+    return grad_s.numpy(), unique.numpy(), grad_v.numpy()
+
+
+def v1_backward_embedding_bag(table: np.ndarray, x: dict[str, np.ndarray], layer: Layer
+                              ) -> Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """v1_backward's work by the autograd backward of torch's embedding_bag (sum mode, weights):
+    the forward is made here, and the call returned runs its backward once -> (dL/ds [n, h],
+    unique rows [U], dL/dV [U, d_v]). A bag is one (token, projector, slice c) slot of the answer,
+    its entries rows of V viewed as [P * h, d_v / h]; dL/dV comes dense, its unique rows taken."""
+    h = layer.cores
+    c = layer.d_v // h
+    cores = np.arange(h)
+    key = ((x["token"] * layer.pooled_e + x["projector"])[:, None] * h + cores).reshape(-1)  # bag of each (j, c)
+    order = np.argsort(key, kind="stable")
+    bags = x["grad_out"].shape[0] * layer.pooled_e * h
+    offsets = torch.from_numpy(np.searchsorted(key[order], np.arange(bags)))
+    index = torch.from_numpy((x["rows"][:, None] * h + cores).reshape(-1)[order])
+    grad_out = torch.from_numpy(x["grad_out"]).view(bags, c)
+    unique = torch.unique(torch.from_numpy(x["rows"]))
+    weights = torch.from_numpy(x["scores"]).clone().requires_grad_(True)  # (n, h)
+    values = torch.from_numpy(table).view(-1, c).requires_grad_(True)
+    with torch.enable_grad():
+        out = torch.nn.functional.embedding_bag(index, values, offsets, mode="sum",
+                                                per_sample_weights=weights.view(-1)[torch.from_numpy(order)])
+
+    def backward() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out.backward(grad_out)
+        assert weights.grad is not None and values.grad is not None
+        return weights.grad.numpy(), unique.numpy(), values.grad.view(-1, layer.d_v).index_select(0, unique).numpy()
+
+    return backward
+
+
+def adamw_library(p: np.ndarray, m: np.ndarray, v: np.ndarray, t: np.ndarray, rows: np.ndarray,
+                  grads: np.ndarray, lr: float, config: SparseOptimizerConfig) -> None:
+    """The shard's lazy AdamW (param_server.kernels.adamw_rows: each row's own step count, decoupled
+    decay) by torch ops on the rows gathered with index_select and written back with index_copy_:
+    p, m, v float32 [P, d] and t int32 [P] in place; rows unique int64 [U], grads float32 [U, d]."""
+    b1, b2 = config.beta1, config.beta2
+    r, g = torch.from_numpy(rows), torch.from_numpy(grads)
+    tp, tm, tv, tt = (torch.from_numpy(a) for a in (p, m, v, t))
+    steps = tt.index_select(0, r) + 1
+    mr = tm.index_select(0, r).mul_(b1).add_(g, alpha=1.0 - b1)
+    vr = tv.index_select(0, r).mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    st = steps.to(torch.float64)  # bias corrections in float64, then float32 per row (as the kernel)
+    step_size = (lr / (1.0 - torch.pow(b1, st))).to(torch.float32).unsqueeze(1)
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, st)).to(torch.float32).unsqueeze(1)
+    denom = vr.sqrt().div_(bc2_sqrt).add_(config.eps)
+    pr = tp.index_select(0, r).mul_(1.0 - lr * config.weight_decay).sub_(mr.div(denom).mul_(step_size))
+    for dst, src in ((tp, pr), (tm, mr), (tv, vr), (tt, steps)):
+        dst.index_copy_(0, r, src)
+
+
+def _second_call_cpu_s(call: Any) -> tuple[float, Any]:
+    """(thread CPU seconds of the second of two calls, on one torch thread; its result): the first
+    faults in fresh buffers, and the shard's legs run warm too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {}
     try:
-        for name, call in calls.items():
-            call()
-            c0 = time.thread_time()
-            call()
-            out[name] = time.thread_time() - c0
+        call()
+        c0 = time.thread_time()
+        result = call()
+        return time.thread_time() - c0, result
     finally:
         torch.set_num_threads(threads)
-    return out
+
+
+def work_floors_cpu_s(tables: list[np.ndarray], x: dict[str, np.ndarray], layer: Layer,
+                      states: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """CPU seconds of the backward's and the optimizer step's own work by plain library calls, one
+    thread: "backward" (the better of v1_backward and v1_backward_embedding_bag, or v2_backward
+    with pre-values) and "optimizer" (adamw_library
+    on the backward's unique rows of every table; `states`: the floor's (m, v, step) per table)."""
+    if layer.d_p:
+        backward_s, out = _second_call_cpu_s(lambda: v2_backward(tables[0], tables[1], x, layer))
+        updates = [(out[2], out[3]), (out[2], out[4])]
+    else:  # the better of index_add_ and embedding_bag's backward (its forward made untimed)
+        backward_s, out = _second_call_cpu_s(lambda: v1_backward(tables[0], x, layer))
+        graphs = iter([v1_backward_embedding_bag(tables[0], x, layer) for _ in range(2)])
+        backward_s = min(backward_s, _second_call_cpu_s(lambda: next(graphs)())[0])
+        updates = [(out[1], out[2])]
+    config = SparseOptimizerConfig()
+
+    def step() -> None:
+        for table, (m, v, t), (rows, grads) in zip(tables, states, updates, strict=True):
+            adamw_library(table, m, v, t, rows, grads, 1e-3, config)
+
+    optimizer_s, _ = _second_call_cpu_s(step)
+    return {"backward": backward_s, "optimizer": optimizer_s}
 
 
 def bag_layout(x: dict[str, np.ndarray], layer: Layer) -> None:
@@ -284,10 +386,9 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.
     spec_name, pre_name = layer.name, layer.pre_table
     backend = RemoteBackend(client, table_specs(layer), consistency="sync")
     cpu = ShardCpu(procs, client)
-    per: dict[str, list[float]] = {k: [] for k in (*CALLS, *FLOORS[:4], "worker_cpu_per_token", "tokens_per_s",
+    per: dict[str, list[float]] = {k: [] for k in (*CALLS, *FLOORS, "worker_cpu_per_token", "tokens_per_s",
                                                    "gather_bytes_per_s")}
-    if pre_name is not None:
-        per["floor_backward"] = []
+    states = [(np.zeros_like(t), np.zeros_like(t), np.zeros(t.shape[0], np.int32)) for t in tables]  # AdamW's
     # legs are repeated within a repeat until ~`min_leg_s` of wall time, so /proc's 10 ms ticks count
     min_leg_s = 0.3
     step = step0
@@ -303,7 +404,7 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.
         else:
             bag_layout(x, layer)
             fl = v2_floor_cpu_s(tables[0], tables[1], x, layer)
-            fl_backward = fl.pop("backward")
+        work = work_floors_cpu_s(tables, x, layer, states)
         # leg 2: PooledGather alone
         (c0, a0), k, t0 = cpu.read(), 0, time.perf_counter()
         while k == 0 or time.perf_counter() - t0 < min_leg_s:
@@ -344,8 +445,8 @@ def run_layer(layer: Layer, tokens: int, procs, client: Client, tables: list[np.
         per["floor_numpy"].append(fl["numpy"] / n)
         per["floor_gather"].append(gather_floor_cpu_s(tables, unique) / unique.size)
         per["floor"].append(min(fl.values()) / n)
-        if pre_name is not None:
-            per["floor_backward"].append(fl_backward / n)
+        per["floor_backward"].append(work["backward"] / n)
+        per["floor_optimizer"].append(work["optimizer"] / n)
         per["pooled_gather"].append(pooled_cpu)
         per["pooled_backward"].append(max(0.0, step_cpu - pooled_cpu))
         per["optimizer_step"].append(apply_cpu)
@@ -406,9 +507,13 @@ def run(out_dir: str | Path = "bench/results", quick: bool = False) -> dict[str,
     return results
 
 
+def _verdict(ratio: float) -> str:
+    return "aim met" if ratio <= AIM else "target met" if ratio <= TARGET else "MISSED"
+
+
 def _summarise(results: dict[str, Any], lays: list[Layer], token_counts, shard_counts) -> None:
     """The headline keys (one shard, the most tokens per step of each layer), a table and verdicts.
-    results: the whole result (v1) or its "v2" section (the same keys, plus the backward floor)."""
+    results: the whole result (v1) or its "v2" section (the same keys)."""
     runs = results["runs"]
     big = token_counts[-1]
     head = {lay.name: runs[f"{lay.name}/{big}/1"] for lay in lays}
@@ -423,10 +528,13 @@ def _summarise(results: dict[str, Any], lays: list[Layer], token_counts, shard_c
         results["ratio_to_floor"][name]["gather_to_lookup_floor"] = results["ratio_to_floor"][name]["gather"]
         results["ratio_to_floor"][name]["gather"] = r["gather"] / r["floor_gather"]
     v2 = lays[0].d_p > 0
-    if v2:  # PooledBackward against the floor that does a backward's work (v1's ratios use the lookup floor)
-        results["floor_backward_cpu_s_per_m_selections"] = {name: r["floor_backward"] for name, r in head.items()}
-        results["pooled_backward_ratio_to_backward_floor"] = {
-            name: r["pooled_backward"] / r["floor_backward"] for name, r in head.items()}
+    # PooledBackward and the optimizer step against the floors of their own work too (ratio_to_floor: the lookup's)
+    results["floor_backward_cpu_s_per_m_selections"] = {name: r["floor_backward"] for name, r in head.items()}
+    results["pooled_backward_ratio_to_backward_floor"] = {
+        name: r["pooled_backward"] / r["floor_backward"] for name, r in head.items()}
+    results["floor_optimizer_cpu_s_per_m_selections"] = {name: r["floor_optimizer"] for name, r in head.items()}
+    results["optimizer_step_ratio_to_optimizer_floor"] = {
+        name: r["optimizer_step"] / r["floor_optimizer"] for name, r in head.items()}
     results["tokens_per_s"] = {lay.name: {f"{s} shards/{t} tokens": runs[f"{lay.name}/{t}/{s}"]["tokens_per_s"]
                                           for s in shard_counts for t in token_counts} for lay in lays}
     results["worker_cpu_s_per_token"] = {name: r["worker_cpu_per_token"] for name, r in head.items()}
@@ -445,21 +553,21 @@ def _summarise(results: dict[str, Any], lays: list[Layer], token_counts, shard_c
         fl, r = results["floor_cpu_s_per_m_selections"][lay.name], head[lay.name]
         d_p = f", d_p {lay.d_p}" if v2 else ""
         print(f"  {lay.name:8s} {big} tokens/step{d_p}  floor {fl:.3f} (numpy {r['floor_numpy']:.3f}, "
-              f"embedding_bag {r['floor_embedding_bag']:.3f})"
-              + (f", backward floor {r['floor_backward']:.3f}" if v2 else ""))
+              f"embedding_bag {r['floor_embedding_bag']:.3f}), backward floor {r['floor_backward']:.3f}, "
+              f"optimizer floor {r['floor_optimizer']:.3f}")
+        own = {"pooled_backward": ("pooled_backward_ratio_to_backward_floor", "backward"),
+               "optimizer_step": ("optimizer_step_ratio_to_optimizer_floor", "optimizer")}
         for c in CALLS:
             ratio = results["ratio_to_floor"][lay.name][c]
-            verdict = "aim met" if ratio <= AIM else "target met" if ratio <= TARGET else "MISSED"
             extra = ""
-            if v2 and c == "pooled_backward":
-                b = results["pooled_backward_ratio_to_backward_floor"][lay.name]
-                extra = f"; {b:.2f}x the backward floor, " + (
-                    "aim met" if b <= AIM else "target met" if b <= TARGET else "MISSED")
+            if c in own:
+                b = results[own[c][0]][lay.name]
+                extra = f"; {b:.2f}x the {own[c][1]} floor, {_verdict(b)}"
             if c == "gather":
                 extra = (f" (per row; its floor, a one-thread gather of the rows, {r['floor_gather']:.3f}; "
                          f"{results['ratio_to_floor'][lay.name]['gather_to_lookup_floor']:.1f}x the lookup floor)")
             print(f"    {c:16s} {results['shard_cpu_s_per_m_selections'][lay.name][c]:8.3f}  "
-                  f"{ratio:6.2f}x floor  {verdict}{extra}")
+                  f"{ratio:6.2f}x floor  {_verdict(ratio)}{extra}")
         print(f"    worker CPU per token {results['worker_cpu_s_per_token'][lay.name] * 1e6:.0f} us")
     print("  memory-path tokens/s (lookup + backward + update per step):")
     for lay in lays:

@@ -140,6 +140,10 @@ def test_bench_memory_path_quick_writes_the_issue_keys(tmp_path: Path) -> None:
         assert gather_floor > 0
         assert r["ratio_to_floor"][layer]["gather"] == pytest.approx(shard["gather"] / gather_floor)
         assert r["ratio_to_floor"][layer]["gather_to_lookup_floor"] == pytest.approx(shard["gather"] / floor)
+        for call, work in (("pooled_backward", "backward"), ("optimizer_step", "optimizer")):  # their own work's floors
+            work_floor = r[f"floor_{work}_cpu_s_per_m_selections"][layer]
+            assert math.isfinite(work_floor) and work_floor > 0
+            assert r[f"{call}_ratio_to_{work}_floor"][layer] == pytest.approx(shard[call] / work_floor)
         assert set(r["tokens_per_s"][layer]) == {f"{s} shards/{t} tokens" for s in (1, 2) for t in (1, 64)}
         assert all(v > 0 for v in r["tokens_per_s"][layer].values())
     assert r["gather_vs_socket"] > 0
@@ -161,11 +165,15 @@ def test_bench_memory_path_quick_writes_the_issue_keys(tmp_path: Path) -> None:
         assert v2["ratio_to_floor"][layer]["gather"] == pytest.approx(shard["gather"] / gather_floor)
         assert v2["pooled_backward_ratio_to_backward_floor"][layer] == pytest.approx(
             shard["pooled_backward"] / backward_floor)
+        optimizer_floor = v2["floor_optimizer_cpu_s_per_m_selections"][layer]
+        assert math.isfinite(optimizer_floor) and optimizer_floor > 0
+        assert v2["optimizer_step_ratio_to_optimizer_floor"][layer] == pytest.approx(
+            shard["optimizer_step"] / optimizer_floor)
         assert set(v2["tokens_per_s"][layer]) == {f"{s} shards/{t} tokens" for s in (1, 2) for t in (1, 64)}
         assert all(math.isfinite(v) and v > 0 for v in v2["tokens_per_s"][layer].values())
         assert v2["worker_cpu_s_per_token"][layer] > 0
     assert v2["gather_vs_socket"] > 0
-    assert "UltraMemV2" in res.stdout and "backward floor" in res.stdout
+    assert "UltraMemV2" in res.stdout and "the backward floor" in res.stdout and "the optimizer floor" in res.stdout
 
 
 def test_v2_floor_does_the_shards_pooled_work() -> None:
@@ -181,6 +189,7 @@ def test_v2_floor_does_the_shards_pooled_work() -> None:
     lay = Layer("t_v2", 64, 12, 2, 3, 4, 2, d_p=4, shared_projector=True)
     x = step_inputs(lay, 5, 0)
     x["rows"][:4] = 7  # duplicate rows, summed by the backward
+    x["grad_out"] *= 1e3  # ~1, so that the tolerances below are tight
     bag_layout(x, lay)
     specs = table_specs(lay)
     v, pre = (init_table_values(s) for s in specs)
@@ -194,10 +203,10 @@ def test_v2_floor_does_the_shards_pooled_work() -> None:
                                                       x["projector"], x["token"], x["scores"], x["q_p"],
                                                       x["grad_out"], touched, 1)
     for how in ("numpy", "embedding_bag"):
-        np.testing.assert_allclose(v2_forward(v, pre, x, lay, how), sums[:, 0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(v2_forward(v, pre, x, lay, how), sums[:, 0], rtol=1e-4, atol=1e-7)
     got_s, got_q, unique, got_v, got_pre = v2_backward(v, pre, x, lay)
-    np.testing.assert_allclose(got_s, grad_s, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got_q, grad_q, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_s, grad_s, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_q, grad_q, rtol=1e-4, atol=1e-7)
     tv, tp = torch.tensor(v, dtype=torch.float64, requires_grad=True), torch.tensor(pre, dtype=torch.float64,
                                                                                   requires_grad=True)
     rows, h = torch.from_numpy(x["rows"]), lay.cores
@@ -206,8 +215,67 @@ def test_v2_floor_does_the_shards_pooled_work() -> None:
     o = torch.zeros(5, lay.d_v, dtype=torch.float64).index_add(0, torch.from_numpy(x["token"]), w * tv[rows])
     (o * torch.tensor(x["grad_out"][:, 0], dtype=torch.float64)).sum().backward()
     np.testing.assert_array_equal(unique, np.unique(x["rows"]))
-    np.testing.assert_allclose(got_v, tv.grad[unique], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got_pre, tp.grad[unique], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got_v, tv.grad[unique], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_pre, tp.grad[unique], rtol=1e-4, atol=1e-7)
+
+
+def test_v1_backward_floors_do_the_shards_backward_work() -> None:
+    """memory-path's v1 backward floors (index_add_ and embedding_bag's backward) compute the shard's
+    dL/ds and the duplicate-summed row gradients its update applies (float64 autograd oracle)."""
+    import numpy as np
+    import torch
+
+    from bench.memory_path import Layer, step_inputs, table_specs, v1_backward, v1_backward_embedding_bag
+    from param_server.shard import Shard, ShardConfig
+    from storage.layout import init_partition_values, init_table_values
+
+    lay = Layer("t", 64, 12, 2, 3, 4, 2)
+    x = step_inputs(lay, 5, 0)
+    x["rows"][:4] = 7  # duplicate rows, summed by the backward
+    x["grad_out"] *= 1e3  # ~1, so that the tolerances below are tight
+    (spec,) = table_specs(lay)
+    v = init_table_values(spec)
+    with Shard(ShardConfig()) as shard:
+        shard.add_table(spec, {p: {"values": init_partition_values(spec, p)} for p in range(spec.num_partitions)})
+        grad_s = shard.pooled_backward(lay.name, 0, 1, 0, 0.0, x["rows"], x["projector"], x["token"], x["scores"],
+                                       x["grad_out"], np.arange(5), lay.expansion)
+    tv = torch.tensor(v, dtype=torch.float64, requires_grad=True)
+    c = lay.d_v // lay.cores
+    w = torch.tensor(x["scores"], dtype=torch.float64).repeat_interleave(c, dim=1)  # (n, d_v): s_c per slice
+    slot = torch.from_numpy(x["token"] * lay.expansion + x["projector"])
+    rows_t = torch.from_numpy(x["rows"])
+    o = torch.zeros(5 * lay.expansion, lay.d_v, dtype=torch.float64).index_add(0, slot, w * tv[rows_t])
+    (o * torch.tensor(x["grad_out"].reshape(-1, lay.d_v), dtype=torch.float64)).sum().backward()
+    assert tv.grad is not None
+    for got_s, unique, got_v in (v1_backward(v, x, lay), v1_backward_embedding_bag(v, x, lay)()):
+        np.testing.assert_allclose(got_s, grad_s, rtol=1e-4, atol=1e-7)
+        np.testing.assert_array_equal(unique, np.unique(x["rows"]))
+        np.testing.assert_allclose(got_v, tv.grad[unique], rtol=1e-4, atol=1e-7)
+
+
+def test_optimizer_floor_steps_rows_as_the_shards_lazy_adamw() -> None:
+    """memory-path's optimizer floor (torch ops on gathered rows) gives the shard's lazy AdamW, each row
+    with its own step count, and leaves the rows it was not given untouched."""
+    import numpy as np
+
+    from bench.memory_path import adamw_library
+    from param_server.kernels import adamw_rows
+    from param_server.optimizers import SparseOptimizerConfig
+
+    rng = np.random.default_rng(4)
+    cfg = SparseOptimizerConfig(weight_decay=0.1)
+    p = rng.standard_normal((32, 8), dtype=np.float32)
+    m, v = rng.standard_normal((32, 8), dtype=np.float32) * 0.1, rng.random((32, 8), dtype=np.float32) * 0.01
+    t = rng.integers(0, 5, 32).astype(np.int32)
+    ours, floor = [a.copy() for a in (p, m, v, t)], [a.copy() for a in (p, m, v, t)]
+    for _ in range(3):
+        rows = np.sort(rng.choice(32, 10, replace=False)).astype(np.int64)
+        grads = rng.standard_normal((10, 8), dtype=np.float32)
+        adamw_rows(*ours, rows, grads, 1e-2, cfg.beta1, cfg.beta2, cfg.eps, 1.0 - 1e-2 * cfg.weight_decay)
+        adamw_library(*floor, rows, grads, 1e-2, cfg)
+    for a, b in zip(ours, floor, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(ours[0], p)
 
 
 def test_serve_ratios_put_the_v2_leg_beside_v1s_and_check_its_hop(monkeypatch: pytest.MonkeyPatch) -> None:
