@@ -21,15 +21,15 @@ Measured in one run, legs interleaved repeat by repeat (the machine may be loade
 ratios between legs of one run are the figures to read, medians of the repeats):
   * the floor: the same pooled lookup (same rows, same weights) in this process on one thread by
     the fastest plain library call: the better of numpy fancy indexing (gather + weighted sum)
-    and torch `embedding_bag` (sum mode, per_sample_weights). For V2 the floor does V2's work:
-    gather the V and P_tab rows, the dot products with q_p, the h-slice weighted sum (MCS), and
-    the backward: dL/ds, dL/dq_p and the duplicate-summed row gradients of V and P_tab;
+    and torch `embedding_bag` (sum mode, per_sample_weights). For V2 the floor does V2's lookup:
+    gather the V and P_tab rows, the dot products with q_p, the h-slice weighted sum (MCS);
   * the floors of the other call types' own work, beside the lookup floor (a backward and an
-    optimizer step touch more bytes per selection than a lookup): a backward floor (dL/ds, and for
-    V2 dL/dq_p, and the duplicate-summed row gradients, by torch index_select / elementwise ops /
-    index_add_) and an optimizer floor (the shard's lazy AdamW with per-row step counts on the step's
-    unique rows of every table, by torch ops on index_select-ed rows written back with index_copy_),
-    each timed on its second call, warm like the shard's repeated calls;
+    optimizer step touch more bytes per selection than a lookup), each timed on its second call,
+    warm like the shard's repeated calls: a backward floor (dL/ds, for V2 dL/dq_p too, and the
+    duplicate-summed row gradients of V, and of P_tab for V2; v1: the better of torch
+    index_select / elementwise ops / index_add_ and embedding_bag's autograd backward, V2: the
+    former) and an optimizer floor (the shard's lazy AdamW with per-row step counts on the step's
+    unique rows of every table, by torch ops on index_select-ed rows written back with index_copy_);
   * Gather's floor: its own work, a gather of the step's unique rows (of both tables for V2) in this
     process on one thread, the better of numpy `take` and torch `index_select`, per row;
   * the shards' CPU-s per million selections for each call type: Gather (of a step's unique
@@ -309,7 +309,7 @@ def adamw_library(p: np.ndarray, m: np.ndarray, v: np.ndarray, t: np.ndarray, ro
         dst.index_copy_(0, r, src)
 
 
-def _second_call_cpu_s(call: Any) -> tuple[float, Any]:
+def _second_call_cpu_s(call: Callable[[], Any]) -> tuple[float, Any]:
     """(thread CPU seconds of the second of two calls, on one torch thread; its result): the first
     faults in fresh buffers, and the shard's legs run warm too."""
     threads = torch.get_num_threads()
@@ -327,8 +327,8 @@ def work_floors_cpu_s(tables: list[np.ndarray], x: dict[str, np.ndarray], layer:
                       states: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, float]:
     """CPU seconds of the backward's and the optimizer step's own work by plain library calls, one
     thread: "backward" (the better of v1_backward and v1_backward_embedding_bag, or v2_backward
-    with pre-values) and "optimizer" (adamw_library
-    on the backward's unique rows of every table; `states`: the floor's (m, v, step) per table)."""
+    with pre-values) and "optimizer" (adamw_library on the backward's unique rows of every table;
+    `states`: the floor's (m, v, step) per table, stepped in place)."""
     if layer.d_p:
         backward_s, out = _second_call_cpu_s(lambda: v2_backward(tables[0], tables[1], x, layer))
         updates = [(out[2], out[3]), (out[2], out[4])]
