@@ -55,6 +55,22 @@ logger = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]  # {"values": [R, d_v], state name: [R, ...]} of one partition
 
 
+def partition_of_valid(rows: np.ndarray, num_partitions: int) -> np.ndarray:
+    """Partition of each validated row (int64, >= 0): rows % NP, as a mask where NP is a power of two
+    (~5x cheaper than an int64 remainder; the hot paths of every call take it)."""
+    if num_partitions & (num_partitions - 1) == 0:
+        return rows & (num_partitions - 1)
+    return rows % num_partitions
+
+
+def local_row_of_valid(rows: np.ndarray, num_partitions: int) -> np.ndarray:
+    """Local row of each validated row (int64, >= 0) in its partition: rows // NP, a shift where NP
+    is a power of two."""
+    if num_partitions & (num_partitions - 1) == 0:
+        return rows >> (num_partitions.bit_length() - 1)
+    return rows // num_partitions
+
+
 def partition_nbytes(spec: TableSpec) -> int:
     """Bytes of one partition in RAM: values and optimizer state, padding rows included."""
     r = spec.rows_per_partition
@@ -215,7 +231,8 @@ class ResidentPartitions(TablePartitions):
         return tuple(np.flatnonzero(self.slot_of >= 0).tolist())
 
     def _flat(self, rows: np.ndarray) -> np.ndarray:
-        return self.slot_of[rows % self.spec.num_partitions] * self._r + rows // self.spec.num_partitions
+        np_ = self.spec.num_partitions
+        return self.slot_of[partition_of_valid(rows, np_)] * self._r + local_row_of_valid(rows, np_)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         return self.values[self._flat(rows)]  # fancy indexing: ~2x np.take(axis=0) on wide rows (measured)
@@ -493,14 +510,14 @@ class TieredPartitions(TablePartitions):
 
     def _split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions [k] of rows served from RAM and [n - k] from the cache."""
-        c = self._in_cache[rows % self.spec.num_partitions]
+        c = self._in_cache[partition_of_valid(rows, self.spec.num_partitions)]
         return np.flatnonzero(~c), np.flatnonzero(c)
 
     def source(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(resident table [N, d_v], flat positions [n] of `rows` in it) when every row is resident,
         so a kernel can read them in place (the pooled sum); None when some are served by the cache.
         Valid while the caller holds the shard's lock."""
-        if self.cached is not None and self._in_cache[rows % self.spec.num_partitions].any():
+        if self.cached is not None and self._in_cache[partition_of_valid(rows, self.spec.num_partitions)].any():
             return None
         return self.resident.values, self.resident._flat(rows)
 

@@ -74,6 +74,7 @@ from param_server.partitions import (
     initial_arrays,
     min_cache_bytes,
     partition_nbytes,
+    partition_of_valid,
     plan_tiers,
     zero_state,
 )
@@ -738,15 +739,17 @@ class Shard:
 
     def _check_owned(self, t: _Table, rows: np.ndarray) -> None:
         """With self._cond held: every row's partition is owned here (WrongShardError if not)."""
-        part = rows % t.spec.num_partitions
+        if t.owned.all():  # (a shard holding the whole table: no per-row work)
+            return
+        part = partition_of_valid(rows, t.spec.num_partitions)
         if rows.shape[0] and not t.owned[part].all():
             missing = np.unique(part[~t.owned[part]])[:8].tolist()
             raise WrongShardError(f"shard {self.shard_id} does not own partitions {missing} of {t.spec.name}")
 
     def _wait_unfrozen(self, t: _Table, rows: np.ndarray) -> None:
         """With self._cond held: wait while a row's partition is being handed off, then check ownership."""
-        part = rows % t.spec.num_partitions
-        if self._frozen[part].any():
+        part = partition_of_valid(rows, t.spec.num_partitions) if self._frozen.any() else None
+        if part is not None and self._frozen[part].any():
             self._counters.requests_waiting_handoff += 1
             try:
                 unfrozen = self._cond.wait_for(lambda: not self._frozen[part].any(), self.config.wait_timeout_s)

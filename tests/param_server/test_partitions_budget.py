@@ -1,6 +1,7 @@
 """Tests of param_server/partitions.py's planning for tables beyond RAM (DESIGN §5): the chunk size
 and codecs a work table gets (`chunk_bytes_for_budget`, `work_table_options`), and the life of the
-chunk I/O a `CachedTablePartitions` keeps (files released on rescaling and on close)."""
+chunk I/O a `CachedTablePartitions` keeps (files released on rescaling and on close); and the
+row -> (partition, local row) arithmetic of the hot paths."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from param_server.partitions import (
     chunk_set_bytes,
     chunk_set_bytes_for,
     initial_arrays,
+    local_row_of_valid,
     partition_nbytes,
+    partition_of_valid,
     work_table_options,
 )
 from storage import TableSpec, create_table, open_table
@@ -101,3 +104,16 @@ def test_an_engine_can_still_be_forced(tmp_path, engine):
     assert parts.metrics()[f"io_{engine}_arrays"] == 4
     assert np.array_equal(parts.read(np.array([5])), initial_arrays(spec, 1)["values"][[1]])
     parts.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_partitions=st.one_of(st.sampled_from([1, 2, 16, 256, 1 << 20]), st.integers(1, 10_000)),
+       rows=st.lists(st.integers(0, (1 << 62) - 1), max_size=64))
+def test_the_fast_row_mapping_is_the_layouts_remainder_and_quotient(num_partitions, rows):
+    """partition_of_valid / local_row_of_valid (masks and shifts for a power of two) give exactly
+    rows % NP and rows // NP (storage/layout.py's mapping) for every valid row."""
+    r = np.asarray(rows, dtype=np.int64)
+    part, local = partition_of_valid(r, num_partitions), local_row_of_valid(r, num_partitions)
+    np.testing.assert_array_equal(part, r % num_partitions)
+    np.testing.assert_array_equal(local, r // num_partitions)
+    assert part.dtype == np.int64 and local.dtype == np.int64
