@@ -1,11 +1,11 @@
 """`make gpu-check` (bench/gpu_check.py): the comparison that decides whether a device run matches the
-CPU reference, and the exits for a machine that cannot run the check. The full check starts shard
-processes and trains 4-6 runs (about 2 minutes on 2 busy cores), so the suite leaves it to
-`make gpu-check DEVICE=cpu`."""
+CPU reference, the exits for a machine that cannot run the check, and the whole check run on the CPU
+with fewer steps (shard processes, rows and pooled mode; `make gpu-check DEVICE=cpu` runs 20)."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,3 +68,19 @@ def test_a_machine_without_a_needed_package_exits_2_before_starting_anything(mon
 def test_asking_for_cuda_without_a_cuda_device_exits_2(capsys):
     assert gpu_check.main(["--device", "cuda"]) == 2
     assert "DEVICE=cpu" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_whole_check_runs_on_the_cpu_and_its_runs_match_exactly():
+    """What `make gpu-check DEVICE=cpu` runs, shortened: the worker on the CPU against 2 `ultramem shard
+    serve` processes, rows and pooled mode, each against its own CPU reference (bit-equal there)."""
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--shards",
+                          "processes", "--steps", "6"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    for mode in ("rows", "pooled"):
+        runs = [line.split() for line in lines if line.strip().startswith(f"{mode}/cpu/fp32")]
+        assert [r[-1] for r in runs] == ["reference", "match"], runs
+        assert runs[1][3:5] == ["0.0e+00", "0.0e+00"]  # max |dloss| and max distance: none on the CPU
+    assert lines[-1] == "gpu-check: every run matches the CPU reference"
