@@ -67,7 +67,7 @@ def local_row_of_valid(rows: np.ndarray, num_partitions: int) -> np.ndarray:
     """Local row of each validated row (int64, >= 0) in its partition: rows // NP, a shift where NP
     is a power of two."""
     if num_partitions & (num_partitions - 1) == 0:
-        return rows >> (num_partitions.bit_length() - 1)
+        return rows >> (int(num_partitions).bit_length() - 1)
     return rows // num_partitions
 
 
