@@ -802,11 +802,12 @@ class Shard:
 
     @staticmethod
     def _distinct_rows(t: _Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(a copy of each distinct row of `rows` once [U, d], each entry's position in it [n]), with
-        self._cond held. A pooled call repeats rows: reading each once spares the cache's lookups of
-        the repeats and the [n, d] copy that expanding them made."""
+        """(a float32 copy of each distinct row of `rows` once [U, d], each entry's position in it [n]),
+        with self._cond held. A pooled call repeats rows: reading each once spares the cache's lookups
+        of the repeats and the [n, d] copy that expanding them made. The copy is in the kernels' dtype
+        (a bfloat16 table's rows converted here, once), so the pooling functions read it as it is."""
         unique, inverse = unique_inverse(rows)
-        return t.parts.read(unique), inverse
+        return np.ascontiguousarray(t.parts.read(unique), dtype=np.float32), inverse
 
     def _pre_args(self, t: _Table, pre_table: str | None, q_p: Any, tokens_touched: Any, token: np.ndarray
                   ) -> tuple[_Table, np.ndarray, np.ndarray] | None:
