@@ -182,7 +182,8 @@ def test_v2_floor_does_the_shards_pooled_work() -> None:
     import numpy as np
     import torch
 
-    from bench.memory_path import Layer, bag_layout, step_inputs, table_specs, v2_backward, v2_forward
+    from bench._floors import bag_layout, v2_backward, v2_forward
+    from bench.memory_path import Layer, step_inputs, table_specs
     from param_server.shard import Shard, ShardConfig
     from storage.layout import init_partition_values, init_table_values
 
@@ -225,7 +226,8 @@ def test_v1_backward_floors_do_the_shards_backward_work() -> None:
     import numpy as np
     import torch
 
-    from bench.memory_path import Layer, step_inputs, table_specs, v1_backward, v1_backward_embedding_bag
+    from bench._floors import v1_backward, v1_backward_embedding_bag
+    from bench.memory_path import Layer, step_inputs, table_specs
     from param_server.shard import Shard, ShardConfig
     from storage.layout import init_partition_values, init_table_values
 
@@ -258,7 +260,7 @@ def test_optimizer_floor_steps_rows_as_the_shards_lazy_adamw() -> None:
     with its own step count, and leaves the rows it was not given untouched."""
     import numpy as np
 
-    from bench.memory_path import adamw_library
+    from bench._floors import adamw_library
     from param_server.kernels import adamw_rows
     from param_server.optimizers import SparseOptimizerConfig
 
